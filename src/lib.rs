@@ -1,0 +1,49 @@
+//! flowgate: an authenticating reverse-proxy gateway. A request with a valid
+//! session goes to its upstream with the user's identity in headers; one
+//! without runs a login flow through an authentik-compatible executor.
+//!
+//! The request path is laid out in `router` (read it first); the seams are
+//! `flow::FlowExecutor`, `session::SessionStore` and `directory::Directory`.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod directory;
+pub mod engine;
+pub mod flow;
+pub mod gate;
+pub mod listener;
+pub mod login;
+pub mod pages;
+pub mod proxy;
+pub mod redirect;
+pub mod router;
+pub mod session;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+pub use router::Gateway;
+
+/// Every response body flowgate sends: an upstream's streamed body, or one of
+/// its own (pages, JSON) in one piece.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    Either::Right(Full::new(bytes.into()))
+}
+
+pub(crate) fn empty() -> Body {
+    Either::Right(Full::new(Bytes::new()))
+}
+
+/// Build the gateway for a validated config: directory, executor, session
+/// store, upstream client. Fails only on what validation cannot see (a users
+/// file that went missing since).
+pub fn build(config: config::Config) -> Result<Arc<Gateway>, String> {
+    Gateway::new(config).map(Arc::new)
+}

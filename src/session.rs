@@ -1,0 +1,427 @@
+//! Sessions: the records behind the `flowgate_session` cookie, the
+//! `SessionStore` seam that keeps them (memory now; embedded file and Redis
+//! behind the same trait later), and the signed cookie value that names one.
+//!
+//! A session is either *pre-auth* (an anonymous visitor part-way through one
+//! or more flows) or *authenticated* (an identity). Login never upgrades a
+//! record in place: it writes a new one under a new id and deletes the old,
+//! so a fixated id is worth nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::flow::FlowState;
+
+/// Who a session belongs to: what the upstream is told in headers and what
+/// `users/me` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub username: String,
+    pub name: String,
+    pub email: String,
+    pub groups: Vec<String>,
+    /// Stable opaque id (hex SHA-256), authentik's `uid`.
+    pub uid: String,
+    pub pk: u64,
+    #[serde(default)]
+    pub is_superuser: bool,
+}
+
+/// One flow in progress inside a pre-auth session. `key` is `page:<id>` for a
+/// login page (one per browser tab) or `api:<slug>` for the JSON API (one per
+/// flow, as authentik keeps it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowSlot {
+    pub key: String,
+    pub slug: String,
+    pub state: FlowState,
+    pub updated: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds after which the session is dead whatever its activity.
+    pub expires: u64,
+    /// Per-session CSRF token for login forms, sign-out and (once logged in)
+    /// executor POSTs.
+    pub csrf: String,
+    /// `None`: a pre-auth session, an anonymous visitor part-way through a login.
+    #[serde(default)]
+    pub identity: Option<Arc<Identity>>,
+    /// Flows in progress (mostly in pre-auth sessions).
+    #[serde(default)]
+    pub flows: Vec<FlowSlot>,
+}
+
+/// How many flows one session holds at once; the least recently used goes first.
+pub const MAX_FLOWS_PER_SESSION: usize = 8;
+
+impl Session {
+    pub fn pre_auth(now: u64, ttl: Duration) -> Session {
+        Session {
+            created: now,
+            expires: now + ttl.as_secs(),
+            csrf: random_token(),
+            identity: None,
+            flows: Vec::new(),
+        }
+    }
+
+    pub fn authenticated(identity: Identity, now: u64, lifetime: Duration) -> Session {
+        Session {
+            created: now,
+            expires: now + lifetime.as_secs(),
+            csrf: random_token(),
+            identity: Some(Arc::new(identity)),
+            flows: Vec::new(),
+        }
+    }
+
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        self.identity.as_ref()
+    }
+
+    pub fn is_pre_auth(&self) -> bool {
+        self.identity.is_none()
+    }
+
+    pub fn flow(&self, key: &str) -> Option<&FlowSlot> {
+        self.flows.iter().find(|f| f.key == key)
+    }
+
+    /// Store a flow's state (an empty state removes it), evicting the least
+    /// recently used flow past `MAX_FLOWS_PER_SESSION`.
+    pub fn set_flow(&mut self, key: &str, slug: &str, state: FlowState, now: u64) {
+        self.flows.retain(|f| f.key != key);
+        if state.is_empty() {
+            return;
+        }
+        self.flows.push(FlowSlot {
+            key: key.to_owned(),
+            slug: slug.to_owned(),
+            state,
+            updated: now,
+        });
+        if self.flows.len() > MAX_FLOWS_PER_SESSION {
+            self.flows.sort_by_key(|f| f.updated);
+            let excess = self.flows.len() - MAX_FLOWS_PER_SESSION;
+            self.flows.drain(..excess);
+        }
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// 32 random bytes, base64url: session ids, CSRF tokens, flow ids.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store refuses new pre-auth sessions: too many logins in progress.
+    #[error("session store is full ({0} sessions)")]
+    Full(usize),
+    /// The backing service failed (later: Redis down).
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Where sessions live. Every method is one round trip; implementations must
+/// not hold a lock across an `.await`.
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    async fn get(&self, id: &str) -> Result<Option<Session>, StoreError>;
+    /// Insert or replace, alive for `ttl` from now unless touched.
+    async fn put(&self, id: &str, session: &Session, ttl: Duration) -> Result<(), StoreError>;
+    /// Extend the life of an existing record to `ttl` from now.
+    async fn touch(&self, id: &str, ttl: Duration) -> Result<(), StoreError>;
+    async fn delete(&self, id: &str) -> Result<(), StoreError>;
+    /// End every authenticated session of one user; returns how many.
+    async fn delete_all_for_user(&self, username: &str) -> Result<usize, StoreError>;
+    /// Number of live authenticated sessions (for metrics).
+    async fn count_authenticated(&self) -> Result<usize, StoreError>;
+}
+
+struct Entry {
+    session: Session,
+    deadline: u64,
+}
+
+/// In-process store: a hash map behind a std `RwLock` (never held across an
+/// await: every method is synchronous inside). Pre-auth records are bounded,
+/// since anyone can create them.
+pub struct MemoryStore {
+    map: RwLock<HashMap<String, Entry>>,
+    max_pre_auth: usize,
+}
+
+impl MemoryStore {
+    pub fn new(max_pre_auth: usize) -> MemoryStore {
+        MemoryStore {
+            map: RwLock::new(HashMap::new()),
+            max_pre_auth,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        self.map
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.map
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn is_pre_auth(session: &Session) -> bool {
+    session.is_pre_auth()
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn get(&self, id: &str) -> Result<Option<Session>, StoreError> {
+        let now = now_secs();
+        let map = self.read();
+        Ok(map
+            .get(id)
+            .filter(|e| e.deadline > now && e.session.expires > now)
+            .map(|e| e.session.clone()))
+    }
+
+    async fn put(&self, id: &str, session: &Session, ttl: Duration) -> Result<(), StoreError> {
+        let now = now_secs();
+        let mut map = self.write();
+        if is_pre_auth(session) && !map.contains_key(id) {
+            let pre_auth = map.values().filter(|e| is_pre_auth(&e.session)).count();
+            if pre_auth >= self.max_pre_auth {
+                map.retain(|_, e| e.deadline > now && e.session.expires > now);
+                let pre_auth = map.values().filter(|e| is_pre_auth(&e.session)).count();
+                if pre_auth >= self.max_pre_auth {
+                    return Err(StoreError::Full(pre_auth));
+                }
+            }
+        }
+        map.insert(
+            id.to_owned(),
+            Entry {
+                session: session.clone(),
+                deadline: now + ttl.as_secs(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn touch(&self, id: &str, ttl: Duration) -> Result<(), StoreError> {
+        let now = now_secs();
+        if let Some(entry) = self.write().get_mut(id) {
+            entry.deadline = now + ttl.as_secs();
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.write().remove(id);
+        Ok(())
+    }
+
+    async fn delete_all_for_user(&self, username: &str) -> Result<usize, StoreError> {
+        let mut map = self.write();
+        let before = map.len();
+        map.retain(|_, e| e.session.identity().is_none_or(|i| i.username != username));
+        Ok(before - map.len())
+    }
+
+    async fn count_authenticated(&self) -> Result<usize, StoreError> {
+        let now = now_secs();
+        Ok(self
+            .read()
+            .values()
+            .filter(|e| e.deadline > now && e.session.identity().is_some())
+            .count())
+    }
+}
+
+/// Signs and checks cookie values: `<id>.<mac>`, both base64url, the MAC an
+/// HMAC-SHA256 of the id under a key derived from the configured secret. A
+/// value that fails the check never reaches the store.
+#[derive(Clone)]
+pub struct CookieSigner {
+    key: [u8; 32],
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl CookieSigner {
+    pub fn new(secret: &[u8]) -> CookieSigner {
+        let mut hasher = Sha256::new();
+        hasher.update(b"flowgate cookie signing key v1\0");
+        hasher.update(secret);
+        CookieSigner {
+            key: hasher.finalize().into(),
+        }
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        // HMAC takes keys of any length; 32 bytes cannot fail.
+        <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC accepts a 32-byte key")
+    }
+
+    pub fn sign(&self, id: &str) -> String {
+        let mut mac = self.mac();
+        mac.update(id.as_bytes());
+        let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{id}.{tag}")
+    }
+
+    /// The session id inside a cookie value, if the signature holds
+    /// (compared in constant time).
+    pub fn verify<'v>(&self, value: &'v str) -> Option<&'v str> {
+        let (id, tag) = value.rsplit_once('.')?;
+        if id.is_empty() || id.len() > 64 {
+            return None;
+        }
+        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+        let mut mac = self.mac();
+        mac.update(id.as_bytes());
+        mac.verify_slice(&tag).ok()?;
+        Some(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(name: &str) -> Identity {
+        Identity {
+            username: name.into(),
+            name: name.into(),
+            email: format!("{name}@example.test"),
+            groups: vec![],
+            uid: "u".into(),
+            pk: 1,
+            is_superuser: false,
+        }
+    }
+
+    #[test]
+    fn signed_value_round_trips_and_tampering_fails() {
+        let signer = CookieSigner::new(b"a secret of reasonable length here");
+        let value = signer.sign("abc123");
+        assert_eq!(signer.verify(&value), Some("abc123"));
+        let tampered = value.replacen("abc123", "abc124", 1);
+        assert_eq!(signer.verify(&tampered), None);
+        assert_eq!(signer.verify("abc123"), None);
+        assert_eq!(signer.verify("abc123."), None);
+        assert_eq!(signer.verify(".xyz"), None);
+        let other = CookieSigner::new(b"another secret entirely, also long");
+        assert_eq!(other.verify(&value), None);
+    }
+
+    #[tokio::test]
+    async fn memory_store_expires_bounds_and_deletes_per_user() {
+        let store = MemoryStore::new(2);
+        let now = now_secs();
+        let ttl = Duration::from_secs(60);
+        store
+            .put("p1", &Session::pre_auth(now, ttl), ttl)
+            .await
+            .unwrap();
+        store
+            .put("p2", &Session::pre_auth(now, ttl), ttl)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.put("p3", &Session::pre_auth(now, ttl), ttl).await,
+            Err(StoreError::Full(2))
+        ));
+        // replacing an existing pre-auth record is not a new one
+        store
+            .put("p2", &Session::pre_auth(now, ttl), ttl)
+            .await
+            .unwrap();
+        // authenticated sessions are not bounded by the pre-auth limit
+        store
+            .put(
+                "a1",
+                &Session::authenticated(identity("alice"), now, ttl),
+                ttl,
+            )
+            .await
+            .unwrap();
+        store
+            .put(
+                "a2",
+                &Session::authenticated(identity("alice"), now, ttl),
+                ttl,
+            )
+            .await
+            .unwrap();
+        store
+            .put(
+                "b1",
+                &Session::authenticated(identity("bob"), now, ttl),
+                ttl,
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.count_authenticated().await.unwrap(), 3);
+        assert_eq!(store.delete_all_for_user("alice").await.unwrap(), 2);
+        assert!(store.get("a1").await.unwrap().is_none());
+        assert!(store.get("b1").await.unwrap().is_some());
+        // a record whose own lifetime has passed is gone, whatever its TTL
+        let mut dead = Session::authenticated(identity("carol"), now, ttl);
+        dead.expires = now - 1;
+        store.put("c1", &dead, ttl).await.unwrap();
+        assert!(store.get("c1").await.unwrap().is_none());
+        store
+            .put(
+                "z",
+                &Session::authenticated(identity("zed"), now, ttl),
+                Duration::ZERO,
+            )
+            .await
+            .unwrap();
+        assert!(store.get("z").await.unwrap().is_none());
+    }
+
+    #[test]
+    fn flows_per_session_are_bounded_oldest_first() {
+        let mut s = Session::pre_auth(0, Duration::from_secs(60));
+        for i in 0..(MAX_FLOWS_PER_SESSION as u64 + 3) {
+            s.set_flow(
+                &format!("page:{i}"),
+                "f",
+                FlowState(serde_json::json!({"i": i})),
+                i,
+            );
+        }
+        assert_eq!(s.flows.len(), MAX_FLOWS_PER_SESSION);
+        assert!(s.flow("page:0").is_none());
+        assert!(s
+            .flow(&format!("page:{}", MAX_FLOWS_PER_SESSION + 2))
+            .is_some());
+    }
+}
