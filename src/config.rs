@@ -1,0 +1,414 @@
+//! Configuration: one TOML file, overridable per key from the environment,
+//! validated whole before anything starts. `load` returns either a `Config`
+//! every other module can trust, or *every* problem found, each with the
+//! file, line and key path it belongs to (`flowgate check` prints them).
+//!
+//! The reading itself lives in `config::read`; this file holds the shapes.
+
+mod read;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use regex::Regex;
+
+pub use read::{from_str, load};
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (relative paths inside are relative to its folder).
+    pub path: PathBuf,
+    pub server: Server,
+    pub session: SessionConfig,
+    pub directory: DirectoryConfig,
+    pub executor: ExecutorConfig,
+    pub log: LogConfig,
+    /// `[[flow]]`, in file order; slugs are unique.
+    pub flows: Vec<FlowConfig>,
+    /// `[stage.<name>]`, plus the built-in stage names (see `StageConfig::builtin`).
+    pub stages: BTreeMap<String, StageConfig>,
+    /// `[[route]]`, in file order.
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// `server.listen`, default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// `server.tls = { cert, key }`: PEM files; absent means plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// `server.trusted_proxies`: CIDRs whose `X-Forwarded-*` headers are
+    /// believed. Default: none.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `server.prefix`: the reserved path prefix, default `/_flowgate`
+    /// (starts with `/`, no trailing `/`).
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CookieSecure {
+    /// `Secure` when the request came over TLS, or with `X-Forwarded-Proto:
+    /// https` from a trusted proxy. The default.
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// `session.cookie_name`, default `flowgate_session`.
+    pub cookie_name: String,
+    /// `session.cookie_domain`: absent means a host-only cookie.
+    pub cookie_domain: Option<String>,
+    /// `session.cookie_secure`: `auto` (default) | `always` | `never`.
+    pub cookie_secure: CookieSecure,
+    /// `session.lifetime`, default 12h: absolute.
+    pub lifetime: Duration,
+    /// `session.idle_timeout`, default 2h.
+    pub idle_timeout: Duration,
+    /// The signing secret: `session.secret_file`, else env
+    /// `FLOWGATE_SESSION_SECRET`, else `session.secret` (discouraged), else
+    /// `None` and a random one is made at start (sessions then end with the
+    /// process).
+    pub secret: Option<Secret>,
+    /// `session.store`: only `memory` in this version.
+    pub store: StoreKind,
+    /// `session.pre_auth_ttl`, default 15m: how long a started login lives.
+    pub pre_auth_ttl: Duration,
+    /// `session.max_pre_auth`, default 10000: logins in progress at once.
+    pub max_pre_auth: usize,
+    /// `session.allowed_redirect_hosts`: hosts an absolute `next` may point
+    /// at, besides every route's host. Entries like `*.example.com` match
+    /// subdomains.
+    pub allowed_redirect_hosts: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirectoryConfig {
+    /// `directory.users_file`, resolved against the config file's folder.
+    pub users_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecutorConfig {
+    /// `executor.kind = "embedded"` (the default).
+    Embedded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// `log.format`: `text` (default) | `json`.
+    pub format: LogFormat,
+    /// `log.level`: a tracing filter, default `info`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Designation {
+    Authentication,
+    Authorization,
+    Invalidation,
+    Enrollment,
+    Recovery,
+    StageConfiguration,
+    Unenrollment,
+}
+
+impl Designation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Designation::Authentication => "authentication",
+            Designation::Authorization => "authorization",
+            Designation::Invalidation => "invalidation",
+            Designation::Enrollment => "enrollment",
+            Designation::Recovery => "recovery",
+            Designation::StageConfiguration => "stage_configuration",
+            Designation::Unenrollment => "unenrollment",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Designation> {
+        Some(match s {
+            "authentication" => Designation::Authentication,
+            "authorization" => Designation::Authorization,
+            "invalidation" => Designation::Invalidation,
+            "enrollment" => Designation::Enrollment,
+            "recovery" => Designation::Recovery,
+            "stage_configuration" => Designation::StageConfiguration,
+            "unenrollment" => Designation::Unenrollment,
+            _ => return None,
+        })
+    }
+}
+
+/// `flow.authentication` (PROTOCOL.md §1.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowAuthentication {
+    None,
+    RequireAuthenticated,
+    RequireUnauthenticated,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlowConfig {
+    pub slug: String,
+    /// `title`, default "Sign in".
+    pub title: String,
+    /// `designation`, default `authentication`.
+    pub designation: Designation,
+    /// `authentication`, default `none`.
+    pub authentication: FlowAuthentication,
+    /// Stage names, each a key of `Config::stages`.
+    pub stages: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserField {
+    Username,
+    Email,
+}
+
+impl UserField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserField::Username => "username",
+            UserField::Email => "email",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotConfiguredAction {
+    /// Users without a second factor pass the stage (authentik's `skip`).
+    Skip,
+    /// Users without a second factor are refused.
+    Deny,
+}
+
+/// One stage definition: `[stage.<name>]` with `kind = …`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageConfig {
+    Identification {
+        /// `user_fields`, default `["username", "email"]`.
+        user_fields: Vec<UserField>,
+        /// `password = true`: ask for the password on the same form.
+        password: bool,
+        /// `pretend_user_exists`, default true: an unknown name goes on to
+        /// the password stage, which then fails like a wrong password.
+        pretend_user_exists: bool,
+    },
+    Password {
+        /// `failed_attempts_before_cancel`, default 5.
+        failed_attempts_before_cancel: u32,
+        /// `allow_show_password`, default false.
+        allow_show_password: bool,
+    },
+    AuthenticatorValidate {
+        /// `not_configured_action`: `skip` (default) | `deny`.
+        not_configured_action: NotConfiguredAction,
+    },
+    UserLogin {
+        /// `remember_me_offset`: when non-zero, the stage shows
+        /// `ak-stage-user-login` and a "remember me" choice adds this much
+        /// to the session lifetime. Default zero: log in silently.
+        remember_me_offset: Duration,
+    },
+    Deny {
+        /// `message`, default "Access denied".
+        message: String,
+    },
+}
+
+impl StageConfig {
+    /// The stage names a flow may use without a `[stage.<name>]` table.
+    pub fn builtin(name: &str) -> Option<StageConfig> {
+        Some(match name {
+            "identification" | "identify" => StageConfig::Identification {
+                user_fields: vec![UserField::Username, UserField::Email],
+                password: false,
+                pretend_user_exists: true,
+            },
+            "password" => StageConfig::Password {
+                failed_attempts_before_cancel: 5,
+                allow_show_password: false,
+            },
+            "mfa" | "totp" | "authenticator-validate" => StageConfig::AuthenticatorValidate {
+                not_configured_action: NotConfiguredAction::Skip,
+            },
+            "login" | "user-login" => StageConfig::UserLogin {
+                remember_me_offset: Duration::ZERO,
+            },
+            "deny" => StageConfig::Deny {
+                message: "Access denied".to_owned(),
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// Which identity headers a route sends upstream (DESIGN.md, "Identity headers").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderPreset {
+    /// `X-Forwarded-User`, `-Email`, `-Groups`, `-Preferred-Username`.
+    Default,
+    /// authentik outpost names: `X-authentik-username` …
+    Authentik,
+    /// oauth2-proxy names: `X-Auth-Request-User` …
+    OAuth2Proxy,
+}
+
+/// A route's host pattern: exact (`app.example`), subdomain wildcard
+/// (`*.example`, not matching `example` itself) or any (`*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Any,
+    Exact(String),
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> HostPattern {
+        let s = s.trim().to_ascii_lowercase();
+        if s == "*" {
+            HostPattern::Any
+        } else if let Some(rest) = s.strip_prefix("*.") {
+            HostPattern::Suffix(format!(".{rest}"))
+        } else {
+            HostPattern::Exact(s)
+        }
+    }
+
+    /// `host` must be lower-case and without port.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Any => true,
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Suffix(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Allow {
+    /// Any of these groups lets a user in. Empty with `users` empty: any
+    /// authenticated user.
+    pub groups: Vec<String>,
+    pub users: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// `host`, default `*`.
+    pub host: HostPattern,
+    /// `path_prefix`, default `/`; the longest matching prefix wins.
+    pub path_prefix: String,
+    /// `upstream`: `http://host:port` with an optional base path.
+    pub upstream: http::Uri,
+    /// `flow`: the login flow's slug, default the first authentication flow.
+    pub flow: String,
+    /// `skip_auth`: regexes over the request path (and query) that pass anonymously.
+    pub skip_auth: Vec<Regex>,
+    pub allow: Allow,
+    /// `headers`: `default` | `authentik` | `oauth2-proxy`.
+    pub headers: HeaderPreset,
+    /// `preserve_host`, default true: send the client's `Host` upstream.
+    pub preserve_host: bool,
+}
+
+/// One problem in a configuration, placed as precisely as known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file (or `env FLOWGATE_…` when an environment override is wrong).
+    pub file: String,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// Key path, e.g. `route[2].upstream`; empty for whole-file problems.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: ", self.file, line)?,
+            None => write!(f, "{}: ", self.file)?,
+        }
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in one configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    pub fn flow(&self, slug: &str) -> Option<&FlowConfig> {
+        self.flows.iter().find(|f| f.slug == slug)
+    }
+
+    /// Resolve a path from the config file against the file's folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        resolve_against(&self.path, p)
+    }
+}
+
+pub(crate) fn resolve_against(config_path: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        config_path
+            .parent()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|| p.to_path_buf())
+    }
+}

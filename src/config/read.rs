@@ -1,0 +1,1545 @@
+//! Reading a config file into `Config`: parse with spans kept, walk every
+//! table by hand, and collect *every* problem with its line and key path
+//! instead of stopping at the first. Environment overrides
+//! (`FLOWGATE_<SECTION>_<KEY>`) are applied key by key as the sections are
+//! read, so a bad override is reported like a bad line, naming the variable.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use regex::Regex;
+use toml_edit::{ImDocument, Item, TableLike, Value};
+
+use super::{
+    resolve_against, Allow, Config, ConfigError, ConfigErrors, CookieSecure, Designation,
+    DirectoryConfig, ExecutorConfig, FlowAuthentication, FlowConfig, HeaderPreset, HostPattern,
+    LogConfig, LogFormat, NotConfiguredAction, RouteConfig, Secret, Server, SessionConfig,
+    StageConfig, StoreKind, TlsConfig, UserField,
+};
+
+/// The slug of the flow used when a config declares none.
+pub const DEFAULT_FLOW: &str = "default-authentication-flow";
+
+/// A signing secret shorter than this is refused: HMAC-SHA256 wants 32 bytes.
+const MIN_SECRET_BYTES: usize = 32;
+
+/// Read and validate the file at `path`, with overrides from the process
+/// environment.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let src = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    from_str(&src, path, &|name| std::env::var(name).ok())
+}
+
+/// Validate `src` as if read from `path` (relative paths inside resolve
+/// against its folder); `env` answers environment lookups.
+pub fn from_str(
+    src: &str,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let mut reader = Reader {
+        file: path.display().to_string(),
+        path,
+        lines: line_starts(src),
+        env,
+        errors: Vec::new(),
+    };
+    let doc = match ImDocument::parse(src) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let line = e.span().map(|s| reader.line_at(s.start));
+            let message = e.message().trim().to_owned();
+            reader.error(line, "", format!("not valid TOML: {message}"));
+            return Err(ConfigErrors(reader.errors));
+        }
+    };
+    let root: &dyn TableLike = doc.as_table();
+    let config = reader.config(root);
+    if reader.errors.is_empty() {
+        Ok(config)
+    } else {
+        // In file order, then the environment's and whole-file problems.
+        let file = reader.file.clone();
+        reader
+            .errors
+            .sort_by_key(|e| (e.file != file, e.line.is_none(), e.line));
+        Err(ConfigErrors(reader.errors))
+    }
+}
+
+/// Where a value came from, for messages.
+#[derive(Clone)]
+struct Place {
+    /// `None` for the file itself, or the environment variable's name.
+    env: Option<String>,
+    line: Option<usize>,
+    key: String,
+}
+
+/// A raw value: from the file, or a string from the environment.
+enum Raw<'a> {
+    Toml(&'a Item),
+    Env(String),
+}
+
+/// One table being read: which keys were asked for, so the rest can be
+/// reported as unknown.
+struct Section<'a> {
+    table: Option<&'a dyn TableLike>,
+    /// Key path of the table itself (`server`, `route[1]`, …).
+    path: String,
+    /// `Some("SERVER")` where environment overrides apply.
+    env: Option<&'static str>,
+    line: Option<usize>,
+    known: Vec<&'static str>,
+}
+
+struct Reader<'a> {
+    file: String,
+    path: &'a Path,
+    lines: Vec<usize>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Reader<'a> {
+    fn line_at(&self, offset: usize) -> usize {
+        match self.lines.binary_search(&offset) {
+            Ok(i) => i + 1,
+            Err(i) => i,
+        }
+    }
+
+    fn line_of(&self, span: Option<Range<usize>>) -> Option<usize> {
+        span.map(|s| self.line_at(s.start))
+    }
+
+    fn error(&mut self, line: Option<usize>, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line,
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn error_at(&mut self, place: &Place, message: impl Into<String>) {
+        match &place.env {
+            Some(var) => self.errors.push(ConfigError {
+                file: format!("env {var}"),
+                line: None,
+                key: place.key.clone(),
+                message: message.into(),
+            }),
+            None => self.error(place.line, &place.key, message),
+        }
+    }
+
+    /// The table at `key` of `parent`, or an error if it is something else.
+    fn section<'t>(
+        &mut self,
+        parent: &'t dyn TableLike,
+        key: &str,
+        path: String,
+        env: Option<&'static str>,
+    ) -> Section<'t> {
+        let mut section = Section {
+            table: None,
+            path,
+            env,
+            line: None,
+            known: Vec::new(),
+        };
+        if let Some((k, item)) = parent.get_key_value(key) {
+            section.line = self.line_of(k.span()).or_else(|| self.line_of(item.span()));
+            match item.as_table_like() {
+                Some(table) => section.table = Some(table),
+                None => {
+                    let path = section.path.clone();
+                    self.error(
+                        section.line,
+                        &path,
+                        format!("expected a table, found {}", type_name(item)),
+                    );
+                }
+            }
+        }
+        section
+    }
+
+    fn table_section<'t>(
+        &mut self,
+        table: &'t dyn TableLike,
+        path: String,
+        line: Option<usize>,
+    ) -> Section<'t> {
+        Section {
+            table: Some(table),
+            path,
+            env: None,
+            line,
+            known: Vec::new(),
+        }
+    }
+
+    /// Look `key` up: the environment override first, then the file.
+    fn get<'t>(
+        &mut self,
+        section: &mut Section<'t>,
+        key: &'static str,
+    ) -> Option<(Raw<'t>, Place)> {
+        section.known.push(key);
+        let key_path = if section.path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", section.path)
+        };
+        if let Some(prefix) = section.env {
+            let var = format!("FLOWGATE_{prefix}_{}", key.to_ascii_uppercase());
+            if let Some(value) = (self.env)(&var) {
+                return Some((
+                    Raw::Env(value),
+                    Place {
+                        env: Some(var),
+                        line: None,
+                        key: key_path,
+                    },
+                ));
+            }
+        }
+        let (k, item) = section.table?.get_key_value(key)?;
+        if item.is_none() {
+            return None;
+        }
+        let line = self.line_of(k.span()).or_else(|| self.line_of(item.span()));
+        Some((
+            Raw::Toml(item),
+            Place {
+                env: None,
+                line,
+                key: key_path,
+            },
+        ))
+    }
+
+    /// Report every key of `section` that nothing asked for.
+    fn finish(&mut self, section: Section<'_>) {
+        let Some(table) = section.table else { return };
+        for (name, item) in table.iter() {
+            if section.known.contains(&name) {
+                continue;
+            }
+            let line = self
+                .line_of(table.key(name).and_then(|k| k.span()))
+                .or_else(|| self.line_of(item.span()));
+            let key = if section.path.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{}.{name}", section.path)
+            };
+            let message = match closest(name, &section.known) {
+                Some(guess) => format!("unknown key (did you mean `{guess}`?)"),
+                None => format!("unknown key; expected one of: {}", section.known.join(", ")),
+            };
+            self.error(line, &key, message);
+        }
+    }
+
+    // ---- typed getters: `None` when absent or wrong (the error is recorded) ----
+
+    fn string(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<(String, Place)> {
+        let (raw, place) = self.get(section, key)?;
+        match raw {
+            Raw::Env(s) => Some((s, place)),
+            Raw::Toml(item) => match item.as_str() {
+                Some(s) => Some((s.to_owned(), place)),
+                None => {
+                    self.error_at(
+                        &place,
+                        format!("expected a string, found {}", type_name(item)),
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    fn bool(&mut self, section: &mut Section<'_>, key: &'static str, default: bool) -> bool {
+        let Some((raw, place)) = self.get(section, key) else {
+            return default;
+        };
+        let value = match raw {
+            Raw::Env(s) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Some(true),
+                "false" | "0" | "no" | "off" => Some(false),
+                _ => None,
+            },
+            Raw::Toml(item) => item.as_bool(),
+        };
+        value.unwrap_or_else(|| {
+            self.error_at(&place, "expected true or false");
+            default
+        })
+    }
+
+    fn integer(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+        default: u64,
+        min: u64,
+    ) -> u64 {
+        let Some((raw, place)) = self.get(section, key) else {
+            return default;
+        };
+        let value = match raw {
+            Raw::Env(s) => s.trim().parse::<u64>().ok(),
+            Raw::Toml(item) => item.as_integer().and_then(|i| u64::try_from(i).ok()),
+        };
+        match value {
+            Some(v) if v >= min => v,
+            Some(_) => {
+                self.error_at(&place, format!("must be at least {min}"));
+                default
+            }
+            None => {
+                self.error_at(&place, "expected a whole number");
+                default
+            }
+        }
+    }
+
+    /// `"90s"`, `"15m"`, `"12h"`, `"1h 30m"`, or a number of seconds.
+    fn duration(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+        default: Duration,
+        allow_zero: bool,
+    ) -> Duration {
+        let Some((raw, place)) = self.get(section, key) else {
+            return default;
+        };
+        let parsed = match raw {
+            Raw::Env(s) => parse_duration(&s),
+            Raw::Toml(item) => match (item.as_str(), item.as_integer()) {
+                (Some(s), _) => parse_duration(s),
+                (None, Some(secs)) if secs >= 0 => Ok(Duration::from_secs(secs as u64)),
+                _ => Err(format!(
+                    "expected a duration like \"15m\" or \"12h\", found {}",
+                    type_name(item)
+                )),
+            },
+        };
+        match parsed {
+            Ok(d) if d.is_zero() && !allow_zero => {
+                self.error_at(&place, "must be longer than zero");
+                default
+            }
+            Ok(d) => d,
+            Err(message) => {
+                self.error_at(&place, message);
+                default
+            }
+        }
+    }
+
+    /// A list of strings; from the environment, comma-separated.
+    fn strings(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+    ) -> Option<(Vec<(String, Place)>, Place)> {
+        let (raw, place) = self.get(section, key)?;
+        match raw {
+            Raw::Env(s) => {
+                let items = s
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| (s.to_owned(), place.clone()))
+                    .collect();
+                Some((items, place))
+            }
+            Raw::Toml(item) => {
+                let Some(array) = item.as_array() else {
+                    self.error_at(
+                        &place,
+                        format!("expected a list of strings, found {}", type_name(item)),
+                    );
+                    return None;
+                };
+                let mut items = Vec::new();
+                for (i, value) in array.iter().enumerate() {
+                    let element = Place {
+                        env: None,
+                        line: self.line_of(value.span()).or(place.line),
+                        key: format!("{}[{i}]", place.key),
+                    };
+                    match value.as_str() {
+                        Some(s) => items.push((s.to_owned(), element)),
+                        None => self.error_at(
+                            &element,
+                            format!("expected a string, found {}", value_type(value)),
+                        ),
+                    }
+                }
+                Some((items, place))
+            }
+        }
+    }
+
+    /// A string that must be one of `choices`.
+    fn choice<T: Copy>(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+        choices: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some((value, place)) = self.string(section, key) else {
+            return default;
+        };
+        match choices.iter().find(|(name, _)| *name == value) {
+            Some((_, v)) => *v,
+            None => {
+                let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+                self.error_at(
+                    &place,
+                    format!("\"{value}\" is not one of {}", names.join(", ")),
+                );
+                default
+            }
+        }
+    }
+
+    // ---- the sections ----
+
+    fn config(&mut self, root: &dyn TableLike) -> Config {
+        let mut top = Section {
+            table: Some(root),
+            path: String::new(),
+            env: None,
+            line: None,
+            known: Vec::new(),
+        };
+        top.known.extend([
+            "server",
+            "session",
+            "directory",
+            "executor",
+            "log",
+            "flow",
+            "stage",
+            "route",
+        ]);
+        let server = self.server(root);
+        let session = self.session(root);
+        let directory = self.directory(root);
+        let executor = self.executor(root);
+        let log = self.log(root);
+        let stages = self.stages(root);
+        let flows = self.flows(root, &stages);
+        let routes = self.routes(root, &flows);
+        self.finish(top);
+        Config {
+            path: self.path.to_path_buf(),
+            server,
+            session,
+            directory,
+            executor,
+            log,
+            flows,
+            stages,
+            routes,
+        }
+    }
+
+    fn server(&mut self, root: &dyn TableLike) -> Server {
+        let mut s = self.section(root, "server", "server".into(), Some("SERVER"));
+        let listen = match self.string(&mut s, "listen") {
+            Some((text, place)) => text.parse::<SocketAddr>().unwrap_or_else(|_| {
+                self.error_at(
+                    &place,
+                    format!(
+                        "\"{text}\" is not an address like \"127.0.0.1:8080\" or \"[::]:8443\""
+                    ),
+                );
+                default_listen()
+            }),
+            None => default_listen(),
+        };
+        let tls = self.tls(&mut s);
+        let mut trusted_proxies = Vec::new();
+        if let Some((items, _)) = self.strings(&mut s, "trusted_proxies") {
+            for (text, place) in items {
+                match parse_net(&text) {
+                    Some(net) => trusted_proxies.push(net),
+                    None => self.error_at(
+                        &place,
+                        format!(
+                            "\"{text}\" is not an IP address or CIDR range like \"10.0.0.0/8\""
+                        ),
+                    ),
+                }
+            }
+        }
+        let prefix = match self.string(&mut s, "prefix") {
+            Some((p, place)) => {
+                let valid = p.starts_with('/')
+                    && p.len() > 1
+                    && !p.ends_with('/')
+                    && !p.contains("//")
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b));
+                if !valid {
+                    self.error_at(&place, "must start with `/`, not end with `/`, and use only letters, digits and `-_.~/` (like \"/_flowgate\")");
+                }
+                p
+            }
+            None => "/_flowgate".to_owned(),
+        };
+        self.finish(s);
+        Server {
+            listen,
+            tls,
+            trusted_proxies,
+            prefix,
+        }
+    }
+
+    fn tls(&mut self, server: &mut Section<'_>) -> Option<TlsConfig> {
+        server.known.push("tls");
+        let table = server.table?;
+        let (key, item) = table.get_key_value("tls")?;
+        let line = self.line_of(key.span());
+        let Some(tls_table) = item.as_table_like() else {
+            self.error(
+                line,
+                "server.tls",
+                format!(
+                    "expected a table `{{ cert = \"…\", key = \"…\" }}`, found {}",
+                    type_name(item)
+                ),
+            );
+            return None;
+        };
+        let mut t = self.table_section(tls_table, "server.tls".into(), line);
+        let cert = self.existing_file(&mut t, "cert");
+        let key = self.existing_file(&mut t, "key");
+        self.finish(t);
+        Some(TlsConfig {
+            cert: cert?,
+            key: key?,
+        })
+    }
+
+    /// A required path to a readable file, resolved against the config's folder.
+    fn existing_file(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<PathBuf> {
+        let Some((text, place)) = self.string(section, key) else {
+            let path = format!("{}.{key}", section.path);
+            if section.table.and_then(|t| t.get(key)).is_none() {
+                self.error(section.line, &path, "missing: give the path of a PEM file");
+            }
+            return None;
+        };
+        let path = resolve_against(self.path, Path::new(&text));
+        if let Err(e) = std::fs::File::open(&path) {
+            self.error_at(&place, format!("cannot read {}: {e}", path.display()));
+            return None;
+        }
+        Some(path)
+    }
+
+    fn session(&mut self, root: &dyn TableLike) -> SessionConfig {
+        let mut s = self.section(root, "session", "session".into(), Some("SESSION"));
+        let cookie_name = match self.string(&mut s, "cookie_name") {
+            Some((name, place)) => {
+                if name.is_empty() || !name.bytes().all(is_cookie_name_byte) {
+                    self.error_at(
+                        &place,
+                        "not a valid cookie name (letters, digits and `!#$%&'*+-.^_`|~` only)",
+                    );
+                }
+                name
+            }
+            None => "flowgate_session".to_owned(),
+        };
+        let cookie_domain = match self.string(&mut s, "cookie_domain") {
+            Some((domain, place)) => {
+                let bare = domain.trim_start_matches('.');
+                if bare.is_empty()
+                    || !bare
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                {
+                    self.error_at(&place, format!("\"{domain}\" is not a domain name"));
+                }
+                Some(domain)
+            }
+            None => None,
+        };
+        let cookie_secure = self.choice(
+            &mut s,
+            "cookie_secure",
+            &[
+                ("auto", CookieSecure::Auto),
+                ("always", CookieSecure::Always),
+                ("never", CookieSecure::Never),
+            ],
+            CookieSecure::Auto,
+        );
+        let lifetime = self.duration(&mut s, "lifetime", Duration::from_secs(12 * 3600), false);
+        let idle_timeout =
+            self.duration(&mut s, "idle_timeout", Duration::from_secs(2 * 3600), false);
+        let secret = self.secret(&mut s);
+        let store = self.choice(
+            &mut s,
+            "store",
+            &[("memory", StoreKind::Memory)],
+            StoreKind::Memory,
+        );
+        let pre_auth_ttl =
+            self.duration(&mut s, "pre_auth_ttl", Duration::from_secs(15 * 60), false);
+        let max_pre_auth = self.integer(&mut s, "max_pre_auth", 10_000, 1) as usize;
+        let mut allowed_redirect_hosts = Vec::new();
+        if let Some((items, _)) = self.strings(&mut s, "allowed_redirect_hosts") {
+            for (host, place) in items {
+                let bare = host.strip_prefix("*.").unwrap_or(&host);
+                if bare.is_empty() || bare.contains(['/', ':', '*', ' ']) {
+                    self.error_at(&place, format!("\"{host}\" is not a host name (like \"app.example.com\" or \"*.example.com\")"));
+                } else {
+                    allowed_redirect_hosts.push(host.to_ascii_lowercase());
+                }
+            }
+        }
+        self.finish(s);
+        SessionConfig {
+            cookie_name,
+            cookie_domain,
+            cookie_secure,
+            lifetime,
+            idle_timeout,
+            secret,
+            store,
+            pre_auth_ttl,
+            max_pre_auth,
+            allowed_redirect_hosts,
+        }
+    }
+
+    /// `secret_file` wins over `secret` (which `FLOWGATE_SESSION_SECRET`
+    /// overrides). Secret values never appear in a message.
+    fn secret(&mut self, s: &mut Section<'_>) -> Option<Secret> {
+        let from_file = self.string(s, "secret_file");
+        let inline = self.string(s, "secret");
+        if let (Some((_, file_place)), Some((_, inline_place))) = (&from_file, &inline) {
+            if file_place.env.is_none() && inline_place.env.is_none() {
+                self.error_at(
+                    inline_place,
+                    "set either `secret_file` or `secret`, not both",
+                );
+                return None;
+            }
+        }
+        let (bytes, place) = match (from_file, inline) {
+            (Some((file, place)), _) => {
+                let path = resolve_against(self.path, Path::new(&file));
+                match std::fs::read(&path) {
+                    Ok(mut bytes) => {
+                        while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                            bytes.pop();
+                        }
+                        (bytes, place)
+                    }
+                    Err(e) => {
+                        self.error_at(&place, format!("cannot read {}: {e}", path.display()));
+                        return None;
+                    }
+                }
+            }
+            (None, Some((secret, place))) => (secret.into_bytes(), place),
+            (None, None) => return None,
+        };
+        if bytes.len() < MIN_SECRET_BYTES {
+            self.error_at(
+                &place,
+                format!("the secret is {} bytes; use at least {MIN_SECRET_BYTES} (e.g. `openssl rand -base64 48`)", bytes.len()),
+            );
+            return None;
+        }
+        Some(Secret(bytes))
+    }
+
+    fn directory(&mut self, root: &dyn TableLike) -> DirectoryConfig {
+        let mut s = self.section(root, "directory", "directory".into(), Some("DIRECTORY"));
+        let users_file = match self.string(&mut s, "users_file") {
+            Some((file, place)) => {
+                if file.is_empty() {
+                    self.error_at(&place, "must not be empty");
+                }
+                resolve_against(self.path, Path::new(&file))
+            }
+            None => resolve_against(self.path, Path::new("users.toml")),
+        };
+        self.finish(s);
+        DirectoryConfig { users_file }
+    }
+
+    fn executor(&mut self, root: &dyn TableLike) -> ExecutorConfig {
+        let mut s = self.section(root, "executor", "executor".into(), Some("EXECUTOR"));
+        if let Some((kind, place)) = self.string(&mut s, "kind") {
+            match kind.as_str() {
+                "embedded" => {}
+                "remote" => self.error_at(
+                    &place,
+                    "remote executors are not supported yet; use \"embedded\"",
+                ),
+                other => self.error_at(&place, format!("\"{other}\" is not one of \"embedded\"")),
+            }
+        }
+        self.finish(s);
+        ExecutorConfig::Embedded
+    }
+
+    fn log(&mut self, root: &dyn TableLike) -> LogConfig {
+        let mut s = self.section(root, "log", "log".into(), Some("LOG"));
+        let format = self.choice(
+            &mut s,
+            "format",
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            LogFormat::Text,
+        );
+        let level = match self.string(&mut s, "level") {
+            Some((level, place)) => {
+                if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+                    self.error_at(
+                        &place,
+                        format!("not a log filter (like \"info\" or \"flowgate=debug\"): {e}"),
+                    );
+                }
+                level
+            }
+            None => "info".to_owned(),
+        };
+        self.finish(s);
+        LogConfig { format, level }
+    }
+
+    /// `[stage.<name>]` tables, plus the built-in names.
+    fn stages(&mut self, root: &dyn TableLike) -> BTreeMap<String, StageConfig> {
+        let mut stages = BTreeMap::new();
+        for name in ["identification", "password", "mfa", "login", "deny"] {
+            if let Some(stage) = StageConfig::builtin(name) {
+                stages.insert(name.to_owned(), stage);
+            }
+        }
+        let all = self.section(root, "stage", "stage".into(), None);
+        let Some(table) = all.table else {
+            return stages;
+        };
+        for (name, item) in table.iter() {
+            let path = format!("stage.{name}");
+            let line = self
+                .line_of(table.key(name).and_then(|k| k.span()))
+                .or_else(|| self.line_of(item.span()));
+            let Some(stage_table) = item.as_table_like() else {
+                self.error(
+                    line,
+                    &path,
+                    format!(
+                        "expected a table `[stage.{name}]` with `kind = …`, found {}",
+                        type_name(item)
+                    ),
+                );
+                continue;
+            };
+            if !is_slug(name) {
+                self.error(
+                    line,
+                    &path,
+                    "stage names use lower-case letters, digits, `-` and `_`",
+                );
+            }
+            let mut s = self.table_section(stage_table, path.clone(), line);
+            let kind = match self.string(&mut s, "kind") {
+                Some((kind, place)) => Some((kind, Some(place))),
+                // A table named after a built-in stage tunes that stage.
+                None => builtin_kind(name).map(|k| (k.to_owned(), None)),
+            };
+            let Some((kind, place)) = kind else {
+                self.error(line, &path, "missing `kind` (identification, password, authenticator_validate, user_login or deny)");
+                continue;
+            };
+            let stage = match kind.as_str() {
+                "identification" => {
+                    let mut user_fields = Vec::new();
+                    match self.strings(&mut s, "user_fields") {
+                        Some((items, list_place)) => {
+                            for (field, place) in items {
+                                match field.as_str() {
+                                    "username" => user_fields.push(UserField::Username),
+                                    "email" => user_fields.push(UserField::Email),
+                                    _ => self.error_at(
+                                        &place,
+                                        format!(
+                                            "\"{field}\" is not one of \"username\", \"email\""
+                                        ),
+                                    ),
+                                }
+                            }
+                            if user_fields.is_empty() {
+                                self.error_at(
+                                    &list_place,
+                                    "name at least one of \"username\", \"email\"",
+                                );
+                            }
+                        }
+                        None => user_fields = vec![UserField::Username, UserField::Email],
+                    }
+                    let password = self.bool(&mut s, "password", false);
+                    let pretend_user_exists = self.bool(&mut s, "pretend_user_exists", true);
+                    Some(StageConfig::Identification {
+                        user_fields,
+                        password,
+                        pretend_user_exists,
+                    })
+                }
+                "password" => {
+                    let failed = self.integer(&mut s, "failed_attempts_before_cancel", 5, 1);
+                    let allow_show_password = self.bool(&mut s, "allow_show_password", false);
+                    Some(StageConfig::Password {
+                        failed_attempts_before_cancel: u32::try_from(failed).unwrap_or(u32::MAX),
+                        allow_show_password,
+                    })
+                }
+                "authenticator_validate" => {
+                    let not_configured_action = self.choice(
+                        &mut s,
+                        "not_configured_action",
+                        &[
+                            ("skip", NotConfiguredAction::Skip),
+                            ("deny", NotConfiguredAction::Deny),
+                        ],
+                        NotConfiguredAction::Skip,
+                    );
+                    Some(StageConfig::AuthenticatorValidate {
+                        not_configured_action,
+                    })
+                }
+                "user_login" => {
+                    let remember_me_offset =
+                        self.duration(&mut s, "remember_me_offset", Duration::ZERO, true);
+                    Some(StageConfig::UserLogin { remember_me_offset })
+                }
+                "deny" => {
+                    let message = self
+                        .string(&mut s, "message")
+                        .map(|(m, _)| m)
+                        .unwrap_or_else(|| "Access denied".to_owned());
+                    Some(StageConfig::Deny { message })
+                }
+                other => {
+                    let message = format!(
+                        "\"{other}\" is not a stage kind flowgate has; use identification, password, authenticator_validate, user_login or deny"
+                    );
+                    match &place {
+                        Some(place) => self.error_at(place, message),
+                        None => self.error(line, &path, message),
+                    }
+                    None
+                }
+            };
+            // Unknown options are only worth naming once the kind is known.
+            if stage.is_some() {
+                self.finish(s);
+            }
+            if let Some(stage) = stage {
+                stages.insert(name.to_owned(), stage);
+            }
+        }
+        stages
+    }
+
+    fn flows(
+        &mut self,
+        root: &dyn TableLike,
+        stages: &BTreeMap<String, StageConfig>,
+    ) -> Vec<FlowConfig> {
+        let mut flows: Vec<FlowConfig> = Vec::new();
+        let Some((key, item)) = root.get_key_value("flow") else {
+            return vec![FlowConfig {
+                slug: DEFAULT_FLOW.to_owned(),
+                title: "Sign in".to_owned(),
+                designation: Designation::Authentication,
+                authentication: FlowAuthentication::None,
+                stages: ["identification", "password", "mfa", "login"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            }];
+        };
+        let Some(array) = item.as_array_of_tables() else {
+            let line = self.line_of(key.span());
+            self.error(
+                line,
+                "flow",
+                format!("expected `[[flow]]` tables, found {}", type_name(item)),
+            );
+            return flows;
+        };
+        let mut seen = HashSet::new();
+        for (i, table) in array.iter().enumerate() {
+            let path = format!("flow[{i}]");
+            let line = self.line_of(table.span());
+            let mut s = self.table_section(table, path.clone(), line);
+            let slug = match self.string(&mut s, "slug") {
+                Some((slug, place)) => {
+                    if !is_slug(&slug) {
+                        self.error_at(&place, "slugs use lower-case letters, digits, `-` and `_`");
+                    } else if !seen.insert(slug.clone()) {
+                        self.error_at(
+                            &place,
+                            format!("another flow already has the slug \"{slug}\""),
+                        );
+                    }
+                    slug
+                }
+                None => {
+                    self.error(
+                        line,
+                        &format!("{path}.slug"),
+                        "missing: every flow needs a slug",
+                    );
+                    String::new()
+                }
+            };
+            let title = self
+                .string(&mut s, "title")
+                .map(|(t, _)| t)
+                .unwrap_or_else(|| "Sign in".to_owned());
+            let designation = match self.string(&mut s, "designation") {
+                Some((text, place)) => Designation::parse(&text).unwrap_or_else(|| {
+                    self.error_at(&place, format!("\"{text}\" is not a flow designation (authentication, authorization, invalidation, enrollment, recovery, stage_configuration, unenrollment)"));
+                    Designation::Authentication
+                }),
+                None => Designation::Authentication,
+            };
+            let authentication = self.choice(
+                &mut s,
+                "authentication",
+                &[
+                    ("none", FlowAuthentication::None),
+                    (
+                        "require_authenticated",
+                        FlowAuthentication::RequireAuthenticated,
+                    ),
+                    (
+                        "require_unauthenticated",
+                        FlowAuthentication::RequireUnauthenticated,
+                    ),
+                ],
+                FlowAuthentication::None,
+            );
+            let mut flow_stages = Vec::new();
+            match self.strings(&mut s, "stages") {
+                Some((items, list_place)) => {
+                    if items.is_empty() {
+                        self.error_at(&list_place, "a flow needs at least one stage");
+                    }
+                    for (name, place) in items {
+                        if stages.contains_key(&name) {
+                            flow_stages.push(name);
+                        } else if let Some(alias) = builtin_alias(&name) {
+                            flow_stages.push(alias.to_owned());
+                        } else {
+                            let mut known: Vec<&str> = stages.keys().map(String::as_str).collect();
+                            known.sort_unstable();
+                            self.error_at(
+                                &place,
+                                format!(
+                                    "no stage \"{name}\": define `[stage.{name}]` or use one of {}",
+                                    known.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                }
+                None => self.error(
+                    line,
+                    &format!("{path}.stages"),
+                    "missing: list the stages, e.g. [\"identification\", \"password\", \"login\"]",
+                ),
+            }
+            self.finish(s);
+            flows.push(FlowConfig {
+                slug,
+                title,
+                designation,
+                authentication,
+                stages: flow_stages,
+            });
+        }
+        flows
+    }
+
+    fn routes(&mut self, root: &dyn TableLike, flows: &[FlowConfig]) -> Vec<RouteConfig> {
+        let mut routes = Vec::new();
+        let Some((key, item)) = root.get_key_value("route") else {
+            self.error(
+                None,
+                "route",
+                "nothing to protect: add a [[route]] with an `upstream`",
+            );
+            return routes;
+        };
+        let Some(array) = item.as_array_of_tables() else {
+            let line = self.line_of(key.span());
+            self.error(
+                line,
+                "route",
+                format!("expected `[[route]]` tables, found {}", type_name(item)),
+            );
+            return routes;
+        };
+        let default_flow = flows
+            .iter()
+            .find(|f| f.designation == Designation::Authentication)
+            .map(|f| f.slug.clone());
+        let mut seen: Vec<(String, String, usize)> = Vec::new();
+        for (i, table) in array.iter().enumerate() {
+            let path = format!("route[{i}]");
+            let line = self.line_of(table.span());
+            let mut s = self.table_section(table, path.clone(), line);
+            let host_text = self
+                .string(&mut s, "host")
+                .map(|(h, _)| h)
+                .unwrap_or_else(|| "*".to_owned());
+            let host = HostPattern::parse(&host_text);
+            let path_prefix = match self.string(&mut s, "path_prefix") {
+                Some((prefix, place)) => {
+                    if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
+                        self.error_at(&place, "must be a path starting with `/` (no query)");
+                    }
+                    prefix
+                }
+                None => "/".to_owned(),
+            };
+            let upstream = match self.string(&mut s, "upstream") {
+                Some((text, place)) => self.upstream(&text, &place),
+                None => {
+                    self.error(
+                        line,
+                        &format!("{path}.upstream"),
+                        "missing: where to send requests, e.g. \"http://127.0.0.1:3000\"",
+                    );
+                    None
+                }
+            };
+            let flow = match self.string(&mut s, "flow") {
+                Some((slug, place)) => {
+                    if !flows.iter().any(|f| f.slug == slug) {
+                        let known: Vec<&str> = flows.iter().map(|f| f.slug.as_str()).collect();
+                        self.error_at(
+                            &place,
+                            format!("no flow \"{slug}\"; declared: {}", known.join(", ")),
+                        );
+                    }
+                    slug
+                }
+                None => match &default_flow {
+                    Some(slug) => slug.clone(),
+                    None => {
+                        self.error(
+                            line,
+                            &format!("{path}.flow"),
+                            "missing, and no flow has designation \"authentication\"",
+                        );
+                        String::new()
+                    }
+                },
+            };
+            let mut skip_auth = Vec::new();
+            if let Some((items, _)) = self.strings(&mut s, "skip_auth") {
+                for (pattern, place) in items {
+                    match Regex::new(&pattern) {
+                        Ok(re) => skip_auth.push(re),
+                        Err(e) => self.error_at(
+                            &place,
+                            format!("not a valid regex: {}", one_line(&e.to_string())),
+                        ),
+                    }
+                }
+            }
+            let allow = self.allow(&mut s);
+            let headers = self.choice(
+                &mut s,
+                "headers",
+                &[
+                    ("default", HeaderPreset::Default),
+                    ("authentik", HeaderPreset::Authentik),
+                    ("oauth2-proxy", HeaderPreset::OAuth2Proxy),
+                ],
+                HeaderPreset::Default,
+            );
+            let preserve_host = self.bool(&mut s, "preserve_host", true);
+            self.finish(s);
+
+            if let Some(upstream) = upstream {
+                let host_key = host_text.trim().to_ascii_lowercase();
+                if let Some((_, _, first)) = seen
+                    .iter()
+                    .find(|(h, p, _)| *h == host_key && *p == path_prefix)
+                {
+                    self.error(
+                        line,
+                        &path,
+                        format!(
+                            "same host and path_prefix as route[{first}]; it would never be used"
+                        ),
+                    );
+                }
+                seen.push((host_key, path_prefix.clone(), i));
+                routes.push(RouteConfig {
+                    host,
+                    path_prefix,
+                    upstream,
+                    flow,
+                    skip_auth,
+                    allow,
+                    headers,
+                    preserve_host,
+                });
+            }
+        }
+        routes
+    }
+
+    fn upstream(&mut self, text: &str, place: &Place) -> Option<http::Uri> {
+        let uri = match text.parse::<http::Uri>() {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.error_at(place, format!("\"{text}\" is not a URL: {e}"));
+                return None;
+            }
+        };
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                self.error_at(place, "https upstreams are not supported yet; use http:// (e.g. on loopback or a private network)");
+                return None;
+            }
+            _ => {
+                self.error_at(
+                    place,
+                    format!("\"{text}\" needs a scheme and host, like \"http://127.0.0.1:3000\""),
+                );
+                return None;
+            }
+        }
+        if uri.authority().is_none_or(|a| a.host().is_empty()) {
+            self.error_at(place, format!("\"{text}\" has no host"));
+            return None;
+        }
+        if uri.query().is_some() {
+            self.error_at(place, "an upstream URL cannot carry a query string");
+            return None;
+        }
+        Some(uri)
+    }
+
+    fn allow(&mut self, route: &mut Section<'_>) -> Allow {
+        route.known.push("allow");
+        let Some((key, item)) = route.table.and_then(|t| t.get_key_value("allow")) else {
+            return Allow::default();
+        };
+        let line = self.line_of(key.span());
+        let path = format!("{}.allow", route.path);
+        let Some(table) = item.as_table_like() else {
+            self.error(
+                line,
+                &path,
+                format!(
+                    "expected a table like {{ groups = [\"admins\"] }}, found {}",
+                    type_name(item)
+                ),
+            );
+            return Allow::default();
+        };
+        let mut s = self.table_section(table, path, line);
+        let groups = self
+            .strings(&mut s, "groups")
+            .map(|(items, _)| items.into_iter().map(|(g, _)| g).collect())
+            .unwrap_or_default();
+        let users = self
+            .strings(&mut s, "users")
+            .map(|(items, _)| items.into_iter().map(|(u, _)| u).collect())
+            .unwrap_or_default();
+        self.finish(s);
+        Allow { groups, users }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn line_starts(src: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(src.match_indices('\n').map(|(i, _)| i + 1))
+        .collect()
+}
+
+fn type_name(item: &Item) -> &'static str {
+    match item {
+        Item::None => "nothing",
+        Item::Value(v) => value_type(v),
+        Item::Table(_) => "a table",
+        Item::ArrayOfTables(_) => "an array of tables",
+    }
+}
+
+fn value_type(value: &Value) -> &'static str {
+    match value {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a date",
+        Value::Array(_) => "a list",
+        Value::InlineTable(_) => "a table",
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("\"{text}\" is not a duration like \"90s\", \"15m\" or \"12h\" ({e})"))
+}
+
+fn parse_net(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+fn is_cookie_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// The kind a `[stage.<builtin name>]` table has when it does not say.
+fn builtin_kind(name: &str) -> Option<&'static str> {
+    Some(match StageConfig::builtin(name)? {
+        StageConfig::Identification { .. } => "identification",
+        StageConfig::Password { .. } => "password",
+        StageConfig::AuthenticatorValidate { .. } => "authenticator_validate",
+        StageConfig::UserLogin { .. } => "user_login",
+        StageConfig::Deny { .. } => "deny",
+    })
+}
+
+/// Other spellings of the built-in stages, mapped to the canonical name.
+fn builtin_alias(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "identify" => "identification",
+        "totp" | "authenticator-validate" => "mfa",
+        "user-login" => "login",
+        _ => return None,
+    })
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The known key closest to a misspelt one, if close enough to suggest.
+fn closest<'k>(name: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(name, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(cur)
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[[route]]\nupstream = \"http://127.0.0.1:3000\"\n";
+
+    fn read(src: &str) -> Result<Config, ConfigErrors> {
+        from_str(src, Path::new("/etc/flowgate/flowgate.toml"), &|_| None)
+    }
+
+    fn errors(src: &str) -> Vec<ConfigError> {
+        read(src).expect_err("config should be refused").0
+    }
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let config = read(MINIMAL).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.server.prefix, "/_flowgate");
+        assert_eq!(config.session.cookie_name, "flowgate_session");
+        assert_eq!(config.session.lifetime, Duration::from_secs(12 * 3600));
+        assert_eq!(config.session.idle_timeout, Duration::from_secs(2 * 3600));
+        assert_eq!(config.session.cookie_secure, CookieSecure::Auto);
+        assert!(config.session.secret.is_none());
+        assert_eq!(
+            config.directory.users_file,
+            PathBuf::from("/etc/flowgate/users.toml")
+        );
+        assert_eq!(config.flows.len(), 1);
+        assert_eq!(config.flows[0].slug, DEFAULT_FLOW);
+        assert_eq!(config.routes[0].flow, DEFAULT_FLOW);
+        assert_eq!(config.routes[0].host, HostPattern::Any);
+        assert_eq!(config.routes[0].path_prefix, "/");
+        assert!(config.routes[0].preserve_host);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_line_and_key() {
+        let src = "\
+[server]
+listen = \"nowhere\"
+prefix = \"no-slash\"
+
+[session]
+lifetime = \"forever\"
+cookie_secure = \"sometimes\"
+
+[[route]]
+upstream = \"ftp://files\"
+skip_auth = [\"(unclosed\"]
+";
+        let errors = errors(src);
+        let found: Vec<(Option<usize>, &str)> =
+            errors.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (Some(2), "server.listen"),
+                (Some(3), "server.prefix"),
+                (Some(6), "session.lifetime"),
+                (Some(7), "session.cookie_secure"),
+                (Some(10), "route[0].upstream"),
+                (Some(11), "route[0].skip_auth[0]"),
+            ],
+            "{errors:#?}"
+        );
+        let shown = errors[0].to_string();
+        assert!(
+            shown.starts_with("/etc/flowgate/flowgate.toml:2: server.listen: "),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_a_suggestion() {
+        let errors = errors(
+            "[sesion]\nlifetime = \"1h\"\n\n[[route]]\nupstream = \"http://a:1\"\nskip_uath = []\n",
+        );
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert_eq!(
+            (errors[0].line, errors[0].key.as_str()),
+            (Some(1), "sesion")
+        );
+        assert!(
+            errors[0].message.contains("session"),
+            "{}",
+            errors[0].message
+        );
+        assert_eq!(
+            (errors[1].line, errors[1].key.as_str()),
+            (Some(6), "route[0].skip_uath")
+        );
+        assert!(
+            errors[1].message.contains("skip_auth"),
+            "{}",
+            errors[1].message
+        );
+    }
+
+    #[test]
+    fn a_toml_syntax_error_has_its_line() {
+        let errors = errors("[server]\nlisten = \"127.0.0.1:1\"\nprefix = \n");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, Some(3));
+        assert!(errors[0].message.starts_with("not valid TOML"));
+    }
+
+    #[test]
+    fn nothing_to_protect_is_an_error() {
+        let errors = errors("[server]\nlisten = \"127.0.0.1:9\"\n");
+        assert_eq!(errors[0].key, "route");
+        assert!(errors[0].message.contains("nothing to protect"));
+    }
+
+    #[test]
+    fn environment_overrides_win_and_bad_ones_name_the_variable() {
+        let env = |name: &str| match name {
+            "FLOWGATE_SERVER_LISTEN" => Some("0.0.0.0:9000".to_owned()),
+            "FLOWGATE_SESSION_IDLE_TIMEOUT" => Some("5m".to_owned()),
+            "FLOWGATE_SESSION_TRUSTED" => Some("ignored".to_owned()),
+            _ => None,
+        };
+        let config = from_str(MINIMAL, Path::new("f.toml"), &env).unwrap();
+        assert_eq!(config.server.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.session.idle_timeout, Duration::from_secs(300));
+
+        let env = |name: &str| (name == "FLOWGATE_SESSION_LIFETIME").then(|| "soon".to_owned());
+        let errors = from_str(MINIMAL, Path::new("f.toml"), &env).unwrap_err().0;
+        assert_eq!(errors[0].file, "env FLOWGATE_SESSION_LIFETIME");
+        assert_eq!(errors[0].key, "session.lifetime");
+    }
+
+    #[test]
+    fn secrets_are_checked_for_length_and_never_echoed() {
+        let src = format!("[session]\nsecret = \"short-secret-value\"\n{MINIMAL}");
+        let errors = errors(&src);
+        assert_eq!(errors[0].key, "session.secret");
+        assert!(!errors[0].to_string().contains("short-secret-value"));
+
+        let env = |name: &str| (name == "FLOWGATE_SESSION_SECRET").then(|| "x".repeat(40));
+        let config = from_str(MINIMAL, Path::new("f.toml"), &env).unwrap();
+        assert_eq!(config.session.secret, Some(Secret(vec![b'x'; 40])));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), format!("{}\n", "y".repeat(48))).unwrap();
+        let src = format!("[session]\nsecret_file = \"secret\"\n{MINIMAL}");
+        let config = from_str(&src, &dir.path().join("flowgate.toml"), &|_| None).unwrap();
+        assert_eq!(
+            config.session.secret,
+            Some(Secret(vec![b'y'; 48])),
+            "trailing newline trimmed"
+        );
+    }
+
+    #[test]
+    fn flows_and_stages_are_cross_checked() {
+        let src = "\
+[stage.closed]
+kind = \"deny\"
+message = \"Closed\"
+
+[stage.odd]
+kind = \"captcha\"
+
+[[flow]]
+slug = \"main\"
+stages = [\"identify\", \"password\", \"nope\"]
+
+[[flow]]
+slug = \"main\"
+stages = [\"closed\"]
+
+[[route]]
+upstream = \"http://127.0.0.1:1\"
+flow = \"missing\"
+";
+        let errors = errors(src);
+        let found: Vec<(Option<usize>, &str)> =
+            errors.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (Some(6), "stage.odd.kind"),
+                (Some(10), "flow[0].stages[2]"),
+                (Some(13), "flow[1].slug"),
+                (Some(18), "route[0].flow"),
+            ],
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn stage_tables_configure_stages() {
+        let src = "\
+[stage.identification]
+password = true
+user_fields = [\"email\"]
+
+[stage.remember]
+kind = \"user_login\"
+remember_me_offset = \"30d\"
+
+[[flow]]
+slug = \"one-form\"
+stages = [\"identification\", \"remember\"]
+
+[[route]]
+upstream = \"http://127.0.0.1:1/base\"
+";
+        let config = read(src).unwrap();
+        assert_eq!(
+            config.stages["identification"],
+            StageConfig::Identification {
+                user_fields: vec![UserField::Email],
+                password: true,
+                pretend_user_exists: true
+            }
+        );
+        assert_eq!(
+            config.stages["remember"],
+            StageConfig::UserLogin {
+                remember_me_offset: Duration::from_secs(30 * 86400)
+            }
+        );
+        assert_eq!(config.routes[0].flow, "one-form");
+        assert_eq!(config.routes[0].upstream.path(), "/base");
+    }
+
+    #[test]
+    fn https_upstreams_and_duplicate_routes_are_refused() {
+        let src = "[[route]]\nupstream = \"https://a.example\"\n\n[[route]]\nupstream = \"http://b:1\"\n\n[[route]]\nupstream = \"http://c:1\"\n";
+        let errors = errors(src);
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors[0]
+            .message
+            .contains("https upstreams are not supported yet"));
+        assert_eq!(
+            (errors[1].line, errors[1].key.as_str()),
+            (Some(7), "route[2]")
+        );
+    }
+}
