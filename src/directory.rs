@@ -1,0 +1,495 @@
+//! The user directory: who exists, their groups, and checking what they
+//! present (argon2id password hashes, TOTP codes). `Directory` is the seam;
+//! `FileDirectory` reads a TOML users file. The embedded engine is its only
+//! caller; `session::Identity` is what leaves it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::config::UserField;
+use crate::session::Identity;
+
+/// The avatar of nobody in particular: a grey disc, as a data URI so that it
+/// needs no route.
+pub const DEFAULT_AVATAR: &str = "data:image/svg+xml;base64,PHN2ZyB4bWxucz0iaHR0cDovL3d3dy53My5vcmcvMjAwMC9zdmciIHdpZHRoPSI2NCIgaGVpZ2h0PSI2NCIgdmlld0JveD0iMCAwIDY0IDY0Ij48Y2lyY2xlIGN4PSIzMiIgY3k9IjMyIiByPSIzMiIgZmlsbD0iIzliYTNhZiIvPjwvc3ZnPg==";
+
+/// One user, as read from the users file.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub pk: u64,
+    pub username: String,
+    pub name: String,
+    pub email: String,
+    pub groups: Vec<String>,
+    pub superuser: bool,
+    pub disabled: bool,
+    password_hash: Option<String>,
+    pub totp: Vec<TotpDevice>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TotpDevice {
+    /// Position in the user's list, 1-based: the `device_uid` on the wire.
+    pub uid: String,
+    secret: Vec<u8>,
+    digits: usize,
+    period: u64,
+}
+
+impl User {
+    pub fn identity(&self) -> Identity {
+        Identity {
+            username: self.username.clone(),
+            name: self.name.clone(),
+            email: self.email.clone(),
+            groups: self.groups.clone(),
+            uid: user_uid(&self.username),
+            pk: self.pk,
+            is_superuser: self.superuser,
+        }
+    }
+}
+
+/// authentik's `uid`: an opaque, stable hex id.
+pub fn user_uid(username: &str) -> String {
+    hex(&Sha256::digest(
+        format!("flowgate-user:{username}").as_bytes(),
+    ))
+}
+
+/// A UUID-shaped stable id for a group name (`users/me` wants one).
+pub fn group_pk(name: &str) -> String {
+    let h = hex(&Sha256::digest(format!("flowgate-group:{name}").as_bytes()));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// An initials avatar (what authentik shows for users without a picture).
+pub fn avatar_for(display: &str) -> String {
+    let initials: String = display
+        .split(|c: char| c.is_whitespace() || c == '.' || c == '_' || c == '-')
+        .filter_map(|w| w.chars().next())
+        .filter(|c| c.is_alphanumeric())
+        .take(2)
+        .flat_map(char::to_uppercase)
+        .collect();
+    if initials.is_empty() {
+        return DEFAULT_AVATAR.to_owned();
+    }
+    let hue = Sha256::digest(display.as_bytes())[0] as u32 * 360 / 256;
+    let svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"64\" height=\"64\" viewBox=\"0 0 64 64\">\
+         <circle cx=\"32\" cy=\"32\" r=\"32\" fill=\"hsl({hue},45%,40%)\"/>\
+         <text x=\"50%\" y=\"50%\" fill=\"#fff\" font-family=\"sans-serif\" font-size=\"26\" \
+         text-anchor=\"middle\" dominant-baseline=\"central\">{}</text></svg>",
+        escape_xml(&initials)
+    );
+    format!("data:image/svg+xml;base64,{}", STANDARD.encode(svg))
+}
+
+fn escape_xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+}
+
+/// Lookups and checks the engine needs. Lookups are in memory and sync;
+/// checks that cost CPU on purpose (argon2) are async and run off the runtime.
+#[async_trait]
+pub trait Directory: Send + Sync {
+    /// Find a user by any of `fields`, case-insensitively.
+    fn find(&self, identifier: &str, fields: &[UserField]) -> Option<Arc<User>>;
+
+    /// Check a password. `None` (no such user) does the same work against a
+    /// dummy hash and fails, so that unknown users cost the same time as
+    /// wrong passwords. Disabled users always fail.
+    async fn verify_password(&self, user: Option<&User>, password: &str) -> bool;
+
+    /// Check a TOTP code against one of the user's devices; a code is good
+    /// once (no replay within its window).
+    fn verify_totp(&self, user: &User, code: &str, unix_time: u64) -> bool;
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    #[serde(default)]
+    user: Vec<UserEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserEntry {
+    username: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    groups: Vec<String>,
+    /// argon2id PHC string (`flowgate hash-password` makes one).
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    disabled: bool,
+    #[serde(default)]
+    superuser: bool,
+    /// Base32 TOTP secrets (SHA-1, 6 digits, 30 s: what authenticator apps use).
+    #[serde(default)]
+    totp: Vec<String>,
+}
+
+pub struct FileDirectory {
+    users: Vec<Arc<User>>,
+    by_username: HashMap<String, usize>,
+    by_email: HashMap<String, usize>,
+    dummy_hash: String,
+    hashing: Arc<Semaphore>,
+    /// Last accepted TOTP time step per (username, device): no code twice.
+    totp_used: Mutex<HashMap<(String, String), u64>>,
+}
+
+/// Password checks allowed at once: argon2 uses ~19 MiB and a core's worth of
+/// time each, so a burst of logins must queue rather than exhaust the box.
+fn hashing_permits() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() * 2)
+        .unwrap_or(4)
+}
+
+impl FileDirectory {
+    pub fn load(path: &Path) -> Result<FileDirectory, DirectoryError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| DirectoryError::Invalid {
+            file: file.clone(),
+            message: format!("cannot read users file: {e}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<FileDirectory, DirectoryError> {
+        let invalid = |message: String| DirectoryError::Invalid {
+            file: file.to_owned(),
+            message,
+        };
+        let parsed: UsersFile =
+            toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
+        let mut users = Vec::with_capacity(parsed.user.len());
+        let mut by_username = HashMap::new();
+        let mut by_email = HashMap::new();
+        for (i, entry) in parsed.user.into_iter().enumerate() {
+            let at = format!("user[{i}] ({})", entry.username);
+            if entry.username.trim().is_empty() {
+                return Err(invalid(format!("user[{i}].username: must not be empty")));
+            }
+            if let Some(hash) = &entry.password {
+                match PasswordHash::new(hash) {
+                    Ok(parsed) if parsed.algorithm.as_str() == "argon2id" => {}
+                    Ok(parsed) => {
+                        return Err(invalid(format!(
+                            "{at}.password: hash algorithm `{}` is not accepted; use argon2id (`flowgate hash-password`)",
+                            parsed.algorithm
+                        )))
+                    }
+                    Err(_) => {
+                        return Err(invalid(format!(
+                            "{at}.password: not a PHC hash string; make one with `flowgate hash-password`"
+                        )))
+                    }
+                }
+            }
+            let mut totp = Vec::new();
+            for (j, secret) in entry.totp.iter().enumerate() {
+                let bytes = base32_decode(secret)
+                    .ok_or_else(|| invalid(format!("{at}.totp[{j}]: not a base32 secret")))?;
+                if bytes.len() < 10 {
+                    return Err(invalid(format!(
+                        "{at}.totp[{j}]: secret too short (at least 80 bits)"
+                    )));
+                }
+                totp.push(TotpDevice {
+                    uid: (j + 1).to_string(),
+                    secret: bytes,
+                    digits: 6,
+                    period: 30,
+                });
+            }
+            let key = entry.username.to_lowercase();
+            if by_username.insert(key, i).is_some() {
+                return Err(invalid(format!("{at}: username appears twice")));
+            }
+            if !entry.email.is_empty() {
+                by_email.entry(entry.email.to_lowercase()).or_insert(i);
+            }
+            users.push(Arc::new(User {
+                pk: i as u64 + 1,
+                name: entry.name.unwrap_or_else(|| entry.username.clone()),
+                username: entry.username,
+                email: entry.email,
+                groups: entry.groups,
+                superuser: entry.superuser,
+                disabled: entry.disabled,
+                password_hash: entry.password,
+                totp,
+            }));
+        }
+        Ok(FileDirectory {
+            users,
+            by_username,
+            by_email,
+            dummy_hash: dummy_hash(),
+            hashing: Arc::new(Semaphore::new(hashing_permits())),
+            totp_used: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+/// A hash of a random password with the default parameters: what unknown
+/// users are checked against.
+fn dummy_hash() -> String {
+    hash_password(&crate::session::random_token()).unwrap_or_default()
+}
+
+/// argon2id with the crate's defaults (m=19 MiB, t=2, p=1: OWASP's minimum),
+/// as a PHC string.
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+fn check_hash(hash: &str, password: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[async_trait]
+impl Directory for FileDirectory {
+    fn find(&self, identifier: &str, fields: &[UserField]) -> Option<Arc<User>> {
+        let key = identifier.trim().to_lowercase();
+        fields.iter().find_map(|field| {
+            let index = match field {
+                UserField::Username => self.by_username.get(&key),
+                UserField::Email => self.by_email.get(&key),
+            }?;
+            self.users.get(*index).cloned()
+        })
+    }
+
+    async fn verify_password(&self, user: Option<&User>, password: &str) -> bool {
+        let (hash, usable) =
+            match user.and_then(|u| u.password_hash.as_ref().map(|h| (h, u.disabled))) {
+                Some((hash, disabled)) => (hash.clone(), !disabled),
+                None => (self.dummy_hash.clone(), false),
+            };
+        let password = password.to_owned();
+        let Ok(_permit) = self.hashing.clone().acquire_owned().await else {
+            return false;
+        };
+        let matched = tokio::task::spawn_blocking(move || check_hash(&hash, &password))
+            .await
+            .unwrap_or(false);
+        matched && usable
+    }
+
+    fn verify_totp(&self, user: &User, code: &str, unix_time: u64) -> bool {
+        let code = code.trim();
+        if user.disabled || code.is_empty() || !code.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+        for device in &user.totp {
+            // One step of clock skew either way, as authenticator apps drift.
+            for skew in [0i64, -1, 1] {
+                let Some(step) = (unix_time / device.period).checked_add_signed(skew) else {
+                    continue;
+                };
+                if totp_code(&device.secret, step, device.digits).as_bytes() != code.as_bytes() {
+                    continue;
+                }
+                let mut used = self.totp_used.lock().unwrap_or_else(|p| p.into_inner());
+                let slot = used
+                    .entry((user.username.clone(), device.uid.clone()))
+                    .or_insert(0);
+                if step <= *slot {
+                    return false;
+                }
+                *slot = step;
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// RFC 6238 with HMAC-SHA1 (RFC 4226 dynamic truncation).
+pub fn totp_code(secret: &[u8], step: u64, digits: usize) -> String {
+    use hmac::{Hmac, Mac};
+    let Ok(mut mac) = <Hmac<sha1::Sha1> as Mac>::new_from_slice(secret) else {
+        return String::new();
+    };
+    mac.update(&step.to_be_bytes());
+    let digest = mac.finalize().into_bytes();
+    let offset = (digest[digest.len() - 1] & 0x0f) as usize;
+    let value = u32::from_be_bytes([
+        digest[offset],
+        digest[offset + 1],
+        digest[offset + 2],
+        digest[offset + 3],
+    ]) & 0x7fff_ffff;
+    let modulo = 10u32.pow(digits as u32);
+    format!("{:0width$}", value % modulo, width = digits)
+}
+
+/// RFC 4648 base32 (the alphabet authenticator apps use), ignoring spaces,
+/// case and `=` padding.
+fn base32_decode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 5 / 8);
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for c in text.chars().filter(|c| !c.is_whitespace() && *c != '=') {
+        let value = match c.to_ascii_uppercase() {
+            c @ 'A'..='Z' => c as u32 - 'A' as u32,
+            c @ '2'..='7' => c as u32 - '2' as u32 + 26,
+            _ => return None,
+        };
+        buffer = (buffer << 5) | value;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+            buffer &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totp_matches_rfc6238_vectors() {
+        // RFC 6238 appendix B, SHA-1 seed "12345678901234567890", 8 digits.
+        let seed = b"12345678901234567890";
+        assert_eq!(totp_code(seed, 59 / 30, 8), "94287082");
+        assert_eq!(totp_code(seed, 1111111109 / 30, 8), "07081804");
+        assert_eq!(totp_code(seed, 20000000000 / 30, 8), "65353130");
+    }
+
+    fn directory() -> FileDirectory {
+        let hash = hash_password("right").unwrap();
+        FileDirectory::parse(
+            &format!(
+                r#"
+[[user]]
+username = "Alice"
+email = "Alice@Example.test"
+groups = ["admins"]
+password = "{hash}"
+totp = ["GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"]
+
+[[user]]
+username = "bob"
+password = "{hash}"
+disabled = true
+"#
+            ),
+            "users.toml",
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn find_is_case_insensitive_and_passwords_check() {
+        let dir = directory();
+        let alice = dir.find("alice", &[UserField::Username]).unwrap();
+        assert_eq!(alice.username, "Alice");
+        assert!(dir
+            .find("ALICE@example.TEST", &[UserField::Email])
+            .is_some());
+        assert!(dir
+            .find("alice@example.test", &[UserField::Username])
+            .is_none());
+        assert!(dir.verify_password(Some(&alice), "right").await);
+        assert!(!dir.verify_password(Some(&alice), "wrong").await);
+        assert!(!dir.verify_password(None, "right").await);
+        let bob = dir.find("bob", &[UserField::Username]).unwrap();
+        assert!(
+            !dir.verify_password(Some(&bob), "right").await,
+            "disabled users never pass"
+        );
+    }
+
+    #[test]
+    fn totp_codes_are_accepted_once() {
+        let dir = directory();
+        let alice = dir.find("alice", &[UserField::Username]).unwrap();
+        let now = 1_800_000_000;
+        let code = totp_code(b"12345678901234567890", now / 30, 6);
+        assert!(!dir.verify_totp(&alice, "000000x", now));
+        assert!(dir.verify_totp(&alice, &code, now));
+        assert!(!dir.verify_totp(&alice, &code, now), "a code is good once");
+        let next = totp_code(b"12345678901234567890", now / 30 + 1, 6);
+        assert!(dir.verify_totp(&alice, &next, now + 30));
+    }
+
+    #[test]
+    fn bad_users_files_say_what_is_wrong() {
+        let err = |text: &str| {
+            FileDirectory::parse(text, "u.toml")
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        assert!(
+            err("[[user]]\nusername = \"a\"\npassword = \"plain\"\n").contains("not a PHC hash")
+        );
+        assert!(err("[[user]]\nusername = \"a\"\nfoo = 1\n").contains("unknown field"));
+        assert!(err("[[user]]\nusername = \"a\"\n[[user]]\nusername = \"A\"\n").contains("twice"));
+        assert!(err("[[user]]\nusername = \"a\"\ntotp = [\"!!\"]\n").contains("base32"));
+    }
+}

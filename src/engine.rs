@@ -1,0 +1,978 @@
+//! The embedded flow executor: flows from the config, users from the
+//! `Directory`, run in-process behind the `FlowExecutor` trait. It keeps the
+//! wire behaviour of authentik's executor (PROTOCOL.md §1.4–§1.7): a stage
+//! that passes with more to come answers `Step::Next` (the raw 302), invalid
+//! input re-renders the stage with `response_errors`, a denied stage cancels
+//! the plan, and the end of the plan is `xak-flow-redirect` to `next`.
+//!
+//! The plan lives in `FlowState` (the visitor's pre-auth session), never
+//! here: the engine itself holds only config and the brute-force throttle.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{
+    Config, FlowAuthentication, FlowConfig, NotConfiguredAction, StageConfig, UserField,
+};
+use crate::directory::{avatar_for, Directory, User, DEFAULT_AVATAR};
+use crate::flow::{
+    field_error, AccessDenied, AuthenticatorValidate, Challenge, Component, DeviceChallenge,
+    ErrorMap, FlowError, FlowExecutor, FlowInfo, FlowRequest, FlowState, Identification, Password,
+    PendingUser, Step,
+};
+use crate::redirect::RedirectPolicy;
+use crate::session::{now_secs, Identity};
+
+/// authentik's messages, kept word for word: clients match on them.
+const INVALID_PASSWORD: &str = "Invalid password";
+const FAILED_TO_AUTHENTICATE: &str = "Failed to authenticate.";
+const INVALID_TOKEN: &str =
+    "Invalid Token. Please ensure the time on your device is accurate and try again.";
+const FLOW_DOES_NOT_APPLY: &str = "Flow does not apply to current user.";
+const INVALID_NEXT: &str = "Invalid next URL";
+const THROTTLED: &str = "Too many failed attempts. Try again in a few minutes.";
+
+/// The plan of one flow run, as kept in `FlowState`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Plan {
+    flow: String,
+    /// Stage names still to run; the head is the current stage.
+    stages: Vec<String>,
+    /// What the visitor typed at identification, shown back to them. Never
+    /// the matched username: that would tell whether an account exists.
+    #[serde(default)]
+    identifier: Option<String>,
+    /// The matched user's name, if the identifier matched one.
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    password_ok: bool,
+    #[serde(default)]
+    failed_attempts: u32,
+    /// Set by the user-login stage: this user is logged in when the plan ends.
+    #[serde(default)]
+    login: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct EngineState {
+    #[serde(default)]
+    plan: Option<Plan>,
+    /// After `Step::Done`: who logged in.
+    #[serde(default)]
+    logged_in: Option<String>,
+}
+
+impl EngineState {
+    fn read(state: &FlowState) -> EngineState {
+        serde_json::from_value(state.0.clone()).unwrap_or_default()
+    }
+
+    fn write(&self, state: &mut FlowState) {
+        *state = if self.plan.is_none() && self.logged_in.is_none() {
+            FlowState::default()
+        } else {
+            FlowState(serde_json::to_value(self).unwrap_or(Value::Null))
+        };
+    }
+}
+
+/// What a stage made of a GET or a POST. Short-lived, so its size is no concern.
+#[allow(clippy::large_enum_variant)]
+enum Outcome {
+    Show(Challenge),
+    Pass,
+    Invalid(ErrorMap),
+    Deny(String),
+}
+
+pub struct Engine {
+    flows: HashMap<String, FlowConfig>,
+    stages: HashMap<String, StageConfig>,
+    directory: Arc<dyn Directory>,
+    redirects: RedirectPolicy,
+    throttle: Throttle,
+    cancel_url: String,
+}
+
+impl Engine {
+    pub fn new(config: &Config, directory: Arc<dyn Directory>) -> Engine {
+        let mut stages: HashMap<String, StageConfig> = config
+            .stages
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for flow in &config.flows {
+            for name in &flow.stages {
+                if !stages.contains_key(name) {
+                    if let Some(builtin) = StageConfig::builtin(name) {
+                        stages.insert(name.clone(), builtin);
+                    }
+                }
+            }
+        }
+        Engine {
+            flows: config
+                .flows
+                .iter()
+                .map(|f| (f.slug.clone(), f.clone()))
+                .collect(),
+            stages,
+            directory,
+            redirects: RedirectPolicy::from_config(config),
+            throttle: Throttle::default(),
+            cancel_url: format!("{}/sign_out", config.server.prefix),
+        }
+    }
+
+    fn flow(&self, slug: &str) -> Result<&FlowConfig, FlowError> {
+        self.flows
+            .get(slug)
+            .ok_or_else(|| FlowError::UnknownFlow(slug.to_owned()))
+    }
+
+    fn flow_info(&self, flow: &FlowConfig) -> FlowInfo {
+        FlowInfo {
+            title: flow.title.clone(),
+            background: None,
+            cancel_url: self.cancel_url.clone(),
+            layout: "stacked".into(),
+        }
+    }
+
+    fn denied(&self, flow: &FlowConfig, plan: Option<&Plan>, message: &str) -> Step {
+        let mut challenge = Challenge::access_denied(Some(self.flow_info(flow)), message);
+        if let (Component::AccessDenied(AccessDenied { user, .. }), Some(identifier)) = (
+            &mut challenge.component,
+            plan.and_then(|p| p.identifier.as_deref()),
+        ) {
+            *user = pending_user(identifier);
+        }
+        Step::Challenge(challenge)
+    }
+
+    /// Plan the flow for this visitor, or refuse (§1.7: `authentication`).
+    fn plan(&self, flow: &FlowConfig, request: &FlowRequest<'_>) -> Result<Plan, &'static str> {
+        let allowed = match flow.authentication {
+            FlowAuthentication::None => true,
+            FlowAuthentication::RequireAuthenticated => request.user.is_some(),
+            FlowAuthentication::RequireUnauthenticated => request.user.is_none(),
+        };
+        if !allowed {
+            return Err(FLOW_DOES_NOT_APPLY);
+        }
+        Ok(Plan {
+            flow: flow.slug.clone(),
+            stages: flow.stages.clone(),
+            ..Plan::default()
+        })
+    }
+
+    /// The current plan for this flow, planning one if there is none (or if
+    /// the state holds another flow's plan, which is dropped: §1.4 step 3).
+    /// `Some(step)` when the visitor may not run this flow at all.
+    fn current(
+        &self,
+        flow: &FlowConfig,
+        request: &FlowRequest<'_>,
+        state: &mut EngineState,
+    ) -> Option<Step> {
+        state.logged_in = None;
+        if state.plan.as_ref().is_some_and(|p| p.flow == flow.slug) {
+            return None;
+        }
+        match self.plan(flow, request) {
+            Ok(plan) => {
+                state.plan = Some(plan);
+                None
+            }
+            Err(message) => {
+                state.plan = None;
+                Some(self.denied(flow, None, message))
+            }
+        }
+    }
+
+    /// Drive the plan forward after the head stage's outcome.
+    fn advance(
+        &self,
+        flow: &FlowConfig,
+        request: &FlowRequest<'_>,
+        state: &mut EngineState,
+        outcome: Outcome,
+    ) -> Step {
+        let Some(plan) = state.plan.as_mut() else {
+            return Step::Challenge(Challenge::flow_error(crate::session::random_token()));
+        };
+        match outcome {
+            Outcome::Show(challenge) => Step::Challenge(challenge),
+            Outcome::Invalid(errors) => match self.render(flow, plan) {
+                Some(challenge) => Step::Challenge(challenge.with_errors(errors)),
+                None => Step::Challenge(Challenge::flow_error(crate::session::random_token())),
+            },
+            Outcome::Deny(message) => {
+                let plan = state.plan.take();
+                self.denied(flow, plan.as_ref(), &message)
+            }
+            Outcome::Pass => {
+                if !plan.stages.is_empty() {
+                    plan.stages.remove(0);
+                }
+                if plan.stages.is_empty() {
+                    self.finish(flow, request, state)
+                } else {
+                    Step::Next
+                }
+            }
+        }
+    }
+
+    /// The plan is empty: the flow is done (§1.6). `next` comes from this
+    /// request's `query`; one that may not be followed denies the flow, and
+    /// nobody is logged in.
+    fn finish(
+        &self,
+        flow: &FlowConfig,
+        request: &FlowRequest<'_>,
+        state: &mut EngineState,
+    ) -> Step {
+        let plan = state.plan.take().unwrap_or_default();
+        let next = request.next().unwrap_or_else(|| "/".to_owned());
+        match self.redirects.check(&next) {
+            Some(to) => {
+                state.logged_in = plan.login;
+                Step::Done { to: to.to_owned() }
+            }
+            None => self.denied(flow, Some(&plan), INVALID_NEXT),
+        }
+    }
+
+    fn stage(&self, plan: &Plan) -> Option<&StageConfig> {
+        plan.stages.first().and_then(|name| self.stages.get(name))
+    }
+
+    fn user(&self, plan: &Plan) -> Option<Arc<User>> {
+        let name = plan.user.as_deref()?;
+        self.directory.find(name, &[UserField::Username])
+    }
+
+    /// The challenge of the head stage (no side effects), if it shows one.
+    fn render(&self, flow: &FlowConfig, plan: &Plan) -> Option<Challenge> {
+        let info = Some(self.flow_info(flow));
+        let who = || pending_user(plan.identifier.as_deref().unwrap_or(""));
+        let component = match self.stage(plan)? {
+            StageConfig::Identification {
+                user_fields,
+                password,
+                ..
+            } => Component::Identification(Identification {
+                user_fields: Some(user_fields.iter().map(|f| f.as_str().to_owned()).collect()),
+                password_fields: *password,
+                allow_show_password: false,
+                flow_designation: flow.designation.as_str().to_owned(),
+                captcha_stage: None,
+                primary_action: if flow.designation == crate::config::Designation::Authentication {
+                    "Log in".to_owned()
+                } else {
+                    "Continue".to_owned()
+                },
+                sources: Vec::new(),
+                show_source_labels: false,
+                enable_remember_me: false,
+                pending_user_identifier: None,
+                enroll_url: None,
+                recovery_url: None,
+            }),
+            StageConfig::Password {
+                allow_show_password,
+                ..
+            } => Component::Password(Password {
+                user: who(),
+                allow_show_password: *allow_show_password,
+                recovery_url: None,
+            }),
+            StageConfig::AuthenticatorValidate { .. } => {
+                let devices = self.user(plan).map(|u| u.totp.clone()).unwrap_or_default();
+                Component::AuthenticatorValidate(AuthenticatorValidate {
+                    user: who(),
+                    // One entry per device class (§2.2), not per device.
+                    device_challenges: devices
+                        .first()
+                        .map(|d| DeviceChallenge {
+                            device_class: "totp".into(),
+                            device_uid: d.uid.clone(),
+                            challenge: Value::Object(Default::default()),
+                            last_used: None,
+                        })
+                        .into_iter()
+                        .collect(),
+                    configuration_stages: Vec::new(),
+                })
+            }
+            StageConfig::UserLogin { .. } => Component::UserLogin(who()),
+            StageConfig::Deny { message } => Component::AccessDenied(AccessDenied {
+                user: who(),
+                error_message: Some(message.clone()),
+            }),
+        };
+        Some(Challenge::new(info, component))
+    }
+
+    /// GET on the head stage: show it, or let it pass or deny by itself.
+    fn on_get(&self, flow: &FlowConfig, plan: &mut Plan) -> Outcome {
+        let Some(stage) = self.stage(plan) else {
+            return Outcome::Pass;
+        };
+        match stage {
+            StageConfig::Password { .. } if plan.identifier.is_none() => {
+                Outcome::Deny("No pending user.".into())
+            }
+            StageConfig::AuthenticatorValidate {
+                not_configured_action,
+            } => {
+                let Some(user) = self.user(plan).filter(|_| plan.password_ok) else {
+                    return Outcome::Deny(FAILED_TO_AUTHENTICATE.into());
+                };
+                match (user.totp.is_empty(), not_configured_action) {
+                    (true, NotConfiguredAction::Skip) => Outcome::Pass,
+                    (true, NotConfiguredAction::Deny) => {
+                        Outcome::Deny("No authenticator configured for this account.".into())
+                    }
+                    (false, _) => self.render(flow, plan).map_or(Outcome::Pass, Outcome::Show),
+                }
+            }
+            StageConfig::UserLogin { remember_me_offset } => {
+                match self.user(plan).filter(|_| plan.password_ok) {
+                    Some(user) if !user.disabled => {
+                        if remember_me_offset.is_zero() {
+                            plan.login = Some(user.username.clone());
+                            Outcome::Pass
+                        } else {
+                            self.render(flow, plan).map_or(Outcome::Pass, Outcome::Show)
+                        }
+                    }
+                    _ => Outcome::Deny("No Pending user to login.".into()),
+                }
+            }
+            StageConfig::Deny { message } => Outcome::Deny(message.clone()),
+            _ => self.render(flow, plan).map_or(Outcome::Pass, Outcome::Show),
+        }
+    }
+
+    /// POST on the head stage.
+    async fn on_post(&self, request: &FlowRequest<'_>, plan: &mut Plan, body: &Value) -> Outcome {
+        let Some(stage) = self.stage(plan).cloned() else {
+            return Outcome::Pass;
+        };
+        match stage {
+            StageConfig::Identification {
+                user_fields,
+                password,
+                pretend_user_exists,
+            } => {
+                let identifier = match required_string(body, "uid_field") {
+                    Ok(v) => v,
+                    Err(errors) => return Outcome::Invalid(errors),
+                };
+                let user = self.directory.find(identifier, &user_fields);
+                if password {
+                    let secret = body.get("password").and_then(Value::as_str).unwrap_or("");
+                    if self.throttle.blocked(identifier, request.client_ip) {
+                        return Outcome::Invalid(field_error(
+                            "non_field_errors",
+                            THROTTLED,
+                            "throttled",
+                        ));
+                    }
+                    if !self
+                        .directory
+                        .verify_password(user.as_deref(), secret)
+                        .await
+                    {
+                        self.throttle.failed(identifier, request.client_ip);
+                        return Outcome::Invalid(field_error(
+                            "non_field_errors",
+                            FAILED_TO_AUTHENTICATE,
+                            "invalid",
+                        ));
+                    }
+                    plan.password_ok = true;
+                } else if user.is_none() && !pretend_user_exists {
+                    return Outcome::Invalid(field_error(
+                        "non_field_errors",
+                        FAILED_TO_AUTHENTICATE,
+                        "invalid",
+                    ));
+                }
+                plan.identifier = Some(identifier.to_owned());
+                plan.user = user.map(|u| u.username.clone());
+                Outcome::Pass
+            }
+            StageConfig::Password {
+                failed_attempts_before_cancel,
+                ..
+            } => {
+                let Some(identifier) = plan.identifier.clone() else {
+                    return Outcome::Deny("No pending user.".into());
+                };
+                let secret = match body.get("password") {
+                    Some(Value::String(s)) => s.as_str(),
+                    _ => {
+                        return Outcome::Invalid(field_error(
+                            "password",
+                            "This field is required.",
+                            "required",
+                        ))
+                    }
+                };
+                if self.throttle.blocked(&identifier, request.client_ip) {
+                    return Outcome::Invalid(field_error("password", THROTTLED, "throttled"));
+                }
+                let user = self.user(plan);
+                if self
+                    .directory
+                    .verify_password(user.as_deref(), secret)
+                    .await
+                {
+                    plan.password_ok = true;
+                    return Outcome::Pass;
+                }
+                self.throttle.failed(&identifier, request.client_ip);
+                plan.failed_attempts += 1;
+                if failed_attempts_before_cancel > 0
+                    && plan.failed_attempts >= failed_attempts_before_cancel
+                {
+                    return Outcome::Deny(INVALID_PASSWORD.into());
+                }
+                Outcome::Invalid(field_error("password", INVALID_PASSWORD, "invalid"))
+            }
+            StageConfig::AuthenticatorValidate { .. } => {
+                let Some(user) = self.user(plan).filter(|_| plan.password_ok) else {
+                    return Outcome::Deny(FAILED_TO_AUTHENTICATE.into());
+                };
+                let code = match body.get("code") {
+                    Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_owned(),
+                    // Up to 2025.12 clients sent the code as a JSON integer (§2.4).
+                    Some(Value::Number(n)) => format!("{:06}", n.as_u64().unwrap_or(u64::MAX)),
+                    _ => {
+                        return Outcome::Invalid(field_error(
+                            "non_field_errors",
+                            "Empty response",
+                            "invalid",
+                        ))
+                    }
+                };
+                let identifier = plan.identifier.clone().unwrap_or_default();
+                if self.throttle.blocked(&identifier, request.client_ip) {
+                    return Outcome::Invalid(field_error("code", THROTTLED, "throttled"));
+                }
+                if self.directory.verify_totp(&user, &code, now_secs()) {
+                    Outcome::Pass
+                } else {
+                    self.throttle.failed(&identifier, request.client_ip);
+                    Outcome::Invalid(field_error("code", INVALID_TOKEN, "invalid"))
+                }
+            }
+            StageConfig::UserLogin { .. } => {
+                if !matches!(body.get("remember_me"), Some(Value::Bool(_))) {
+                    return Outcome::Invalid(field_error(
+                        "remember_me",
+                        "This field is required.",
+                        "required",
+                    ));
+                }
+                match self.user(plan).filter(|u| plan.password_ok && !u.disabled) {
+                    Some(user) => {
+                        plan.login = Some(user.username.clone());
+                        Outcome::Pass
+                    }
+                    None => Outcome::Deny("No Pending user to login.".into()),
+                }
+            }
+            StageConfig::Deny { message } => Outcome::Deny(message),
+        }
+    }
+}
+
+fn pending_user(identifier: &str) -> PendingUser {
+    PendingUser {
+        pending_user: identifier.to_owned(),
+        pending_user_avatar: if identifier.is_empty() {
+            DEFAULT_AVATAR.to_owned()
+        } else {
+            avatar_for(identifier)
+        },
+    }
+}
+
+/// A required, non-blank string field, with DRF's messages when it is not.
+fn required_string<'b>(body: &'b Value, field: &str) -> Result<&'b str, ErrorMap> {
+    match body.get(field) {
+        None | Some(Value::Null) => Err(field_error(field, "This field is required.", "required")),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            Err(field_error(field, "This field may not be blank.", "blank"))
+        }
+        Some(Value::String(s)) => Ok(s.trim()),
+        Some(_) => Err(field_error(field, "Not a valid string.", "invalid")),
+    }
+}
+
+#[async_trait]
+impl FlowExecutor for Engine {
+    fn has_flow(&self, slug: &str) -> bool {
+        self.flows.contains_key(slug)
+    }
+
+    fn title(&self, slug: &str) -> Option<String> {
+        self.flows.get(slug).map(|f| f.title.clone())
+    }
+
+    async fn challenge(
+        &self,
+        request: FlowRequest<'_>,
+        state: &mut FlowState,
+    ) -> Result<Step, FlowError> {
+        let flow = self.flow(request.slug)?;
+        let mut engine_state = EngineState::read(state);
+        let step = match self.current(flow, &request, &mut engine_state) {
+            Some(denied) => denied,
+            None => {
+                let outcome = match engine_state.plan.as_mut() {
+                    Some(plan) => self.on_get(flow, plan),
+                    None => Outcome::Pass,
+                };
+                self.advance(flow, &request, &mut engine_state, outcome)
+            }
+        };
+        engine_state.write(state);
+        Ok(step)
+    }
+
+    async fn respond(
+        &self,
+        request: FlowRequest<'_>,
+        state: &mut FlowState,
+        response: Value,
+    ) -> Result<Step, FlowError> {
+        let flow = self.flow(request.slug)?;
+        let mut engine_state = EngineState::read(state);
+        let step = match self.current(flow, &request, &mut engine_state) {
+            Some(denied) => denied,
+            None => {
+                let mut plan = engine_state.plan.take().unwrap_or_default();
+                let outcome = self.on_post(&request, &mut plan, &response).await;
+                engine_state.plan = Some(plan);
+                self.advance(flow, &request, &mut engine_state, outcome)
+            }
+        };
+        engine_state.write(state);
+        Ok(step)
+    }
+
+    async fn identity(&self, state: &FlowState) -> Result<Option<Identity>, FlowError> {
+        let Some(username) = EngineState::read(state).logged_in else {
+            return Ok(None);
+        };
+        Ok(self
+            .directory
+            .find(&username, &[UserField::Username])
+            .filter(|u| !u.disabled)
+            .map(|u| u.identity()))
+    }
+}
+
+/// Slows password and code guessing: after `LIMIT` failures within `WINDOW`
+/// for one identifier, or `IP_LIMIT` from one address, further attempts are
+/// refused unchecked until `WINDOW` has passed since the last failure.
+#[derive(Default)]
+struct Throttle {
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+const LIMIT: u32 = 10;
+const IP_LIMIT: u32 = 50;
+const WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Past this many tracked keys, expired entries are swept on the next failure.
+const SWEEP_AT: usize = 10_000;
+
+impl Throttle {
+    fn keys(identifier: &str, ip: Option<IpAddr>) -> [(Option<String>, u32); 2] {
+        [
+            (
+                Some(format!("u:{}", identifier.trim().to_lowercase())),
+                LIMIT,
+            ),
+            (ip.map(|ip| format!("ip:{ip}")), IP_LIMIT),
+        ]
+    }
+
+    fn blocked(&self, identifier: &str, ip: Option<IpAddr>) -> bool {
+        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        Self::keys(identifier, ip).into_iter().any(|(key, limit)| {
+            key.and_then(|k| map.get(&k).copied())
+                .is_some_and(|(count, last)| count >= limit && last.elapsed() < WINDOW)
+        })
+    }
+
+    fn failed(&self, identifier: &str, ip: Option<IpAddr>) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > SWEEP_AT {
+            map.retain(|_, (_, last)| last.elapsed() < WINDOW);
+        }
+        for (key, _) in Self::keys(identifier, ip) {
+            let Some(key) = key else { continue };
+            let entry = map.entry(key).or_insert((0, Instant::now()));
+            if entry.1.elapsed() >= WINDOW {
+                entry.0 = 0;
+            }
+            entry.0 += 1;
+            entry.1 = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::*;
+    use crate::directory::{hash_password, FileDirectory};
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    fn config(flows: Vec<FlowConfig>, stages: BTreeMap<String, StageConfig>) -> Config {
+        Config {
+            path: "flowgate.toml".into(),
+            server: Server {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                tls: None,
+                trusted_proxies: vec![],
+                prefix: "/_flowgate".into(),
+            },
+            session: SessionConfig {
+                cookie_name: "flowgate_session".into(),
+                cookie_domain: None,
+                cookie_secure: CookieSecure::Auto,
+                lifetime: Duration::from_secs(3600),
+                idle_timeout: Duration::from_secs(600),
+                secret: None,
+                store: StoreKind::Memory,
+                pre_auth_ttl: Duration::from_secs(600),
+                max_pre_auth: 100,
+                allowed_redirect_hosts: vec!["app.example".into()],
+            },
+            directory: DirectoryConfig {
+                users_file: "users.toml".into(),
+            },
+            executor: ExecutorConfig::Embedded,
+            log: LogConfig {
+                format: LogFormat::Text,
+                level: "info".into(),
+            },
+            flows,
+            stages,
+            routes: vec![],
+        }
+    }
+
+    fn flow(slug: &str, stages: &[&str]) -> FlowConfig {
+        FlowConfig {
+            slug: slug.into(),
+            title: "Sign in".into(),
+            designation: Designation::Authentication,
+            authentication: FlowAuthentication::None,
+            stages: stages.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn engine(flows: Vec<FlowConfig>, stages: BTreeMap<String, StageConfig>) -> Engine {
+        let hash = hash_password("pw").unwrap();
+        let users = format!(
+            "[[user]]\nusername = \"alice\"\nemail = \"alice@example.test\"\npassword = \"{hash}\"\n\n\
+             [[user]]\nusername = \"tina\"\npassword = \"{hash}\"\ntotp = [\"GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ\"]\n"
+        );
+        let directory = Arc::new(FileDirectory::parse(&users, "users.toml").unwrap());
+        Engine::new(&config(flows, stages), directory)
+    }
+
+    fn request<'a>(slug: &'a str, query: &'a str) -> FlowRequest<'a> {
+        FlowRequest {
+            slug,
+            query,
+            user: None,
+            client_ip: None,
+        }
+    }
+
+    fn component(step: &Step) -> String {
+        match step {
+            Step::Challenge(c) => c.component.name().to_owned(),
+            Step::Next => "next".into(),
+            Step::Done { to } => format!("done {to}"),
+        }
+    }
+
+    async fn run(
+        engine: &Engine,
+        slug: &str,
+        query: &str,
+        posts: &[Value],
+    ) -> (Vec<String>, FlowState) {
+        let mut state = FlowState::default();
+        let mut seen = vec![component(
+            &engine
+                .challenge(request(slug, query), &mut state)
+                .await
+                .unwrap(),
+        )];
+        for body in posts {
+            let mut step = engine
+                .respond(request(slug, query), &mut state, body.clone())
+                .await
+                .unwrap();
+            seen.push(component(&step));
+            while step == Step::Next {
+                step = engine
+                    .challenge(request(slug, query), &mut state)
+                    .await
+                    .unwrap();
+                seen.push(component(&step));
+            }
+        }
+        (seen, state)
+    }
+
+    #[tokio::test]
+    async fn default_flow_logs_in_and_names_the_user() {
+        let engine = engine(
+            vec![flow(
+                "login",
+                &["identification", "password", "mfa", "login"],
+            )],
+            BTreeMap::new(),
+        );
+        let (seen, state) = run(
+            &engine,
+            "login",
+            "next=%2Fapp",
+            &[json!({"uid_field": "ALICE"}), json!({"password": "pw"})],
+        )
+        .await;
+        assert_eq!(
+            seen,
+            [
+                "ak-stage-identification",
+                "next",
+                "ak-stage-password",
+                "next",
+                "next",
+                "done /app"
+            ],
+            "mfa passes silently for a user without TOTP, then login on GET"
+        );
+        let identity = engine.identity(&state).await.unwrap().unwrap();
+        assert_eq!(identity.username, "alice");
+    }
+
+    #[tokio::test]
+    async fn totp_user_must_give_a_code() {
+        let engine = engine(
+            vec![flow(
+                "login",
+                &["identification", "password", "mfa", "login"],
+            )],
+            BTreeMap::new(),
+        );
+        let (seen, mut state) = run(
+            &engine,
+            "login",
+            "",
+            &[json!({"uid_field": "tina"}), json!({"password": "pw"})],
+        )
+        .await;
+        assert_eq!(seen.last().unwrap(), "ak-stage-authenticator-validate");
+        let wrong = engine
+            .respond(request("login", ""), &mut state, json!({"code": "000000x"}))
+            .await
+            .unwrap();
+        let Step::Challenge(c) = wrong else { panic!() };
+        assert!(c.response_errors.unwrap().contains_key("code"));
+        let now = now_secs();
+        let code = crate::directory::totp_code(b"12345678901234567890", now / 30, 6);
+        let right = engine
+            .respond(request("login", ""), &mut state, json!({"code": code}))
+            .await
+            .unwrap();
+        assert_eq!(right, Step::Next);
+        let done = engine
+            .challenge(request("login", ""), &mut state)
+            .await
+            .unwrap();
+        assert_eq!(done, Step::Done { to: "/".into() });
+    }
+
+    #[tokio::test]
+    async fn five_wrong_passwords_cancel_the_flow() {
+        let engine = engine(
+            vec![flow("login", &["identification", "password", "login"])],
+            BTreeMap::new(),
+        );
+        let mut posts = vec![json!({"uid_field": "alice"})];
+        posts.extend((0..5).map(|i| json!({"password": format!("wrong{i}")})));
+        let (seen, state) = run(&engine, "login", "", &posts).await;
+        assert_eq!(
+            &seen[seen.len() - 2..],
+            ["ak-stage-password", "ak-stage-access-denied"]
+        );
+        assert!(state.is_empty(), "the plan is gone");
+        assert!(engine.identity(&state).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn throttle_refuses_unchecked_after_too_many_failures() {
+        let engine = engine(
+            vec![flow("login", &["identification", "password", "login"])],
+            BTreeMap::new(),
+        );
+        let ip = Some("192.0.2.1".parse().unwrap());
+        for _ in 0..LIMIT {
+            engine.throttle.failed("alice", ip);
+        }
+        let mut state = FlowState::default();
+        let req = FlowRequest {
+            slug: "login",
+            query: "",
+            user: None,
+            client_ip: ip,
+        };
+        engine.challenge(req, &mut state).await.unwrap();
+        engine
+            .respond(req, &mut state, json!({"uid_field": "alice"}))
+            .await
+            .unwrap();
+        engine.challenge(req, &mut state).await.unwrap();
+        let Step::Challenge(c) = engine
+            .respond(req, &mut state, json!({"password": "pw"}))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            c.response_errors.unwrap()["password"][0].code.as_deref(),
+            Some("throttled"),
+            "even the right password"
+        );
+        assert!(!engine
+            .throttle
+            .blocked("bob", Some("192.0.2.2".parse().unwrap())));
+    }
+
+    #[tokio::test]
+    async fn next_is_checked_when_the_flow_ends() {
+        let engine = engine(
+            vec![flow("login", &["identification", "password", "login"])],
+            BTreeMap::new(),
+        );
+        let posts = [json!({"uid_field": "alice"}), json!({"password": "pw"})];
+        let (seen, _) = run(
+            &engine,
+            "login",
+            "next=https%3A%2F%2Fapp.example%2Fx",
+            &posts,
+        )
+        .await;
+        assert_eq!(seen.last().unwrap(), "done https://app.example/x");
+        let (seen, state) = run(&engine, "login", "next=%2F%2Fevil.example", &posts).await;
+        assert_eq!(seen.last().unwrap(), "ak-stage-access-denied");
+        assert!(
+            engine.identity(&state).await.unwrap().is_none(),
+            "denied: nobody logged in"
+        );
+    }
+
+    #[tokio::test]
+    async fn require_unauthenticated_refuses_signed_in_users() {
+        let mut f = flow("anon", &["identification"]);
+        f.authentication = FlowAuthentication::RequireUnauthenticated;
+        let engine = engine(vec![f], BTreeMap::new());
+        let identity = Identity {
+            username: "alice".into(),
+            name: "alice".into(),
+            email: String::new(),
+            groups: vec![],
+            uid: String::new(),
+            pk: 1,
+            is_superuser: false,
+        };
+        let mut state = FlowState::default();
+        let req = FlowRequest {
+            slug: "anon",
+            query: "",
+            user: Some(&identity),
+            client_ip: None,
+        };
+        let Step::Challenge(c) = engine.challenge(req, &mut state).await.unwrap() else {
+            panic!()
+        };
+        let Component::AccessDenied(denied) = c.component else {
+            panic!()
+        };
+        assert_eq!(denied.error_message.as_deref(), Some(FLOW_DOES_NOT_APPLY));
+    }
+
+    #[tokio::test]
+    async fn inline_password_and_deny_stages() {
+        let mut stages = BTreeMap::new();
+        stages.insert(
+            "id-pw".to_owned(),
+            StageConfig::Identification {
+                user_fields: vec![UserField::Email],
+                password: true,
+                pretend_user_exists: true,
+            },
+        );
+        stages.insert(
+            "nope".to_owned(),
+            StageConfig::Deny {
+                message: "Closed.".into(),
+            },
+        );
+        let engine = engine(
+            vec![
+                flow("combined", &["id-pw", "login"]),
+                flow("closed", &["nope"]),
+            ],
+            stages,
+        );
+        let (seen, _) = run(
+            &engine,
+            "combined",
+            "",
+            &[json!({"uid_field": "alice@example.test", "password": "bad"})],
+        )
+        .await;
+        assert_eq!(seen, ["ak-stage-identification", "ak-stage-identification"]);
+        let (seen, state) = run(
+            &engine,
+            "combined",
+            "",
+            &[json!({"uid_field": "alice@example.test", "password": "pw"})],
+        )
+        .await;
+        assert_eq!(seen, ["ak-stage-identification", "next", "done /"]);
+        assert!(engine.identity(&state).await.unwrap().is_some());
+        let (seen, _) = run(&engine, "closed", "", &[]).await;
+        assert_eq!(seen, ["ak-stage-access-denied"]);
+        let mut state = FlowState::default();
+        assert!(matches!(
+            engine.challenge(request("missing", ""), &mut state).await,
+            Err(FlowError::UnknownFlow(_))
+        ));
+    }
+}
