@@ -1,0 +1,433 @@
+//! The JSON side: the flow executor API at
+//! `{prefix}/api/v3/flows/executor/{slug}/` and `{prefix}/api/v3/core/users/me/`,
+//! with authentik's wire behaviour (PROTOCOL.md §1, §4), so that scripts,
+//! authentik clients and other flowgates can log in without a browser. Like
+//! the HTML relay (`login`), it is a thin layer over `FlowExecutor`.
+
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE, VARY};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+
+use crate::flow::{Challenge, FlowError, FlowRequest, FlowState, Step};
+use crate::router::{Context, Gateway};
+use crate::session::{now_secs, Session};
+use crate::{empty, full, Body};
+
+/// Executor request bodies are small JSON objects.
+const MAX_BODY: usize = 64 * 1024;
+
+/// CSRF header names accepted once a session is authenticated (§1.8): the
+/// authentik one, for its clients, and flowgate's own.
+const CSRF_HEADERS: [&str; 2] = ["x-authentik-csrf", "x-flowgate-csrf"];
+
+pub fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    let mut response = Response::new(full(body.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+fn executor_response(status: StatusCode, body: &Value) -> Response<Body> {
+    let mut response = json_response(status, body);
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::X_FRAME_OPTIONS,
+        HeaderValue::from_static("SAMEORIGIN"),
+    );
+    headers.insert(VARY, HeaderValue::from_static("Cookie"));
+    headers.insert(
+        http::header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    response
+}
+
+/// `ak-stage-flow-error`: the answer to anything that went wrong before or
+/// inside a stage (§1.4). The id ties the client's report to our log line.
+fn flow_error(reason: &str) -> Response<Body> {
+    let request_id = crate::session::random_token();
+    tracing::info!(request_id, reason, "executor answered ak-stage-flow-error");
+    executor_response(StatusCode::OK, &Challenge::flow_error(request_id).to_json())
+}
+
+fn not_found() -> Response<Body> {
+    json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not found."}))
+}
+
+pub async fn executor(
+    gateway: &Gateway,
+    request: Request<Incoming>,
+    context: &Context,
+    slug_path: &str,
+) -> Response<Body> {
+    // The trailing slash is part of the route (§1.1: no APPEND_SLASH).
+    let Some(slug) = slug_path
+        .strip_suffix('/')
+        .filter(|s| !s.is_empty() && !s.contains('/'))
+    else {
+        return not_found();
+    };
+    let slug = slug.to_owned();
+    if !gateway.executor.has_flow(&slug) {
+        return not_found();
+    }
+    let method = request.method().clone();
+    if !matches!(method, Method::GET | Method::HEAD | Method::POST) {
+        let mut response = json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"detail": format!("Method \"{method}\" not allowed.")}),
+        );
+        response.headers_mut().insert(
+            http::header::ALLOW,
+            HeaderValue::from_static("GET, POST, HEAD, OPTIONS"),
+        );
+        return response;
+    }
+    if !accepts_json(&request) {
+        return flow_error("Accept does not allow application/json");
+    }
+    let full_path = request.uri().path_and_query().map_or_else(
+        || request.uri().path().to_owned(),
+        |pq| pq.as_str().to_owned(),
+    );
+    let query = request
+        .uri()
+        .query()
+        .and_then(|q| crate::flow::form_urlencoded_get(q, "query"))
+        .unwrap_or_default();
+    let csrf_header = CSRF_HEADERS
+        .iter()
+        .find_map(|name| request.headers().get(*name))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+
+    let mut response_headers = http::HeaderMap::new();
+    let (session_id, mut session) = match crate::gate::session(gateway, request.headers()).await {
+        Some(found) => found,
+        None => match crate::gate::start_pre_auth(gateway, context, &mut response_headers).await {
+            Ok(started) => started,
+            Err(error) => return unavailable(&error.to_string()),
+        },
+    };
+    let identity = session.identity.clone();
+    let key = format!("api:{slug}");
+    // One plan per flow for API clients, as authentik keeps it; any other
+    // flow's API plan is dropped (§1.4 step 3).
+    session
+        .flows
+        .retain(|f| !f.key.starts_with("api:") || f.key == key);
+    let mut state = session
+        .flow(&key)
+        .map(|f| f.state.clone())
+        .unwrap_or_default();
+    let flow_request = FlowRequest {
+        slug: &slug,
+        query: &query,
+        user: identity.as_deref(),
+        client_ip: Some(context.client_ip),
+    };
+
+    let step = if method == Method::POST {
+        if identity.is_some() && !csrf_matches(csrf_header.as_deref(), &session.csrf) {
+            return with_headers(
+                flow_error("CSRF token missing or incorrect"),
+                response_headers,
+            );
+        }
+        if !content_type
+            .split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        {
+            return with_headers(flow_error("body is not application/json"), response_headers);
+        }
+        let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => {
+                return with_headers(flow_error("body too large or unreadable"), response_headers)
+            }
+        };
+        let value: Value = match serde_json::from_slice(&body) {
+            Ok(value @ Value::Object(_)) => value,
+            _ => return with_headers(flow_error("body is not a JSON object"), response_headers),
+        };
+        gateway
+            .executor
+            .respond(flow_request, &mut state, value)
+            .await
+    } else {
+        gateway.executor.challenge(flow_request, &mut state).await
+    };
+
+    let step = match step {
+        Ok(step) => step,
+        Err(FlowError::UnknownFlow(_)) => return not_found(),
+        Err(FlowError::Unavailable(reason)) => {
+            return with_headers(unavailable(&reason), response_headers)
+        }
+        Err(FlowError::Internal(reason)) => {
+            return with_headers(flow_error(&reason), response_headers)
+        }
+    };
+
+    if let Step::Done { to } = &step {
+        let to = to.clone();
+        return finish(
+            gateway,
+            context,
+            &session_id,
+            session,
+            &key,
+            state,
+            &to,
+            response_headers,
+        )
+        .await;
+    }
+    session.set_flow(&key, &slug, state, now_secs());
+    if let Err(error) = crate::gate::save(gateway, &session_id, &session).await {
+        return with_headers(unavailable(&error.to_string()), response_headers);
+    }
+    let response = match step {
+        Step::Challenge(challenge) => executor_response(StatusCode::OK, &challenge.to_json()),
+        Step::Next => next_stage(&full_path),
+        Step::Done { .. } => unreachable_done(),
+    };
+    with_headers(response, response_headers)
+}
+
+fn unreachable_done() -> Response<Body> {
+    flow_error("internal: flow finished twice")
+}
+
+/// A passed stage with more to come (§1.4): a raw 302 to the executor URL
+/// itself when the request's own URL is already in canonical form, else a
+/// 200 `xak-flow-redirect` to the canonical URL, as authentik does.
+fn next_stage(full_path: &str) -> Response<Body> {
+    let target = canonical_url(full_path);
+    if target == full_path {
+        let mut response = executor_response(StatusCode::FOUND, &Value::Null);
+        *response.body_mut() = empty();
+        response.headers_mut().remove(CONTENT_TYPE);
+        if let Ok(location) = HeaderValue::from_str(&target) {
+            response.headers_mut().insert(LOCATION, location);
+        }
+        response
+    } else {
+        executor_response(StatusCode::OK, &Challenge::redirect(target).to_json())
+    }
+}
+
+/// Path plus the query re-encoded the way Python's `urlencode` does it
+/// (`quote_plus`, nothing but `_.-~` left bare): what authentik compares the
+/// request against.
+pub fn canonical_url(full_path: &str) -> String {
+    let (path, query) = full_path.split_once('?').unwrap_or((full_path, ""));
+    let pairs: Vec<String> = url::form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| format!("{}={}", quote_plus(&k), quote_plus(&v)))
+        .collect();
+    if pairs.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", pairs.join("&"))
+    }
+}
+
+fn quote_plus(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' | b'~' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    gateway: &Gateway,
+    context: &Context,
+    session_id: &str,
+    mut session: Session,
+    key: &str,
+    state: FlowState,
+    to: &str,
+    response_headers: http::HeaderMap,
+) -> Response<Body> {
+    let identity = match gateway.executor.identity(&state).await {
+        Ok(identity) => identity,
+        Err(error) => return with_headers(flow_error(&error.to_string()), response_headers),
+    };
+    let mut response = executor_response(StatusCode::OK, &Challenge::redirect(to).to_json());
+    match identity {
+        Some(identity) => {
+            let username = identity.username.clone();
+            match crate::gate::mint(gateway, context, identity, Some(session_id), &mut response)
+                .await
+            {
+                Ok(new_session) => {
+                    set_csrf_cookie(gateway, context, &new_session.csrf, &mut response);
+                    tracing::info!(user = %username, via = "api", "login succeeded");
+                }
+                Err(error) => {
+                    return with_headers(unavailable(&error.to_string()), response_headers)
+                }
+            }
+            // The old id's cookie (if just set) is superseded by the new one.
+            let mut merged = response;
+            for (name, value) in response_headers.iter() {
+                if name != SET_COOKIE {
+                    merged.headers_mut().append(name, value.clone());
+                }
+            }
+            merged
+        }
+        None => {
+            session.set_flow(key, "", FlowState::default(), now_secs());
+            if let Err(error) = crate::gate::save(gateway, session_id, &session).await {
+                return with_headers(unavailable(&error.to_string()), response_headers);
+            }
+            with_headers(response, response_headers)
+        }
+    }
+}
+
+/// The CSRF token for API clients that keep driving flows once logged in:
+/// readable by scripts (not HttpOnly), sent back as `X-authentik-CSRF`.
+fn set_csrf_cookie(
+    gateway: &Gateway,
+    context: &Context,
+    token: &str,
+    response: &mut Response<Body>,
+) {
+    let cookie = cookie::Cookie::build((
+        format!("{}_csrf", gateway.config.session.cookie_name),
+        token.to_owned(),
+    ))
+    .path("/")
+    .same_site(cookie::SameSite::Lax)
+    .secure(gateway.secure_cookies(context));
+    if let Ok(value) = HeaderValue::from_str(&cookie.build().to_string()) {
+        response.headers_mut().append(SET_COOKIE, value);
+    }
+}
+
+fn csrf_matches(sent: Option<&str>, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    sent.is_some_and(|sent| {
+        sent.len() == expected.len() && bool::from(sent.as_bytes().ct_eq(expected.as_bytes()))
+    })
+}
+
+fn with_headers(mut response: Response<Body>, headers: http::HeaderMap) -> Response<Body> {
+    for (name, value) in headers.iter() {
+        response.headers_mut().append(name, value.clone());
+    }
+    response
+}
+
+fn unavailable(reason: &str) -> Response<Body> {
+    tracing::warn!(reason, "login temporarily unavailable");
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({"detail": "Login is temporarily unavailable. Try again shortly."}),
+    )
+}
+
+/// JSON or anything-goes: the only renderer is JSON (§1.2).
+fn accepts_json(request: &Request<Incoming>) -> bool {
+    let Some(accept) = request
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return true;
+    };
+    accept.split(',').any(|item| {
+        let media = item.split(';').next().unwrap_or("").trim();
+        matches!(media, "application/json" | "*/*" | "application/*")
+    })
+}
+
+/// `GET {prefix}/api/v3/core/users/me/` in authentik's `SessionUser` shape (§4).
+pub async fn users_me(gateway: &Gateway, request: &Request<Incoming>) -> Response<Body> {
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        return json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"detail": format!("Method \"{}\" not allowed.", request.method())}),
+        );
+    }
+    let identity = crate::gate::session(gateway, request.headers())
+        .await
+        .and_then(|(_, s)| s.identity);
+    let Some(identity) = identity else {
+        // 403, not 401: authentik's token authenticator names no challenge (§4).
+        return json_response(
+            StatusCode::FORBIDDEN,
+            &json!({"detail": "Authentication credentials were not provided."}),
+        );
+    };
+    let mut groups: Vec<&String> = identity.groups.iter().collect();
+    groups.sort();
+    let body = json!({
+        "user": {
+            "pk": identity.pk,
+            "username": identity.username,
+            "name": identity.name,
+            "is_active": true,
+            "is_superuser": identity.is_superuser,
+            "groups": groups.iter().map(|g| json!({"name": g, "pk": crate::directory::group_pk(g)})).collect::<Vec<_>>(),
+            "roles": [],
+            "email": identity.email,
+            "avatar": crate::directory::avatar_for(&identity.name),
+            "uid": identity.uid,
+            "settings": {},
+            "type": "internal",
+            "system_permissions": [],
+        }
+    });
+    let mut response = json_response(StatusCode::OK, &body);
+    response
+        .headers_mut()
+        .insert(VARY, HeaderValue::from_static("Cookie"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_url_matches_pythons_urlencode() {
+        let path = "/_flowgate/api/v3/flows/executor/f/";
+        // Already canonical: unchanged (→ raw 302).
+        for q in ["?query=next%3D%252F", "?query=next%3D%2F", ""] {
+            let url = format!("{path}{q}");
+            assert_eq!(canonical_url(&url), url);
+        }
+        // An unescaped `/` differs (→ 200 xak-flow-redirect), as recorded.
+        assert_eq!(
+            canonical_url(&format!("{path}?query=next%3D/")),
+            format!("{path}?query=next%3D%2F")
+        );
+        assert_eq!(canonical_url("/p/?query=a b~*"), "/p/?query=a+b~%2A");
+    }
+}

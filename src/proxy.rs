@@ -1,0 +1,363 @@
+//! Forwarding to the upstream: rewrite the request (hop-by-hop headers out,
+//! spoofable identity headers out, flowgate's cookie out, `X-Forwarded-*`
+//! and the identity in), send it on a pooled connection with the body
+//! streamed, and stream the answer back. An upstream that cannot be reached
+//! is a 502 page; its details stay in the log.
+
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue, CONNECTION, COOKIE, HOST};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{HeaderPreset, RouteConfig};
+use crate::router::{Context, Gateway};
+use crate::session::Identity;
+use crate::Body;
+
+/// The pooled HTTP/1.1 client all routes share.
+pub struct Upstream {
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Upstream {
+    pub fn new() -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Upstream { client }
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// Identity header families of every preset flowgate knows and of its peers
+/// (authentik, oauth2-proxy, Authelia): a client may send any of them, in any
+/// case and with `_` for `-`, hoping the upstream believes it.
+const IDENTITY_PREFIXES: [&str; 2] = ["x-authentik-", "x-auth-request-"];
+const IDENTITY_NAMES: [&str; 8] = [
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "remote-user",
+    "remote-groups",
+    "remote-email",
+    "remote-name",
+];
+
+pub async fn forward(
+    gateway: &Gateway,
+    route: &RouteConfig,
+    request: Request<Incoming>,
+    context: &Context,
+    identity: Option<&Identity>,
+) -> Response<Body> {
+    let (mut parts, body) = request.into_parts();
+    let uri = match upstream_uri(&route.upstream, &parts.uri) {
+        Some(uri) => uri,
+        None => {
+            return gateway.page(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The request address could not be forwarded.",
+                None,
+            )
+        }
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    strip_identity(&mut parts.headers);
+    strip_cookie(&mut parts.headers, &gateway.config.session.cookie_name);
+    set_forwarded(&mut parts.headers, context);
+    if let Some(identity) = identity {
+        add_identity(&mut parts.headers, route.headers, identity);
+    }
+    let host = if route.preserve_host {
+        context.authority.as_str()
+    } else {
+        uri.authority().map_or("", |a| a.as_str())
+    };
+    if let Ok(value) = HeaderValue::from_str(host) {
+        parts.headers.insert(HOST, value);
+    }
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let request = Request::from_parts(parts, body);
+    match gateway.upstream.client.request(request).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Either::Left(body))
+        }
+        Err(error) => {
+            tracing::warn!(upstream = %route.upstream, error = %error_chain(&error), "upstream request failed");
+            gateway.page(
+                StatusCode::BAD_GATEWAY,
+                "Bad gateway",
+                "The application behind flowgate did not answer. Try again in a moment.",
+                None,
+            )
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `upstream` (scheme, authority, optional base path) + the request's path and query.
+fn upstream_uri(upstream: &Uri, request: &Uri) -> Option<Uri> {
+    let base = upstream.path().trim_end_matches('/');
+    let path_and_query = request.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut joined = String::with_capacity(base.len() + path_and_query.len());
+    joined.push_str(base);
+    joined.push_str(path_and_query);
+    Uri::builder()
+        .scheme(upstream.scheme()?.clone())
+        .authority(upstream.authority()?.clone())
+        .path_and_query(joined)
+        .build()
+        .ok()
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn is_identity_header(name: &str) -> bool {
+    let normalized = name.replace('_', "-").to_ascii_lowercase();
+    IDENTITY_NAMES.contains(&normalized.as_str())
+        || IDENTITY_PREFIXES.iter().any(|p| normalized.starts_with(p))
+}
+
+pub(crate) fn strip_identity(headers: &mut HeaderMap) {
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_identity_header(name.as_str()))
+        .cloned()
+        .collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
+}
+
+/// Remove flowgate's own cookies (the session's, and its `_csrf` companion
+/// of the JSON API) from what the upstream sees; other cookies stay.
+pub(crate) fn strip_cookie(headers: &mut HeaderMap, name: &str) {
+    let ours = |key: &str| key == name || key.strip_prefix(name) == Some("_csrf");
+    if !headers.get_all(COOKIE).iter().any(|v| {
+        v.as_bytes()
+            .windows(name.len())
+            .any(|w| w == name.as_bytes())
+    }) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| {
+            !pair.is_empty() && !ours(pair.split_once('=').map_or(*pair, |(k, _)| k.trim()))
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(COOKIE);
+    if !kept.is_empty() {
+        if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(COOKIE, value);
+        }
+    }
+}
+
+/// `X-Forwarded-*` and `Forwarded`: extended when the peer is a trusted
+/// proxy, replaced otherwise (a client's own claims are not passed on).
+fn set_forwarded(headers: &mut HeaderMap, context: &Context) {
+    let peer = context.peer.ip().to_string();
+    let proto = if context.https { "https" } else { "http" };
+    let xff = match headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| context.trusted)
+    {
+        Some(previous) => format!("{previous}, {peer}"),
+        None => peer.clone(),
+    };
+    let forwarded_for = if context.peer.is_ipv6() {
+        format!("\"[{peer}]\"")
+    } else {
+        peer
+    };
+    let element = format!(
+        "for={forwarded_for};proto={proto};host=\"{}\"",
+        context.authority.replace('"', "")
+    );
+    let forwarded = match headers
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| context.trusted)
+    {
+        Some(previous) => format!("{previous}, {element}"),
+        None => element,
+    };
+    let keep_host = context.trusted && headers.contains_key("x-forwarded-host");
+    let keep_proto = context.trusted && headers.contains_key("x-forwarded-proto");
+    insert(headers, "x-forwarded-for", &xff);
+    insert(headers, "forwarded", &forwarded);
+    if !keep_proto {
+        insert(headers, "x-forwarded-proto", proto);
+    }
+    if !keep_host {
+        insert(headers, "x-forwarded-host", &context.authority);
+    }
+}
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}
+
+/// The identity, under the route's header names. Values that cannot be
+/// header values (control characters) are left out rather than mangled.
+fn add_identity(headers: &mut HeaderMap, preset: HeaderPreset, identity: &Identity) {
+    let groups = identity.groups.join(",");
+    let set: &[(&'static str, &str)] = match preset {
+        HeaderPreset::Default => &[
+            ("x-forwarded-user", &identity.username),
+            ("x-forwarded-email", &identity.email),
+            ("x-forwarded-groups", &groups),
+            ("x-forwarded-preferred-username", &identity.username),
+        ],
+        HeaderPreset::Authentik => &[
+            ("x-authentik-username", &identity.username),
+            ("x-authentik-email", &identity.email),
+            // authentik joins groups with `|` (PROTOCOL.md §5.4).
+            ("x-authentik-groups", &identity.groups.join("|")),
+            ("x-authentik-name", &identity.name),
+            ("x-authentik-uid", &identity.uid),
+        ],
+        HeaderPreset::OAuth2Proxy => &[
+            ("x-auth-request-user", &identity.username),
+            ("x-auth-request-email", &identity.email),
+            ("x-auth-request-groups", &groups),
+            ("x-auth-request-preferred-username", &identity.username),
+        ],
+    };
+    for (name, value) in set {
+        insert(headers, name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_headers_are_recognised_in_every_spelling() {
+        for name in [
+            "x-forwarded-user",
+            "X_Forwarded_User",
+            "x-authentik-username",
+            "x_authentik_groups",
+            "X-Auth-Request-Email",
+            "remote-user",
+            "Remote_Groups",
+        ] {
+            assert!(is_identity_header(name), "{name}");
+        }
+        for name in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "authorization",
+            "cookie",
+            "x-request-id",
+        ] {
+            assert!(!is_identity_header(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn only_flowgates_cookie_is_removed() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            COOKIE,
+            HeaderValue::from_static("a=1; flowgate_session=xyz; b=2"),
+        );
+        headers.append(
+            COOKIE,
+            HeaderValue::from_static("flowgate_session=again; flowgate_session_csrf=t"),
+        );
+        strip_cookie(&mut headers, "flowgate_session");
+        assert_eq!(
+            headers.get_all(COOKIE).iter().collect::<Vec<_>>(),
+            vec!["a=1; b=2"]
+        );
+        let mut only = HeaderMap::new();
+        only.insert(COOKIE, HeaderValue::from_static("flowgate_session=xyz"));
+        strip_cookie(&mut only, "flowgate_session");
+        assert!(only.get(COOKIE).is_none());
+        let mut lookalike = HeaderMap::new();
+        lookalike.insert(COOKIE, HeaderValue::from_static("my_flowgate_session=1"));
+        strip_cookie(&mut lookalike, "flowgate_session");
+        assert_eq!(lookalike.get(COOKIE).unwrap(), "my_flowgate_session=1");
+    }
+
+    #[test]
+    fn upstream_uri_joins_base_path() {
+        let up: Uri = "http://127.0.0.1:3000/base".parse().unwrap();
+        let req: Uri = "/x/y?z=1".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&up, &req).unwrap().to_string(),
+            "http://127.0.0.1:3000/base/x/y?z=1"
+        );
+        let up: Uri = "http://127.0.0.1:3000".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&up, &req).unwrap().to_string(),
+            "http://127.0.0.1:3000/x/y?z=1"
+        );
+    }
+}
