@@ -1,0 +1,174 @@
+//! The command line: `serve`, `check`, `hash-password`, `demo`. The only
+//! place (with `demo`) that uses `anyhow`; everything it calls has typed errors.
+
+use std::io::{BufRead, IsTerminal};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "flowgate",
+    version,
+    about = "An authenticating reverse-proxy gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(
+            long,
+            short,
+            env = "FLOWGATE_CONFIG",
+            default_value = "config/flowgate.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Validate a configuration (and its users file); print every problem.
+    Check {
+        #[arg(
+            long,
+            short,
+            env = "FLOWGATE_CONFIG",
+            default_value = "config/flowgate.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Read a password from standard input and print its argon2id PHC hash.
+    HashPassword,
+    /// Protect a built-in echo app with one user, to see flowgate work.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The demo user's password (default: a random one, printed).
+        #[arg(long, env = "FLOWGATE_DEMO_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Check { config } => return check(&config),
+        Command::HashPassword => hash_password(),
+        Command::Demo { listen, password } => {
+            init_logging(LogFormat::Text, "info");
+            runtime().and_then(|rt| rt.block_on(crate::demo::run(listen, password)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("flowgate: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn serve(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    init_logging(config.log.format, &config.log.level);
+    let gateway = crate::build(config).map_err(|e| anyhow::anyhow!(e))?;
+    runtime()?
+        .block_on(crate::listener::serve(gateway))
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    crate::config::load(path).map_err(|errors| {
+        let count = errors.0.len();
+        anyhow::anyhow!(
+            "{errors}\n{count} problem{} in the configuration",
+            if count == 1 { "" } else { "s" }
+        )
+    })
+}
+
+fn check(path: &Path) -> ExitCode {
+    let config = match crate::config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            for error in &errors.0 {
+                eprintln!("{error}");
+            }
+            let count = errors.0.len();
+            eprintln!("{count} problem{} found", if count == 1 { "" } else { "s" });
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::directory::FileDirectory::load(&config.directory.users_file) {
+        Ok(users) => {
+            println!(
+                "{}: OK ({} route{}, {} flow{}, {} user{})",
+                path.display(),
+                config.routes.len(),
+                plural(config.routes.len()),
+                config.flows.len(),
+                plural(config.flows.len()),
+                users.len(),
+                plural(users.len()),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            eprintln!("1 problem found");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    let password = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password("Password: ")?
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    };
+    if password.is_empty() {
+        anyhow::bail!("empty password");
+    }
+    let hash = crate::directory::hash_password(&password)
+        .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?;
+    println!("{hash}");
+    Ok(())
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the configured level.
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
