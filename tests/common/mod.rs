@@ -1,0 +1,318 @@
+//! Shared test harness: a real upstream (the echo app) on a loopback port,
+//! the real `flowgate` binary started with a generated config, and an HTTP
+//! client that keeps cookies. Every test talks to them over real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const FLOW: &str = "default-authentication-flow";
+
+/// The built-in echo app, serving in this test's runtime.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(flowgate::demo::echo(listener));
+        Upstream { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A user for the generated users file.
+pub struct TestUser {
+    pub username: &'static str,
+    pub password: &'static str,
+    pub email: &'static str,
+    pub groups: &'static [&'static str],
+    pub extra: &'static str,
+}
+
+pub const ALICE: TestUser = TestUser {
+    username: "alice",
+    password: "correct horse battery staple",
+    email: "alice@example.test",
+    groups: &["admins", "staff"],
+    extra: "name = \"Alice Example\"",
+};
+
+pub const BOB: TestUser = TestUser {
+    username: "bob",
+    password: "bob-Secret-Pw1!",
+    email: "bob@example.test",
+    groups: &["staff"],
+    extra: "",
+};
+
+/// Precomputed hashes would go stale with parameters; hashing at start is
+/// quick with the optimised argon2 of the dev profile.
+pub fn users_file(users: &[&TestUser]) -> String {
+    let mut text = String::new();
+    for user in users {
+        let hash = flowgate::directory::hash_password(user.password).unwrap();
+        let groups: Vec<String> = user.groups.iter().map(|g| format!("\"{g}\"")).collect();
+        text.push_str(&format!(
+            "[[user]]\nusername = \"{}\"\nemail = \"{}\"\ngroups = [{}]\npassword = \"{hash}\"\n{}\n\n",
+            user.username,
+            user.email,
+            groups.join(", "),
+            user.extra
+        ));
+    }
+    text
+}
+
+/// The config most tests use: one catch-all route to `upstream`, the default
+/// flow, plus whatever `extra` TOML adds.
+pub fn basic_config(upstream: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[session]
+secret = "test-secret-test-secret-test-secret-0123456789"
+
+[directory]
+users_file = "users.toml"
+
+[[flow]]
+slug = "{FLOW}"
+title = "Sign in"
+stages = ["identification", "password", "mfa", "login"]
+
+[[route]]
+host = "*"
+upstream = "{upstream}"
+flow = "{FLOW}"
+skip_auth = ["^/public(/|$)"]
+
+{extra}
+"#
+    )
+}
+
+/// A running `flowgate serve`, killed on drop.
+pub struct Flowgate {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Flowgate {
+    /// Write `config` and `users` into a fresh folder and start the binary.
+    pub fn start(config: &str, users: &str) -> Flowgate {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("flowgate.toml"), config).unwrap();
+        std::fs::write(dir.path().join("users.toml"), users).unwrap();
+        Self::start_in(dir)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir) -> Flowgate {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+            .args(["serve", "--config"])
+            .arg(dir.path().join("flowgate.toml"))
+            .env("RUST_LOG", "info,flowgate=debug")
+            .env_remove("FLOWGATE_SESSION_SECRET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start flowgate");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    let _ = tx.send(addr);
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!("flowgate did not start; its log:\n{}", log.lock().unwrap());
+            }
+        };
+        Flowgate {
+            addr,
+            dir,
+            child,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Flowgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client like a browser's: keeps cookies, follows no redirect by itself
+/// (tests look at each hop).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+pub fn client_following() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::limited(10))
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+pub fn location(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+pub fn set_cookies(response: &reqwest::Response) -> Vec<String> {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The value of `name="…"` inside the first `<input … name="{name}" … value="…">`.
+pub fn input_value(html: &str, name: &str) -> Option<String> {
+    let marker = format!("name=\"{name}\"");
+    let at = html.find(&marker)?;
+    let start = html[..at].rfind('<')?;
+    let end = at + html[at..].find('>')?;
+    let tag = &html[start..end];
+    let value = tag.split("value=\"").nth(1)?.split('"').next()?;
+    Some(
+        value
+            .replace("&amp;", "&")
+            .replace("&quot;", "\"")
+            .replace("&#x2f;", "/")
+            .replace("&#x27;", "'"),
+    )
+}
+
+/// Where a page's form posts to.
+pub fn form_action(html: &str) -> Option<String> {
+    let at = html.find("<form")?;
+    let tag = &html[at..at + html[at..].find('>')?];
+    let action = tag.split("action=\"").nth(1)?.split('"').next()?;
+    Some(action.replace("&amp;", "&").replace("&#x2f;", "/"))
+}
+
+/// Log in through the JSON executor API with `client`; returns the final
+/// `xak-flow-redirect` body.
+pub async fn json_login(
+    client: &reqwest::Client,
+    base: &str,
+    user: &str,
+    password: &str,
+    next: &str,
+) -> Value {
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("next", next)
+        .finish();
+    let url = format!(
+        "{base}/_flowgate/api/v3/flows/executor/{FLOW}/?query={}",
+        url::form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>()
+    );
+    let first: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(first["component"], "ak-stage-identification", "{first}");
+    let posted = client
+        .post(&url)
+        .json(&serde_json::json!({"uid_field": user}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 302);
+    let challenge: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(challenge["component"], "ak-stage-password", "{challenge}");
+    let mut response = client
+        .post(&url)
+        .json(&serde_json::json!({"password": password}))
+        .send()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while response.status() == 302 && Instant::now() < deadline {
+        response = client.get(&url).send().await.unwrap();
+    }
+    response.json().await.unwrap()
+}
+
+/// Where the shared fixtures live inside this repository.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Skip (loudly) when an outside program is missing, unless CI demands it.
+pub fn require_program(name: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("FLOWGATE_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+            panic!("{name} is required (FLOWGATE_REQUIRE_ALL=1) but not installed");
+        }
+        eprintln!("SKIPPED: {name} is not installed; install it to run this test");
+    }
+    found
+}

@@ -1,0 +1,391 @@
+//! A browser's view: the HTML login relay, end to end through the real
+//! binary to a real upstream.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+/// Follow a browser from a protected URL through the login pages; returns
+/// the last response (the one that left the login pages).
+async fn html_login(
+    client: &reqwest::Client,
+    gate: &Flowgate,
+    start: &str,
+    user: &str,
+    password: &str,
+) -> reqwest::Response {
+    let first = client
+        .get(gate.url(start))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 302, "anonymous navigation goes to login");
+    let login = location(&first);
+    assert!(
+        login.starts_with(&format!("/_flowgate/flow/{FLOW}/?next=")),
+        "{login}"
+    );
+    submit_login(client, gate, &login, user, password).await
+}
+
+/// From a login URL: start the flow, fill identification then password.
+async fn submit_login(
+    client: &reqwest::Client,
+    gate: &Flowgate,
+    login: &str,
+    user: &str,
+    password: &str,
+) -> reqwest::Response {
+    let started = client.get(gate.url(login)).send().await.unwrap();
+    assert_eq!(started.status(), 303);
+    let flow_url = location(&started);
+    assert!(flow_url.contains("fid="), "{flow_url}");
+    let html = client
+        .get(gate.url(&flow_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("name=\"uid_field\""),
+        "identification form: {html}"
+    );
+    let csrf = input_value(&html, "csrf_token").expect("csrf token in form");
+    let action = form_action(&html).expect("form action");
+    let posted = client
+        .post(gate.url(&action))
+        .form(&[("csrf_token", csrf.as_str()), ("uid_field", user)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        posted.status(),
+        303,
+        "identification passes on to the next stage"
+    );
+    let html = client
+        .get(gate.url(&location(&posted)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("name=\"password\""), "password form: {html}");
+    let csrf = input_value(&html, "csrf_token").unwrap();
+    let action = form_action(&html).unwrap();
+    client
+        .post(gate.url(&action))
+        .form(&[("csrf_token", csrf.as_str()), ("password", password)])
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_login_reaches_upstream_with_identity_headers() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), ""),
+        &users_file(&[&ALICE, &BOB]),
+    );
+    let client = client();
+    let done = html_login(&client, &gate, "/dashboard?tab=2", "alice", ALICE.password).await;
+    assert_eq!(done.status(), 303);
+    assert_eq!(
+        location(&done),
+        "/dashboard?tab=2",
+        "back where the user was going"
+    );
+    let cookie = set_cookies(&done)
+        .into_iter()
+        .find(|c| c.starts_with("flowgate_session="))
+        .expect("session cookie");
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert!(cookie.contains("SameSite=Lax"), "{cookie}");
+    assert!(
+        !cookie.contains("Secure"),
+        "plain HTTP without a trusted proxy: no Secure: {cookie}"
+    );
+
+    let echo: Value = client
+        .get(gate.url("/dashboard?tab=2"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["path"], "/dashboard?tab=2");
+    assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
+    assert_eq!(echo["headers"]["x-forwarded-email"], "alice@example.test");
+    assert_eq!(echo["headers"]["x-forwarded-groups"], "admins,staff");
+    assert_eq!(echo["headers"]["x-forwarded-preferred-username"], "alice");
+    assert!(
+        echo["headers"].get("cookie").is_none(),
+        "the upstream never sees flowgate's cookie: {echo}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_id_changes_at_login() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let client = client();
+    let started = client
+        .get(gate.url(&format!("/_flowgate/flow/{FLOW}/?next=%2F")))
+        .send()
+        .await
+        .unwrap();
+    let pre_auth = set_cookies(&started)
+        .into_iter()
+        .find(|c| c.starts_with("flowgate_session="))
+        .unwrap();
+    let done = submit_login(
+        &client,
+        &gate,
+        &format!("/_flowgate/flow/{FLOW}/?next=%2F"),
+        "alice",
+        ALICE.password,
+    )
+    .await;
+    let authenticated = set_cookies(&done)
+        .into_iter()
+        .find(|c| c.starts_with("flowgate_session="))
+        .unwrap();
+    let value = |c: &str| c.split(';').next().unwrap().to_owned();
+    assert_ne!(
+        value(&pre_auth),
+        value(&authenticated),
+        "a new id at login (no fixation)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_password_shows_error_and_sets_no_session() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let client = client();
+    let page = html_login(&client, &gate, "/", "alice", "not the password").await;
+    assert_eq!(page.status(), 200, "the form comes back");
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Invalid password"), "{html}");
+    assert!(html.contains("name=\"password\""));
+    let still = client
+        .get(gate.url("/"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(still.status(), 302, "still anonymous");
+
+    // An unknown user meets the very same page.
+    let other = common::client();
+    let unknown = html_login(&other, &gate, "/", "nobody-here", "whatever").await;
+    assert_eq!(unknown.status(), 200);
+    let unknown_html = unknown.text().await.unwrap();
+    assert!(unknown_html.contains("Invalid password"), "{unknown_html}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_tabs_logging_in_at_once_each_land_on_their_own_next() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let client = client();
+    // Tab A and tab B both start before either finishes.
+    let a = client
+        .get(gate.url("/a?x=1"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    let b = client
+        .get(gate.url("/b"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    let a_flow = location(&client.get(gate.url(&location(&a))).send().await.unwrap());
+    let b_flow = location(&client.get(gate.url(&location(&b))).send().await.unwrap());
+    assert_ne!(a_flow, b_flow);
+    // Meanwhile the page fires API calls that must not steal the target.
+    for _ in 0..3 {
+        let xhr = client
+            .get(gate.url("/api/data.json"))
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(xhr.status(), 401);
+    }
+    let step = |flow_url: String, field: &'static str, value: &'static str| {
+        let client = client.clone();
+        let url = gate.url(&flow_url);
+        let base = gate.url("");
+        async move {
+            let html = client.get(&url).send().await.unwrap().text().await.unwrap();
+            let csrf = input_value(&html, "csrf_token").unwrap();
+            let action = form_action(&html).unwrap();
+            client
+                .post(format!("{base}{action}"))
+                .form(&[("csrf_token", csrf.as_str()), (field, value)])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let a1 = step(a_flow.clone(), "uid_field", "alice").await;
+    let b1 = step(b_flow.clone(), "uid_field", "alice").await;
+    let b2 = step(location(&b1), "password", ALICE.password).await;
+    assert_eq!(location(&b2), "/b");
+    // Tab A finishes after B: already signed in, it still goes to its own next.
+    let a_page = client.get(gate.url(&location(&a1))).send().await.unwrap();
+    assert_eq!(a_page.status(), 303);
+    assert_eq!(location(&a_page), "/a?x=1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn off_site_next_is_never_followed() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    for evil in [
+        "//evil.example/x",
+        "https://evil.example/",
+        "/\\evil.example",
+        "javascript:alert(1)",
+        "https:evil.example",
+    ] {
+        let client = client();
+        let login = format!(
+            "/_flowgate/flow/{FLOW}/?next={}",
+            url::form_urlencoded::byte_serialize(evil.as_bytes()).collect::<String>()
+        );
+        let done = submit_login(&client, &gate, &login, "alice", ALICE.password).await;
+        let target = location(&done);
+        assert!(
+            done.status() == 303 || done.status() == 403,
+            "{evil}: {}",
+            done.status()
+        );
+        assert!(!target.contains("evil"), "{evil} → {target}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_without_cookies_gets_an_explanation_not_a_loop() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), "")
+            .replace("[session]\n", "[session]\ncookie_secure = \"always\"\n"),
+        &users_file(&[&ALICE]),
+    );
+    // A client that drops every cookie (as browsers drop Secure cookies on http).
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::limited(10))
+        .build()
+        .unwrap();
+    let page = client
+        .get(gate.url("/"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 400);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("did not keep its cookie"), "{html}");
+    assert!(
+        html.contains("HTTPS"),
+        "explains the Secure-over-HTTP case: {html}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_out_ends_the_session() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let client = client();
+    html_login(&client, &gate, "/", "alice", ALICE.password).await;
+    assert_eq!(
+        client.get(gate.url("/")).send().await.unwrap().status(),
+        200
+    );
+    let confirm = client
+        .get(gate.url("/_flowgate/sign_out"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(confirm.contains("alice"), "{confirm}");
+    let csrf = input_value(&confirm, "csrf_token").unwrap();
+    // Without the token nothing happens.
+    let forged = client
+        .post(gate.url("/_flowgate/sign_out"))
+        .form(&[("csrf_token", "nope")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    assert_eq!(
+        client.get(gate.url("/")).send().await.unwrap().status(),
+        200
+    );
+    let out = client
+        .post(gate.url("/_flowgate/sign_out"))
+        .form(&[("csrf_token", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 200);
+    assert!(set_cookies(&out)
+        .iter()
+        .any(|c| c.starts_with("flowgate_session=;") && c.contains("Max-Age=0")));
+    let after = client
+        .get(gate.url("/"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 302, "signed out: back to login");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_form_without_csrf_token_is_refused() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let client = client();
+    let started = client
+        .get(gate.url(&format!("/_flowgate/flow/{FLOW}/?next=%2F")))
+        .send()
+        .await
+        .unwrap();
+    let flow_url = location(&started);
+    let html = client
+        .get(gate.url(&flow_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let action = form_action(&html).unwrap();
+    let posted = client
+        .post(gate.url(&action))
+        .form(&[("uid_field", "alice")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 403);
+    let posted = client
+        .post(gate.url(&action))
+        .form(&[("csrf_token", "forged"), ("uid_field", "alice")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 403);
+}

@@ -1,0 +1,325 @@
+//! What reaches the upstream, and what anonymous or forged requests get.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+async fn logged_in(gate: &Flowgate) -> reqwest::Client {
+    let client = client();
+    let done = json_login(&client, &gate.url(""), "alice", ALICE.password, "/").await;
+    assert_eq!(done["component"], "xak-flow-redirect");
+    client
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spoofed_identity_headers_never_reach_the_upstream() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let spoofs = [
+        ("X-Forwarded-User", "admin"),
+        ("x_forwarded_user", "admin"),
+        ("X-Forwarded-Groups", "admins"),
+        ("X-Forwarded-Email", "admin@example.test"),
+        ("X-authentik-username", "admin"),
+        ("X_AUTHENTIK_GROUPS", "admins"),
+        ("X-Auth-Request-User", "admin"),
+        ("Remote-User", "admin"),
+        ("remote_groups", "admins"),
+    ];
+    let check = |echo: &Value, expect_user: Option<&str>| {
+        let headers = echo["headers"].as_object().unwrap();
+        for (name, _) in headers {
+            let normalized = name.replace('_', "-");
+            if normalized == "x-forwarded-user" {
+                assert_eq!(Some(headers[name].as_str().unwrap()), expect_user, "{echo}");
+            } else {
+                let foreign_family = normalized.starts_with("x-authentik-")
+                    || normalized.starts_with("x-auth-request-")
+                    || normalized.starts_with("remote-");
+                let anonymous_groups = normalized == "x-forwarded-groups" && expect_user.is_none();
+                assert!(
+                    !foreign_family && !anonymous_groups,
+                    "spoofed {name} reached the upstream: {echo}"
+                );
+            }
+        }
+        if expect_user.is_none() {
+            assert!(
+                headers
+                    .keys()
+                    .all(|k| k.replace('_', "-") != "x-forwarded-user"),
+                "{echo}"
+            );
+        }
+    };
+    // Anonymous, on a public path.
+    let mut request = client().get(gate.url("/public/info"));
+    for (name, value) in spoofs {
+        request = request.header(name, value);
+    }
+    let echo: Value = request.send().await.unwrap().json().await.unwrap();
+    check(&echo, None);
+    // Authenticated: the real identity replaces the spoofed one.
+    let alice = logged_in(&gate).await;
+    let mut request = alice.get(gate.url("/private"));
+    for (name, value) in spoofs {
+        request = request.header(name, value);
+    }
+    let echo: Value = request.send().await.unwrap().json().await.unwrap();
+    check(&echo, Some("alice"));
+    assert_eq!(echo["headers"]["x-forwarded-groups"], "admins,staff");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_cookies_pass_but_flowgates_does_not() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let alice = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let done = json_login(&alice, &gate.url(""), "alice", ALICE.password, "/").await;
+    assert_eq!(done["component"], "xak-flow-redirect");
+    use reqwest::cookie::CookieStore;
+    let ours = jar
+        .cookies(&gate.url("/").parse().unwrap())
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(ours.contains("flowgate_session="), "{ours}");
+    // The app's own cookies on both sides of flowgate's, as browsers mix them.
+    let sent = format!("app_pref=dark; {ours}; lang=en");
+    let plain = reqwest::Client::new();
+    let echo: Value = plain
+        .get(gate.url("/"))
+        .header("cookie", sent)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        echo["headers"]["x-forwarded-user"], "alice",
+        "the session was used: {echo}"
+    );
+    let cookie = echo["headers"]["cookie"].as_str().unwrap_or_default();
+    assert_eq!(cookie, "app_pref=dark; lang=en", "{echo}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_requests_get_login_redirect_or_401() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let client = client();
+    let page = client
+        .get(gate.url("/app?x=1"))
+        .header("accept", "text/html,application/xhtml+xml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 302);
+    assert_eq!(
+        location(&page),
+        format!("/_flowgate/flow/{FLOW}/?next=%2Fapp%3Fx%3D1")
+    );
+    for request in [
+        client
+            .get(gate.url("/app"))
+            .header("accept", "application/json"),
+        client
+            .get(gate.url("/app"))
+            .header("accept", "text/html")
+            .header("x-requested-with", "XMLHttpRequest"),
+        client
+            .get(gate.url("/app"))
+            .header("accept", "*/*")
+            .header("sec-fetch-mode", "cors"),
+        client
+            .post(gate.url("/app"))
+            .header("accept", "text/html")
+            .body("x"),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401);
+        assert!(response.headers().get("www-authenticate").is_some());
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["executor_url"],
+            format!("/_flowgate/api/v3/flows/executor/{FLOW}/")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tampered_expired_or_unknown_cookies_are_just_anonymous() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let alice = logged_in(&gate).await;
+    let echo: Value = alice
+        .get(gate.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
+    for cookie in [
+        "flowgate_session=garbage",
+        "flowgate_session=",
+        "flowgate_session=abc.def",
+        "flowgate_session=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "flowgate_session=%ff%fe; other=1",
+        "flowgate_session=\u{7f}",
+    ] {
+        let response = client().get(gate.url("/")).header("accept", "text/html").header("cookie", cookie).send().await;
+        let Ok(response) = response else { continue }; // the client itself refused the header
+        assert_eq!(response.status(), 302, "{cookie:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_signed_with_another_secret_is_anonymous() {
+    use reqwest::cookie::CookieStore;
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let other_config = basic_config(&upstream.url(), "")
+        .replace("test-secret-test-secret", "other-secret-other-secret");
+    let other = Flowgate::start(&other_config, &users_file(&[&ALICE]));
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let client = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let done = json_login(&client, &other.url(""), "alice", ALICE.password, "/").await;
+    assert_eq!(done["component"], "xak-flow-redirect");
+    let cookies = jar.cookies(&other.url("/").parse().unwrap()).unwrap();
+    let cookies = cookies.to_str().unwrap().to_owned();
+    assert!(cookies.contains("flowgate_session="));
+    // Valid where it was minted…
+    let there = common::client()
+        .get(other.url("/"))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(there.status(), 200);
+    // …and nothing but anonymous where another secret signs cookies.
+    let here = common::client()
+        .get(gate.url("/"))
+        .header("accept", "text/html")
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(here.status(), 302);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn skip_auth_paths_pass_anonymously() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let response = client()
+        .get(gate.url("/public/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["path"], "/public/health");
+    assert_eq!(
+        client()
+            .get(gate.url("/publicity"))
+            .header("accept", "text/html")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        302
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_upstream_is_a_502_page_without_internals() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let gate = Flowgate::start(
+        &basic_config(&format!("http://127.0.0.1:{port}"), ""),
+        &users_file(&[&ALICE]),
+    );
+    let response = client().get(gate.url("/public/x")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    let html = response.text().await.unwrap();
+    assert!(
+        !html.contains("127.0.0.1") && !html.contains(&port.to_string()),
+        "no internals: {html}"
+    );
+    assert!(gate.log().contains("upstream request failed"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_headers_describe_the_client() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let echo: Value = client()
+        .get(gate.url("/public/x"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The peer is not a trusted proxy: its claims are replaced, not passed on.
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(echo["headers"]["x-forwarded-host"], gate.addr.to_string());
+    assert!(echo["headers"]["forwarded"]
+        .as_str()
+        .unwrap()
+        .starts_with("for=127.0.0.1;proto=http"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn route_allow_list_gives_403_to_others() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), "").replace(
+        "skip_auth = [\"^/public(/|$)\"]",
+        "allow = { groups = [\"admins\"] }",
+    );
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE, &BOB]));
+    let bob = client();
+    json_login(&bob, &gate.url(""), "bob", BOB.password, "/").await;
+    assert_eq!(bob.get(gate.url("/")).send().await.unwrap().status(), 403);
+    let alice = logged_in(&gate).await;
+    assert_eq!(alice.get(gate.url("/")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_reach_the_log() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let client = logged_in(&gate).await;
+    client
+        .get(gate.url("/?token=abc123secret"))
+        .send()
+        .await
+        .unwrap();
+    let log = gate.log();
+    assert!(log.contains("login succeeded"), "{log}");
+    assert!(!log.contains(ALICE.password));
+    assert!(!log.contains("test-secret-test-secret"));
+    assert!(
+        !log.contains("abc123secret"),
+        "query strings are not logged"
+    );
+    assert!(!log.contains("flowgate_session="));
+}
