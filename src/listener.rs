@@ -62,6 +62,7 @@ pub async fn run(
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    let sweeper = tokio::spawn(purge_sessions(gateway.clone()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -95,6 +96,7 @@ pub async fn run(
         }
     }
     drop(listener);
+    sweeper.abort();
     tracing::info!("shutting down: no new connections, waiting for in-flight requests");
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
@@ -155,4 +157,19 @@ pub async fn serve(gateway: Arc<Gateway>) -> Result<(), String> {
     tracing::info!("listening on {local} ({scheme})");
     run(gateway, listener, tls, shutdown_signal()).await;
     Ok(())
+}
+
+/// Expired sessions are invisible at once (every read checks the deadline);
+/// this takes their memory back, once a minute.
+async fn purge_sessions(gateway: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match gateway.sessions.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "expired sessions removed"),
+            Err(error) => tracing::warn!(%error, "could not purge expired sessions"),
+        }
+    }
 }

@@ -159,6 +159,11 @@ pub trait SessionStore: Send + Sync {
     async fn delete_all_for_user(&self, username: &str) -> Result<usize, StoreError>;
     /// Number of live authenticated sessions (for metrics).
     async fn count_authenticated(&self) -> Result<usize, StoreError>;
+    /// Drop expired records; stores that expire by themselves (Redis TTLs)
+    /// need not do anything. Returns how many went.
+    async fn purge_expired(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
 }
 
 struct Entry {
@@ -250,6 +255,14 @@ impl SessionStore for MemoryStore {
         let mut map = self.write();
         let before = map.len();
         map.retain(|_, e| e.session.identity().is_none_or(|i| i.username != username));
+        Ok(before - map.len())
+    }
+
+    async fn purge_expired(&self) -> Result<usize, StoreError> {
+        let now = now_secs();
+        let mut map = self.write();
+        let before = map.len();
+        map.retain(|_, e| e.deadline > now && e.session.expires > now);
         Ok(before - map.len())
     }
 
@@ -405,6 +418,10 @@ mod tests {
             .await
             .unwrap();
         assert!(store.get("z").await.unwrap().is_none());
+        // the sweep takes back what reads already ignore, and only that
+        assert_eq!(store.purge_expired().await.unwrap(), 2, "c1 and z");
+        assert!(store.get("b1").await.unwrap().is_some());
+        assert!(store.get("p1").await.unwrap().is_some());
     }
 
     #[test]

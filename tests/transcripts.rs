@@ -277,6 +277,9 @@ async fn recorded_authentik_exchanges_get_the_same_answers() {
                     ));
                     continue;
                 }
+                for difference in shape_differences("", &body, recorded) {
+                    failures.push(format!("{what}: shape: {difference}"));
+                }
                 for key in ["response_errors", "error_message"] {
                     if let Some(value) = recorded.get(key) {
                         if body.get(key) != Some(value) {
@@ -316,4 +319,13 @@ async fn recorded_authentik_exchanges_get_the_same_answers() {
     );
     assert!(replayed >= 100, "only {replayed} exchanges replayed");
     eprintln!("replayed {replayed} recorded exchanges");
+}
+
+#[test]
+fn shape_comparison_notices_differences() {
+    let recorded = serde_json::json!({"a": "x", "flow_info": {"title": "t", "layout": "stacked"}, "list": [{"k": 1}]});
+    assert!(shape_differences("", &recorded, &recorded).is_empty());
+    let ours = serde_json::json!({"a": 1, "flow_info": {"title": "t"}, "list": [{"k": 1, "extra": true}], "new": null});
+    let found = shape_differences("", &ours, &recorded);
+    assert_eq!(found.len(), 4, "{found:#?}");
 }

@@ -316,3 +316,65 @@ pub fn require_program(name: &str) -> bool {
     }
     found
 }
+
+/// Keys authentik sends only in some configurations; either side may lack
+/// them. `error` and `traceback` are what authentik shows superusers when a
+/// flow fails: flowgate never puts internals in a response, to anyone.
+pub const OPTIONAL_KEYS: [&str; 7] = [
+    "flow_info.background",
+    "pending_user_identifier",
+    "enroll_url",
+    "recovery_url",
+    "passwordless_url",
+    "error",
+    "traceback",
+];
+
+/// Where `ours` is not shaped like `recorded`: a key one side lacks, or a
+/// value of another JSON type. Objects are compared key by key, arrays by
+/// their first elements.
+pub fn shape_differences(path: &str, ours: &Value, recorded: &Value) -> Vec<String> {
+    let kind = |v: &Value| match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    let mut differences = Vec::new();
+    match (ours, recorded) {
+        (Value::Object(a), Value::Object(b)) => {
+            for key in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
+                let at = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match (a.get(key), b.get(key)) {
+                    (Some(x), Some(y)) => differences.extend(shape_differences(&at, x, y)),
+                    _ if OPTIONAL_KEYS.contains(&at.as_str()) => {}
+                    (Some(_), None) => {
+                        differences.push(format!("{at}: flowgate sends it, authentik did not"))
+                    }
+                    (None, _) => {
+                        differences.push(format!("{at}: authentik sent it, flowgate does not"))
+                    }
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            if let (Some(x), Some(y)) = (a.first(), b.first()) {
+                differences.extend(shape_differences(&format!("{path}[0]"), x, y));
+            }
+        }
+        // authentik sends null for an absent captcha stage or device; so may we.
+        (x, y) if kind(x) == kind(y) || x.is_null() || y.is_null() => {}
+        (x, y) => differences.push(format!(
+            "{path}: {} where authentik sent {}",
+            kind(x),
+            kind(y)
+        )),
+    }
+    differences
+}
