@@ -76,6 +76,7 @@ async fn echo_response(request: Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// The demo's config: one catch-all route to the echo app, the default flow.
 pub fn demo_config(listen: SocketAddr, upstream: SocketAddr) -> String {
+    let secret = crate::session::random_token();
     format!(
         r#"
 [server]
@@ -84,6 +85,8 @@ listen = "{listen}"
 [session]
 # Demo only: plain HTTP on loopback, so cookies cannot be Secure.
 cookie_secure = "never"
+# Made for this run: demo sessions end with the demo.
+secret = "{secret}"
 
 [directory]
 users_file = "users.toml"
