@@ -323,3 +323,56 @@ async fn secrets_never_reach_the_log() {
     );
     assert!(!log.contains("flowgate_session="));
 }
+
+/// `Secure` follows the client's real scheme: believed from
+/// `X-Forwarded-Proto` only when a trusted proxy says it.
+#[tokio::test(flavor = "multi_thread")]
+async fn cookies_are_secure_behind_a_trusted_tls_proxy_only() {
+    let upstream = Upstream::start().await;
+    let executor = format!("/_flowgate/api/v3/flows/executor/{FLOW}/");
+    let first_cookie = |gate: &Flowgate| {
+        let url = gate.url(&executor);
+        async move {
+            let response = reqwest::Client::new()
+                .get(url)
+                .header("x-forwarded-proto", "https")
+                .send()
+                .await
+                .unwrap();
+            set_cookies(&response)
+                .into_iter()
+                .find(|c| c.starts_with("flowgate_session="))
+                .expect("a pre-auth session cookie")
+        }
+    };
+
+    let untrusted = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let cookie = first_cookie(&untrusted).await;
+    assert!(!cookie.contains("Secure"), "{cookie}");
+
+    let config = basic_config(&upstream.url(), "").replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+    );
+    let behind_proxy = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let cookie = first_cookie(&behind_proxy).await;
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+
+    // The proxy's own forwarding headers are extended, not replaced.
+    let echo: Value = reqwest::Client::new()
+        .get(behind_proxy.url("/public/x"))
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
+}
