@@ -63,7 +63,7 @@ pub fn main() -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::Demo { listen, password } => {
             init_logging(LogFormat::Text, "info");
-            runtime().and_then(|rt| rt.block_on(crate::demo::run(listen, password)))
+            runtime(2).and_then(|rt| rt.block_on(crate::demo::run(listen, password)))
         }
     };
     match result {
@@ -75,18 +75,28 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+/// `workers` threads serve requests; with one, a single-threaded runtime
+/// (no work stealing, no cross-thread wake-ups). Password hashing always
+/// runs on the separate blocking pool.
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    Ok(builder.enable_all().build()?)
 }
 
 fn serve(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
     init_logging(config.log.format, &config.log.level);
-    let gateway = crate::build(config).map_err(|e| anyhow::anyhow!(e))?;
-    runtime()?
-        .block_on(crate::listener::serve(gateway))
+    let workers = config.server.workers;
+    let runtime = runtime(workers)?;
+    let app = crate::build(config, Some(path.to_path_buf())).map_err(|e| anyhow::anyhow!(e))?;
+    runtime
+        .block_on(crate::listener::serve(app))
         .map_err(|e| anyhow::anyhow!(e))
 }
 

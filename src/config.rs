@@ -28,6 +28,8 @@ pub struct Config {
     pub directory: DirectoryConfig,
     pub executor: ExecutorConfig,
     pub log: LogConfig,
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
     /// `[[flow]]`, in file order; slugs are unique.
     pub flows: Vec<FlowConfig>,
     /// `[stage.<name>]`, plus the built-in stage names (see `StageConfig::builtin`).
@@ -40,8 +42,29 @@ pub struct Config {
 pub struct Server {
     /// `server.listen`, default `127.0.0.1:8080`.
     pub listen: SocketAddr,
-    /// `server.tls = { cert, key }`: PEM files; absent means plain HTTP.
-    pub tls: Option<TlsConfig>,
+    /// `server.tls = { cert, key }`, or a list of them: PEM files, the
+    /// certificate for each connection chosen by SNI (the first is the
+    /// default). Empty means plain HTTP.
+    pub tls: Vec<TlsConfig>,
+    /// `server.workers`: runtime worker threads, default one per core.
+    pub workers: usize,
+    /// `server.max_connections`, default 16384: beyond it, new connections
+    /// wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// `server.max_header_bytes`, default 32 KiB: a larger request head
+    /// gets 431.
+    pub max_header_bytes: usize,
+    /// `server.max_headers`, default 100: more header fields get 431.
+    pub max_headers: usize,
+    /// `server.header_read_timeout`, default 10s: a client slower than this
+    /// to send a request head is disconnected (slowloris).
+    pub header_read_timeout: Duration,
+    /// `server.keepalive_timeout`, default 60s: an idle keep-alive
+    /// connection is closed after this long.
+    pub keepalive_timeout: Duration,
+    /// `server.shutdown_timeout`, default 10s: how long in-flight requests
+    /// get after SIGTERM.
+    pub shutdown_timeout: Duration,
     /// `server.trusted_proxies`: CIDRs whose `X-Forwarded-*` headers are
     /// believed. Default: none.
     pub trusted_proxies: Vec<IpNet>,
@@ -54,6 +77,29 @@ pub struct Server {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// `[proxy]`: how flowgate talks to upstreams.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// `connect_timeout`, default 5s: an upstream not accepting the TCP
+    /// (and TLS) connection in time gets a 502 page.
+    pub connect_timeout: Duration,
+    /// `response_timeout`, default 60s: an upstream that has not begun its
+    /// answer in time gets a 504 page. Streaming bodies are not limited.
+    pub response_timeout: Duration,
+    /// `pool_idle_timeout`, default 90s: idle upstream connections close.
+    pub pool_idle_timeout: Duration,
+    /// `ca_file`: PEM roots for `https://` upstreams, instead of the bundled
+    /// public roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[admin]`: health, readiness and metrics, on their own listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// `listen`, default `127.0.0.1:9090`; `enabled = false` turns it off.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +178,8 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// `log.level`: a tracing filter, default `info`. `RUST_LOG` wins.
     pub level: String,
+    /// `log.access`, default true: one line per request.
+    pub access: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

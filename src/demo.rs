@@ -124,7 +124,7 @@ pub async fn run(listen: SocketAddr, password: Option<String>) -> anyhow::Result
     std::fs::write(&config_path, &text)?;
     let config = crate::config::from_str(&text, &config_path, &|_| None)
         .map_err(|e| anyhow::anyhow!("demo config:\n{e}"))?;
-    let gateway = crate::build(config).map_err(|e| anyhow::anyhow!(e))?;
+    let app = crate::build(config, None).map_err(|e| anyhow::anyhow!(e))?;
 
     let listener = TcpListener::bind(listen)
         .await
@@ -139,7 +139,10 @@ pub async fn run(listen: SocketAddr, password: Option<String>) -> anyhow::Result
     println!("Anything under /public/ passes without signing in. Sign out at http://{local}/_flowgate/sign_out");
     println!("Scripts can log in as JSON: see the README, \"Logging in without a browser\".\n");
     tracing::info!("listening on {local} (http)");
-    crate::listener::run(gateway, listener, None, crate::listener::shutdown_signal()).await;
+    let front = std::sync::Arc::new(crate::listener::Listener::new(app, None));
+    front
+        .run(listener, crate::listener::shutdown_signal())
+        .await;
     Ok(())
 }
 

@@ -646,38 +646,14 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn config(flows: Vec<FlowConfig>, stages: BTreeMap<String, StageConfig>) -> Config {
-        Config {
-            path: "flowgate.toml".into(),
-            server: Server {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                tls: None,
-                trusted_proxies: vec![],
-                prefix: "/_flowgate".into(),
-            },
-            session: SessionConfig {
-                cookie_name: "flowgate_session".into(),
-                cookie_domain: None,
-                cookie_secure: CookieSecure::Auto,
-                lifetime: Duration::from_secs(3600),
-                idle_timeout: Duration::from_secs(600),
-                secret: None,
-                store: StoreKind::Memory,
-                pre_auth_ttl: Duration::from_secs(600),
-                max_pre_auth: 100,
-                allowed_redirect_hosts: vec!["app.example".into()],
-            },
-            directory: DirectoryConfig {
-                users_file: "users.toml".into(),
-            },
-            executor: ExecutorConfig::Embedded,
-            log: LogConfig {
-                format: LogFormat::Text,
-                level: "info".into(),
-            },
-            flows,
-            stages,
-            routes: vec![],
-        }
+        let src = "[session]\nlifetime = \"1h\"\nidle_timeout = \"10m\"\npre_auth_ttl = \"10m\"\n\
+                   max_pre_auth = 100\nallowed_redirect_hosts = [\"app.example\"]\n\n\
+                   [[route]]\nupstream = \"http://127.0.0.1:1\"\n";
+        let mut config = crate::config::from_str(src, "flowgate.toml".as_ref(), &|_| None).unwrap();
+        config.flows = flows;
+        config.stages = stages;
+        config.routes = vec![];
+        config
     }
 
     fn flow(slug: &str, stages: &[&str]) -> FlowConfig {

@@ -5,7 +5,9 @@
 //! The request path is laid out in `router` (read it first); the seams are
 //! `flow::FlowExecutor`, `session::SessionStore` and `directory::Directory`.
 
+pub mod admin;
 pub mod api;
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -15,11 +17,14 @@ pub mod flow;
 pub mod gate;
 pub mod listener;
 pub mod login;
+pub mod metrics;
 pub mod pages;
 pub mod proxy;
 pub mod redirect;
 pub mod router;
 pub mod session;
+pub mod tls;
+pub mod upstream;
 
 use std::sync::Arc;
 
@@ -41,9 +46,11 @@ pub(crate) fn empty() -> Body {
     Either::Right(Full::new(Bytes::new()))
 }
 
-/// Build the gateway for a validated config: directory, executor, session
-/// store, upstream client. Fails only on what validation cannot see (a users
-/// file that went missing since).
-pub fn build(config: config::Config) -> Result<Arc<Gateway>, String> {
-    Gateway::new(config).map(Arc::new)
+/// Build the running gateway for a validated config read from
+/// `config_path` (reloads read that file again).
+pub fn build(
+    config: config::Config,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<Arc<app::App>, String> {
+    app::App::new(config, config_path)
 }

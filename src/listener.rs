@@ -1,73 +1,97 @@
 //! Accepting connections: TCP, optionally TLS (rustls, ALPN h2 and
-//! http/1.1), each connection served by hyper's auto (HTTP/1.1 + h2)
-//! builder, with a graceful stop: on shutdown, stop accepting and give
-//! in-flight requests a deadline to finish.
+//! http/1.1; h2c by prior knowledge on plain listeners), each connection
+//! served by hyper's auto (HTTP/1.1 + h2) builder under the limits of
+//! `[server]`: a connection cap, header size and count, a deadline for each
+//! request head (slowloris) and for idle keep-alive. On shutdown: stop
+//! accepting, give in-flight requests `shutdown_timeout` to finish.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsConfig;
-use crate::router::{Connection, Gateway};
+use crate::app::App;
+use crate::config::Server;
+use crate::router::Connection;
+use crate::upstream::ConnSlot;
+use crate::Body;
 
-/// How long in-flight requests get once shutdown starts.
-const DRAIN: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
-/// Load a PEM certificate chain and key into a TLS acceptor (TLS 1.2+).
-pub fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, String> {
-    let certs = read_pem(&tls.cert, |r| {
-        rustls_pemfile::certs(r).collect::<Result<Vec<_>, _>>()
-    })?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate found", tls.cert.display()));
+/// What every connection of one listener shares.
+pub struct Listener {
+    app: Arc<App>,
+    /// The TLS settings, swapped when certificates change; `None`: plain.
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    limits: Limits,
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    header_read_timeout: Duration,
+    keepalive_timeout: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl Listener {
+    pub fn new(app: Arc<App>, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>) -> Listener {
+        let gateway = app.gateway();
+        let server = &gateway.config.server;
+        Listener {
+            tls,
+            limits: Limits {
+                header_read_timeout: server.header_read_timeout,
+                keepalive_timeout: server.keepalive_timeout,
+                shutdown_timeout: server.shutdown_timeout,
+            },
+            connections: Arc::new(Semaphore::new(server.max_connections)),
+            max_connections: server.max_connections,
+            app,
+        }
     }
-    let key = read_pem(&tls.key, rustls_pemfile::private_key)?
-        .ok_or_else(|| format!("{}: no private key found", tls.key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("{}: {e}", tls.key.display()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
 
-fn read_pem<T>(
-    path: &Path,
-    parse: impl FnOnce(&mut dyn std::io::BufRead) -> std::io::Result<T>,
-) -> Result<T, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    parse(&mut std::io::BufReader::new(file)).map_err(|e| format!("{}: {e}", path.display()))
-}
+    /// Client connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.max_connections - self.connections.available_permits()
+    }
 
-/// Accept and serve until `shutdown` resolves, then drain.
-pub async fn run(
-    gateway: Arc<Gateway>,
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    let sweeper = tokio::spawn(purge_sessions(gateway.clone()));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
+    /// Accept and serve until `shutdown` resolves, then drain.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let builder = builder(&self.app.gateway().config.server);
+        let graceful = GracefulShutdown::new();
+        let sweeper = tokio::spawn(purge_sessions(self.app.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            // At the cap, stop accepting: further clients wait in the
+            // kernel's backlog instead of costing memory here.
+            let permit = tokio::select! {
+                permit = self.connections.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                _ = &mut shutdown => break,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
                         // Out of file descriptors and the like: back off, don't spin.
@@ -75,51 +99,277 @@ pub async fn run(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
-                };
-                let _ = stream.set_nodelay(true);
-                let gateway = gateway.clone();
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    match tls {
-                        None => serve_connection(builder, watcher, stream, gateway, Connection { peer, tls: false }).await,
-                        Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => serve_connection(builder, watcher, stream, gateway, Connection { peer, tls: true }).await,
-                            Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        },
+                },
+                _ = &mut shutdown => break,
+            };
+            self.app.metrics.connections_accepted.inc();
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let state = Arc::new(ConnState::default());
+                let stream = Watchdog::new(stream, state.clone(), this.limits);
+                match &this.tls {
+                    None => {
+                        let connection = Connection { peer, tls: false };
+                        serve_connection(&this.app, builder, watcher, stream, state, connection)
+                            .await
                     }
-                });
-            }
-            _ = &mut shutdown => break,
+                    Some(tls) => {
+                        let acceptor = TlsAcceptor::from(tls.load_full());
+                        match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                let connection = Connection { peer, tls: true };
+                                serve_connection(
+                                    &this.app, builder, watcher, stream, state, connection,
+                                )
+                                .await
+                            }
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, %error, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    }
+                }
+            });
         }
-    }
-    drop(listener);
-    sweeper.abort();
-    tracing::info!("shutting down: no new connections, waiting for in-flight requests");
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(DRAIN) => tracing::warn!("gave up waiting for connections after {DRAIN:?}"),
+        drop(listener);
+        sweeper.abort();
+        let deadline = self.limits.shutdown_timeout;
+        tracing::info!(
+            "shutting down: no new connections, waiting up to {deadline:?} for requests in flight"
+        );
+        tokio::select! {
+            _ = graceful.shutdown() => tracing::info!("all connections closed"),
+            _ = tokio::time::sleep(deadline) => tracing::warn!("gave up waiting for connections after {deadline:?}"),
+        }
     }
 }
 
+fn builder(server: &Server) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The watchdog below keeps these deadlines (hyper's own header
+        // timer also runs while a keep-alive connection is idle).
+        .header_read_timeout(None)
+        .max_headers(server.max_headers)
+        // hyper answers 431 when a request head outgrows its read buffer.
+        .max_buf_size(server.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(server.max_header_bytes as u32)
+        .max_concurrent_streams(256);
+    builder
+}
+
 async fn serve_connection<S>(
+    app: &Arc<App>,
     builder: auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     stream: S,
-    gateway: Arc<Gateway>,
+    state: Arc<ConnState>,
     connection: Connection,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |request| {
-        let gateway = gateway.clone();
-        async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, connection).await) }
-    });
+    let slot = Arc::new(ConnSlot::default());
+    let service = {
+        let app = app.clone();
+        let slot = slot.clone();
+        service_fn(move |request| {
+            let gateway = app.gateway();
+            let slot = slot.clone();
+            let state = state.clone();
+            let guard = InFlight::start(state.clone());
+            async move {
+                let response = gateway.handle(request, connection, &slot).await;
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    // A websocket or the like: its own idle rules from here.
+                    state.upgraded.store(true, Ordering::Relaxed);
+                }
+                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
+                    body,
+                    _guard: guard,
+                }))
+            }
+        })
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     if let Err(error) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(peer = %connection.peer, error = %error, "connection ended with an error");
+    }
+    app.gateway().upstreams.release(&slot);
+}
+
+/// Per connection: requests in flight (until their response body ends),
+/// requests started, and whether the connection was upgraded.
+#[derive(Default)]
+struct ConnState {
+    in_flight: AtomicUsize,
+    started: AtomicU64,
+    upgraded: AtomicBool,
+}
+
+/// Counts one request as in flight until dropped with its response body.
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn start(state: Arc<ConnState>) -> InFlight {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.started.fetch_add(1, Ordering::Relaxed);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted as in flight.
+pub struct Tracked {
+    body: Body,
+    _guard: InFlight,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    #[inline]
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The connection's I/O with two deadlines, kept only while no request is
+/// in flight: the next request head must start within `keepalive_timeout`
+/// and, once its first byte came, be complete within `header_read_timeout`.
+/// A missed deadline fails the read, and hyper closes the connection.
+struct Watchdog<S> {
+    inner: S,
+    state: Arc<ConnState>,
+    limits: Limits,
+    deadline: Pin<Box<Sleep>>,
+    /// `started` when the current idle period began.
+    seen: u64,
+    head_started: bool,
+}
+
+impl<S> Watchdog<S> {
+    fn new(inner: S, state: Arc<ConnState>, limits: Limits) -> Watchdog<S> {
+        // The first request head gets the header deadline from the start.
+        let deadline = Box::pin(tokio::time::sleep(limits.header_read_timeout));
+        Watchdog {
+            inner,
+            state,
+            limits,
+            deadline,
+            seen: 0,
+            head_started: true,
+        }
+    }
+
+    fn watching(&self) -> bool {
+        self.state.in_flight.load(Ordering::Relaxed) == 0
+            && !self.state.upgraded.load(Ordering::Relaxed)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watchdog<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before && !this.head_started && this.watching() {
+                    this.head_started = true;
+                    let at = Instant::now() + this.limits.header_read_timeout;
+                    this.deadline.as_mut().reset(at);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => {
+                if !this.watching() {
+                    return Poll::Pending;
+                }
+                let started = this.state.started.load(Ordering::Relaxed);
+                if started != this.seen {
+                    // A request finished since we last looked: a new idle period.
+                    this.seen = started;
+                    this.head_started = false;
+                    let at = Instant::now() + this.limits.keepalive_timeout;
+                    this.deadline.as_mut().reset(at);
+                }
+                match this.deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        if this.head_started {
+                            "request head not received in time"
+                        } else {
+                            "idle keep-alive connection"
+                        },
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watchdog<S> {
+    #[inline]
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -145,31 +395,60 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Bind, log where, and serve until a shutdown signal.
-pub async fn serve(gateway: Arc<Gateway>) -> Result<(), String> {
+/// Bind the gateway's and the admin listener, log where, and serve until a
+/// shutdown signal. Reloads (SIGHUP, changed files) run alongside.
+pub async fn serve(app: Arc<App>) -> Result<(), String> {
+    let gateway = app.gateway();
     let server = &gateway.config.server;
-    let tls = server.tls.as_ref().map(tls_acceptor).transpose()?;
+    let tls = match server.tls.is_empty() {
+        true => None,
+        false => Some(Arc::new(ArcSwap::from_pointee(crate::tls::server_config(
+            &server.tls,
+        )?))),
+    };
     let listener = TcpListener::bind(server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", server.listen))?;
     let local: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
+    let front = Arc::new(Listener::new(app.clone(), tls.clone()));
+    if let Some(admin) = gateway.config.admin.listen {
+        let admin = TcpListener::bind(admin)
+            .await
+            .map_err(|e| format!("cannot listen on {admin} (admin.listen): {e}"))?;
+        let at = admin.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!("admin listening on {at} (/healthz, /readyz, /metrics)");
+        tokio::spawn(crate::admin::serve(admin, app.clone(), front.clone()));
+    }
+    tokio::spawn(crate::app::watch(app.clone(), tls));
+    let scheme = if front.tls.is_some() { "https" } else { "http" };
     tracing::info!("listening on {local} ({scheme})");
-    run(gateway, listener, tls, shutdown_signal()).await;
+    front.run(listener, shutdown_signal()).await;
     Ok(())
 }
 
 /// Expired sessions are invisible at once (every read checks the deadline);
 /// this takes their memory back, once a minute.
-async fn purge_sessions(gateway: Arc<Gateway>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+async fn purge_sessions(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match gateway.sessions.purge_expired().await {
+        match app.gateway().sessions.purge_expired().await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(purged = n, "expired sessions removed"),
             Err(error) => tracing::warn!(%error, "could not purge expired sessions"),
         }
     }
+}
+
+/// An error page for a connection the gateway never saw a request on is
+/// hyper's business; this is the plain-text 503 for the admin listener.
+pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(crate::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }

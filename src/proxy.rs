@@ -4,43 +4,16 @@
 //! streamed, and stream the answer back. An upstream that cannot be reached
 //! is a 502 page; its details stay in the log.
 
-use std::time::Duration;
-
 use http::header::{HeaderName, HeaderValue, CONNECTION, COOKIE, HOST};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
-use crate::config::{HeaderPreset, RouteConfig};
+use crate::config::HeaderPreset;
 use crate::router::{Context, Gateway};
 use crate::session::Identity;
+use crate::upstream::{ConnSlot, UpstreamError};
 use crate::Body;
-
-/// The pooled HTTP/1.1 client all routes share.
-pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
-}
-
-impl Default for Upstream {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Upstream {
-    pub fn new() -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
-        Upstream { client }
-    }
-}
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -71,22 +44,24 @@ const IDENTITY_NAMES: [&str; 8] = [
 
 pub async fn forward(
     gateway: &Gateway,
-    route: &RouteConfig,
+    index: usize,
     request: Request<Incoming>,
     context: &Context,
     identity: Option<&Identity>,
+    slot: &ConnSlot,
 ) -> Response<Body> {
+    let route = &gateway.config.routes[index];
     let (mut parts, body) = request.into_parts();
-    let uri = match upstream_uri(&route.upstream, &parts.uri) {
-        Some(uri) => uri,
-        None => {
-            return gateway.page(
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                "The request address could not be forwarded.",
-                None,
-            )
-        }
+    let (Some(target), Some(uri)) = (
+        gateway.targets[index].as_ref(),
+        upstream_path(&route.upstream, &parts.uri),
+    ) else {
+        return gateway.page(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "The request address could not be forwarded.",
+            None,
+        );
     };
     strip_hop_by_hop(&mut parts.headers);
     strip_identity(&mut parts.headers);
@@ -98,7 +73,7 @@ pub async fn forward(
     let host = if route.preserve_host {
         context.authority.as_str()
     } else {
-        uri.authority().map_or("", |a| a.as_str())
+        target.authority.as_str()
     };
     if let Ok(value) = HeaderValue::from_str(host) {
         parts.headers.insert(HOST, value);
@@ -106,48 +81,49 @@ pub async fn forward(
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let request = Request::from_parts(parts, body);
-    match gateway.upstream.client.request(request).await {
+    match gateway.upstreams.send(target, request, Some(slot)).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Either::Left(body))
         }
         Err(error) => {
-            tracing::warn!(upstream = %route.upstream, error = %error_chain(&error), "upstream request failed");
-            gateway.page(
-                StatusCode::BAD_GATEWAY,
-                "Bad gateway",
-                "The application behind flowgate did not answer. Try again in a moment.",
-                None,
-            )
+            gateway.route_metrics[index].upstream_errors.inc();
+            tracing::warn!(upstream = %route.upstream, %error, "upstream request failed");
+            match error {
+                UpstreamError::Timeout => gateway.page(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Gateway timeout",
+                    "The application behind flowgate took too long to answer. Try again in a moment.",
+                    None,
+                ),
+                _ => gateway.page(
+                    StatusCode::BAD_GATEWAY,
+                    "Bad gateway",
+                    "The application behind flowgate did not answer. Try again in a moment.",
+                    None,
+                ),
+            }
         }
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// `upstream` (scheme, authority, optional base path) + the request's path and query.
-fn upstream_uri(upstream: &Uri, request: &Uri) -> Option<Uri> {
+/// The upstream's base path + the request's path and query, in origin form
+/// (what goes on the request line of an HTTP/1.1 connection).
+fn upstream_path(upstream: &Uri, request: &Uri) -> Option<Uri> {
     let base = upstream.path().trim_end_matches('/');
     let path_and_query = request.path_and_query().map_or("/", |pq| pq.as_str());
+    if base.is_empty() {
+        if request.scheme().is_none() && request.authority().is_none() {
+            // Already origin-form: reuse it, no parsing or copying.
+            return Some(request.clone());
+        }
+        return path_and_query.parse().ok();
+    }
     let mut joined = String::with_capacity(base.len() + path_and_query.len());
     joined.push_str(base);
     joined.push_str(path_and_query);
-    Uri::builder()
-        .scheme(upstream.scheme()?.clone())
-        .authority(upstream.authority()?.clone())
-        .path_and_query(joined)
-        .build()
-        .ok()
+    joined.parse().ok()
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -347,17 +323,16 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uri_joins_base_path() {
+    fn upstream_path_joins_base_path() {
         let up: Uri = "http://127.0.0.1:3000/base".parse().unwrap();
         let req: Uri = "/x/y?z=1".parse().unwrap();
         assert_eq!(
-            upstream_uri(&up, &req).unwrap().to_string(),
-            "http://127.0.0.1:3000/base/x/y?z=1"
+            upstream_path(&up, &req).unwrap().to_string(),
+            "/base/x/y?z=1"
         );
         let up: Uri = "http://127.0.0.1:3000".parse().unwrap();
-        assert_eq!(
-            upstream_uri(&up, &req).unwrap().to_string(),
-            "http://127.0.0.1:3000/x/y?z=1"
-        );
+        assert_eq!(upstream_path(&up, &req).unwrap().to_string(), "/x/y?z=1");
+        let absolute: Uri = "http://app.example/x?y".parse().unwrap();
+        assert_eq!(upstream_path(&up, &absolute).unwrap().to_string(), "/x?y");
     }
 }

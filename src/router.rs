@@ -23,14 +23,16 @@ use http::header::{
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::config::{Config, CookieSecure, RouteConfig, StoreKind};
+use crate::config::{Config, CookieSecure, RouteConfig};
 use crate::directory::FileDirectory;
 use crate::engine::Engine;
 use crate::flow::FlowExecutor;
 use crate::gate::Decision;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::pages::{MessagePage, Pages};
 use crate::redirect::RedirectPolicy;
-use crate::session::{CookieSigner, MemoryStore, SessionStore};
+use crate::session::{CookieSigner, SessionStore};
+use crate::upstream::{ConnSlot, Target, Upstreams};
 use crate::{full, Body};
 
 /// What the gateway knows about one connection.
@@ -57,42 +59,64 @@ pub struct Context {
     pub client_ip: IpAddr,
 }
 
-/// The running gateway: config and everything built from it.
+/// The running gateway: config and everything built from it. Replaced
+/// whole on reload (see `app`); requests in flight finish on the one they
+/// started with.
 pub struct Gateway {
     pub config: Config,
     pub(crate) executor: Arc<dyn FlowExecutor>,
     pub(crate) sessions: Arc<dyn SessionStore>,
     pub(crate) signer: CookieSigner,
     pub(crate) pages: Pages,
-    pub(crate) upstream: crate::proxy::Upstream,
+    pub(crate) upstreams: Upstreams,
+    /// Per route (same index as `config.routes`): where it goes, and its series.
+    pub(crate) targets: Vec<Option<Target>>,
+    pub(crate) route_metrics: Vec<Arc<RouteMetrics>>,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) redirects: RedirectPolicy,
     pub(crate) static_prefix: String,
 }
 
 impl Gateway {
-    pub fn new(config: Config) -> Result<Gateway, String> {
+    /// Build from a validated config. `fallback_secret` signs cookies when
+    /// the config has no secret. Fails only on what validation cannot see
+    /// (a users file that went missing since, unreadable CA roots).
+    pub fn new(
+        config: Config,
+        sessions: Arc<dyn SessionStore>,
+        fallback_secret: &[u8],
+        metrics: Arc<Metrics>,
+    ) -> Result<Gateway, String> {
         let users = config.directory.users_file.clone();
         let directory = Arc::new(FileDirectory::load(&users).map_err(|e| e.to_string())?);
         if directory.is_empty() {
             tracing::warn!(file = %users.display(), "the users file has no users: nobody can log in");
         }
         let executor: Arc<dyn FlowExecutor> = Arc::new(Engine::new(&config, directory));
-        let sessions: Arc<dyn SessionStore> = match config.session.store {
-            StoreKind::Memory => Arc::new(MemoryStore::new(config.session.max_pre_auth)),
-        };
-        let secret = match &config.session.secret {
-            Some(secret) => secret.0.clone(),
-            None => {
-                tracing::warn!("no session secret configured (session.secret_file or FLOWGATE_SESSION_SECRET): using a random one, sessions end when flowgate stops");
-                crate::session::random_token().into_bytes()
-            }
-        };
+        let secret = config
+            .session
+            .secret
+            .as_ref()
+            .map_or(fallback_secret, |s| s.0.as_slice());
+        let targets = config
+            .routes
+            .iter()
+            .map(|r| Target::of(&r.upstream))
+            .collect();
+        let route_metrics = config
+            .routes
+            .iter()
+            .map(|r| metrics.route(&route_name(r)))
+            .collect();
         Ok(Gateway {
             executor,
             sessions,
-            signer: CookieSigner::new(&secret),
+            signer: CookieSigner::new(secret),
             pages: Pages::new(),
-            upstream: crate::proxy::Upstream::new(),
+            upstreams: Upstreams::new(&config.proxy)?,
+            targets,
+            route_metrics,
+            metrics,
             redirects: RedirectPolicy::from_config(&config),
             static_prefix: format!("{}/static", config.server.prefix),
             config,
@@ -104,21 +128,29 @@ impl Gateway {
         self: Arc<Self>,
         request: Request<Incoming>,
         connection: Connection,
+        slot: &ConnSlot,
     ) -> Response<Body> {
         let started = Instant::now();
         let context = self.context(&request, connection);
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        let (response, user, route) = self.dispatch(request, &context).await;
-        access_log(
-            &context,
-            &method,
-            &path,
-            &response,
-            user.as_deref(),
-            route,
-            started.elapsed(),
-        );
+        let (response, user, route) = self.dispatch(request, &context, slot).await;
+        let elapsed = started.elapsed();
+        let series = route
+            .and_then(|i| self.route_metrics.get(i))
+            .unwrap_or(&self.metrics.unrouted);
+        series.observe(response.status().as_u16(), elapsed);
+        if self.config.log.access {
+            access_log(
+                &context,
+                &method,
+                &path,
+                &response,
+                user.as_deref(),
+                route,
+                elapsed,
+            );
+        }
         response
     }
 
@@ -126,6 +158,7 @@ impl Gateway {
         &self,
         request: Request<Incoming>,
         context: &Context,
+        slot: &ConnSlot,
     ) -> (Response<Body>, Option<String>, Option<usize>) {
         let prefix = self.config.server.prefix.as_str();
         let path = request.uri().path();
@@ -153,7 +186,8 @@ impl Gateway {
             Decision::Forward(identity) => {
                 let user = identity.as_ref().map(|i| i.username.clone());
                 (
-                    crate::proxy::forward(self, route, request, context, identity.as_deref()).await,
+                    crate::proxy::forward(self, index, request, context, identity.as_deref(), slot)
+                        .await,
                     user,
                     Some(index),
                 )
@@ -412,6 +446,16 @@ fn access_log(
         micros = elapsed.as_micros() as u64,
         "request"
     );
+}
+
+/// A route's name in metrics and logs: its host pattern and path prefix.
+pub(crate) fn route_name(route: &RouteConfig) -> String {
+    let host = match &route.host {
+        crate::config::HostPattern::Any => "*".to_owned(),
+        crate::config::HostPattern::Exact(h) => h.clone(),
+        crate::config::HostPattern::Suffix(s) => format!("*{s}"),
+    };
+    format!("{host}{}", route.path_prefix)
 }
 
 #[cfg(test)]

@@ -15,10 +15,10 @@ use regex::Regex;
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use super::{
-    resolve_against, Allow, Config, ConfigError, ConfigErrors, CookieSecure, Designation,
-    DirectoryConfig, ExecutorConfig, FlowAuthentication, FlowConfig, HeaderPreset, HostPattern,
-    LogConfig, LogFormat, NotConfiguredAction, RouteConfig, Secret, Server, SessionConfig,
-    StageConfig, StoreKind, TlsConfig, UserField,
+    resolve_against, AdminConfig, Allow, Config, ConfigError, ConfigErrors, CookieSecure,
+    Designation, DirectoryConfig, ExecutorConfig, FlowAuthentication, FlowConfig, HeaderPreset,
+    HostPattern, LogConfig, LogFormat, NotConfiguredAction, ProxyConfig, RouteConfig, Secret,
+    Server, SessionConfig, StageConfig, StoreKind, TlsConfig, UserField,
 };
 
 /// The slug of the flow used when a config declares none.
@@ -440,6 +440,8 @@ impl<'a> Reader<'a> {
             "directory",
             "executor",
             "log",
+            "proxy",
+            "admin",
             "flow",
             "stage",
             "route",
@@ -449,6 +451,8 @@ impl<'a> Reader<'a> {
         let directory = self.directory(root);
         let executor = self.executor(root);
         let log = self.log(root);
+        let proxy = self.proxy(root);
+        let admin = self.admin(root);
         let stages = self.stages(root);
         let flows = self.flows(root, &stages);
         let routes = self.routes(root, &flows);
@@ -460,6 +464,8 @@ impl<'a> Reader<'a> {
             directory,
             executor,
             log,
+            proxy,
+            admin,
             flows,
             stages,
             routes,
@@ -510,21 +516,112 @@ impl<'a> Reader<'a> {
             }
             None => "/_flowgate".to_owned(),
         };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = self.integer(&mut s, "workers", cores as u64, 1) as usize;
+        let max_connections = self.integer(&mut s, "max_connections", 16384, 1) as usize;
+        let max_header_bytes = self.integer(&mut s, "max_header_bytes", 32 * 1024, 1024) as usize;
+        let max_headers = self.integer(&mut s, "max_headers", 100, 8) as usize;
+        let header_read_timeout = self.duration(
+            &mut s,
+            "header_read_timeout",
+            Duration::from_secs(10),
+            false,
+        );
+        let keepalive_timeout =
+            self.duration(&mut s, "keepalive_timeout", Duration::from_secs(60), false);
+        let shutdown_timeout =
+            self.duration(&mut s, "shutdown_timeout", Duration::from_secs(10), true);
         self.finish(s);
         Server {
             listen,
             tls,
             trusted_proxies,
             prefix,
+            workers,
+            max_connections,
+            max_header_bytes,
+            max_headers,
+            header_read_timeout,
+            keepalive_timeout,
+            shutdown_timeout,
         }
     }
 
-    fn tls(&mut self, server: &mut Section<'_>) -> Option<TlsConfig> {
+    fn proxy(&mut self, root: &dyn TableLike) -> ProxyConfig {
+        let mut s = self.section(root, "proxy", "proxy".into(), Some("PROXY"));
+        let connect_timeout =
+            self.duration(&mut s, "connect_timeout", Duration::from_secs(5), false);
+        let response_timeout =
+            self.duration(&mut s, "response_timeout", Duration::from_secs(60), false);
+        let pool_idle_timeout =
+            self.duration(&mut s, "pool_idle_timeout", Duration::from_secs(90), false);
+        let ca_file = match self.string(&mut s, "ca_file") {
+            Some((file, place)) => {
+                let path = resolve_against(self.path, Path::new(&file));
+                match std::fs::File::open(&path) {
+                    Ok(_) => Some(path),
+                    Err(e) => {
+                        self.error_at(&place, format!("cannot read {}: {e}", path.display()));
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        self.finish(s);
+        ProxyConfig {
+            connect_timeout,
+            response_timeout,
+            pool_idle_timeout,
+            ca_file,
+        }
+    }
+
+    fn admin(&mut self, root: &dyn TableLike) -> AdminConfig {
+        let mut s = self.section(root, "admin", "admin".into(), Some("ADMIN"));
+        let enabled = self.bool(&mut s, "enabled", true);
+        let listen = match self.string(&mut s, "listen") {
+            Some((text, place)) => text.parse::<SocketAddr>().unwrap_or_else(|_| {
+                self.error_at(
+                    &place,
+                    format!("\"{text}\" is not an address like \"127.0.0.1:9090\""),
+                );
+                default_admin()
+            }),
+            None => default_admin(),
+        };
+        self.finish(s);
+        AdminConfig {
+            listen: enabled.then_some(listen),
+        }
+    }
+
+    /// `tls = { cert, key }`, `tls = [{ … }, { … }]` or `[[server.tls]]`.
+    fn tls(&mut self, server: &mut Section<'_>) -> Vec<TlsConfig> {
         server.known.push("tls");
-        let table = server.table?;
-        let (key, item) = table.get_key_value("tls")?;
+        let Some((key, item)) = server.table.and_then(|t| t.get_key_value("tls")) else {
+            return Vec::new();
+        };
         let line = self.line_of(key.span());
-        let Some(tls_table) = item.as_table_like() else {
+        let mut tables: Vec<(&dyn TableLike, Option<usize>)> = Vec::new();
+        if let Some(array) = item.as_array_of_tables() {
+            for table in array.iter() {
+                tables.push((table, self.line_of(table.span()).or(line)));
+            }
+        } else if let Some(array) = item.as_array() {
+            for value in array.iter() {
+                match value.as_inline_table() {
+                    Some(table) => tables.push((table, self.line_of(value.span()).or(line))),
+                    None => self.error(
+                        line,
+                        "server.tls",
+                        "expected a list of `{ cert = \"…\", key = \"…\" }`",
+                    ),
+                }
+            }
+        } else if let Some(table) = item.as_table_like() {
+            tables.push((table, line));
+        } else {
             self.error(
                 line,
                 "server.tls",
@@ -533,16 +630,25 @@ impl<'a> Reader<'a> {
                     type_name(item)
                 ),
             );
-            return None;
-        };
-        let mut t = self.table_section(tls_table, "server.tls".into(), line);
-        let cert = self.existing_file(&mut t, "cert");
-        let key = self.existing_file(&mut t, "key");
-        self.finish(t);
-        Some(TlsConfig {
-            cert: cert?,
-            key: key?,
-        })
+        }
+        let many =
+            tables.len() > 1 || item.as_array().is_some() || item.as_array_of_tables().is_some();
+        let mut certificates = Vec::new();
+        for (i, (table, line)) in tables.into_iter().enumerate() {
+            let path = if many {
+                format!("server.tls[{i}]")
+            } else {
+                "server.tls".to_owned()
+            };
+            let mut t = self.table_section(table, path, line);
+            let cert = self.existing_file(&mut t, "cert");
+            let key = self.existing_file(&mut t, "key");
+            self.finish(t);
+            if let (Some(cert), Some(key)) = (cert, key) {
+                certificates.push(TlsConfig { cert, key });
+            }
+        }
+        certificates
     }
 
     /// A required path to a readable file, resolved against the config's folder.
@@ -733,8 +839,13 @@ impl<'a> Reader<'a> {
             }
             None => "info".to_owned(),
         };
+        let access = self.bool(&mut s, "access", true);
         self.finish(s);
-        LogConfig { format, level }
+        LogConfig {
+            format,
+            level,
+            access,
+        }
     }
 
     /// `[stage.<name>]` tables, plus the built-in names.
@@ -1134,11 +1245,7 @@ impl<'a> Reader<'a> {
             }
         };
         match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                self.error_at(place, "https upstreams are not supported yet; use http:// (e.g. on loopback or a private network)");
-                return None;
-            }
+            Some("http") | Some("https") => {}
             _ => {
                 self.error_at(
                     place,
@@ -1192,6 +1299,10 @@ impl<'a> Reader<'a> {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
 }
 
 fn line_starts(src: &str) -> Vec<usize> {
@@ -1530,16 +1641,20 @@ upstream = \"http://127.0.0.1:1/base\"
     }
 
     #[test]
-    fn https_upstreams_and_duplicate_routes_are_refused() {
-        let src = "[[route]]\nupstream = \"https://a.example\"\n\n[[route]]\nupstream = \"http://b:1\"\n\n[[route]]\nupstream = \"http://c:1\"\n";
+    fn duplicate_routes_and_odd_upstreams_are_refused() {
+        let src = "[[route]]\nupstream = \"https://a.example\"\n\n[[route]]\nupstream = \"ftp://b:1\"\n\n[[route]]\nupstream = \"https://a.example/other\"\n";
         let errors = errors(src);
         assert_eq!(errors.len(), 2, "{errors:#?}");
-        assert!(errors[0]
-            .message
-            .contains("https upstreams are not supported yet"));
+        assert_eq!(
+            (errors[0].line, errors[0].key.as_str()),
+            (Some(5), "route[1].upstream")
+        );
         assert_eq!(
             (errors[1].line, errors[1].key.as_str()),
             (Some(7), "route[2]")
         );
+        assert!(errors[1]
+            .message
+            .contains("same host and path_prefix as route[0]"));
     }
 }

@@ -117,6 +117,8 @@ skip_auth = ["^/public(/|$)"]
 /// A running `flowgate serve`, killed on drop.
 pub struct Flowgate {
     pub addr: SocketAddr,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`), if enabled.
+    pub admin: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     child: Child,
     log: Arc<Mutex<String>>,
@@ -137,6 +139,8 @@ impl Flowgate {
             .arg(dir.path().join("flowgate.toml"))
             .env("RUST_LOG", "info,flowgate=debug")
             .env_remove("FLOWGATE_SESSION_SECRET")
+            // Tests run side by side: every admin listener on its own port.
+            .env("FLOWGATE_ADMIN_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -145,9 +149,14 @@ impl Flowgate {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
+        let admin = Arc::new(Mutex::new(None));
+        let admin_sink = admin.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
+                if let Some(rest) = line.split("admin listening on ").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    *admin_sink.lock().unwrap() = addr.parse().ok();
+                } else if let Some(rest) = line.split("listening on ").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
                     let _ = tx.send(addr);
                 }
@@ -164,8 +173,10 @@ impl Flowgate {
                 panic!("flowgate did not start; its log:\n{}", log.lock().unwrap());
             }
         };
+        let admin = *admin.lock().unwrap();
         Flowgate {
             addr,
+            admin,
             dir,
             child,
             log,

@@ -1,0 +1,204 @@
+//! The running process: the current `Gateway` (swapped whole on reload,
+//! read lock-free by every request) and what outlives a reload: the session
+//! store, the fallback signing secret, the metrics.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, StoreKind};
+use crate::metrics::Metrics;
+use crate::router::Gateway;
+use crate::session::{MemoryStore, SessionStore};
+
+pub struct App {
+    current: ArcSwap<Gateway>,
+    /// The file to re-read on reload; `None` for a config built in memory.
+    config_path: Option<PathBuf>,
+    sessions: Arc<dyn SessionStore>,
+    /// Used when the config names no secret: made once per process, so a
+    /// reload does not sign everybody out.
+    fallback_secret: Vec<u8>,
+    pub metrics: Arc<Metrics>,
+    ready: AtomicBool,
+}
+
+impl App {
+    /// Build everything for a validated config. `config_path` is the file
+    /// reloads read again.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<App>, String> {
+        let sessions: Arc<dyn SessionStore> = match config.session.store {
+            StoreKind::Memory => Arc::new(MemoryStore::new(config.session.max_pre_auth)),
+        };
+        if config.session.secret.is_none() {
+            tracing::warn!("no session secret configured (session.secret_file or FLOWGATE_SESSION_SECRET): using a random one, sessions end when flowgate stops");
+        }
+        let fallback_secret = crate::session::random_token().into_bytes();
+        let metrics = Arc::new(Metrics::new());
+        let gateway = Gateway::new(config, sessions.clone(), &fallback_secret, metrics.clone())?;
+        Ok(Arc::new(App {
+            current: ArcSwap::from_pointee(gateway),
+            config_path,
+            sessions,
+            fallback_secret,
+            metrics,
+            ready: AtomicBool::new(true),
+        }))
+    }
+
+    /// The gateway serving requests now.
+    #[inline]
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.current.load_full()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Read the config file (and the users file it names) again and swap
+    /// the gateway. On any problem the running gateway stays and the
+    /// reason is returned (and logged by the caller).
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.config_path else {
+            return Err("this gateway was not started from a config file".into());
+        };
+        let config = crate::config::load(path).map_err(|errors| {
+            let count = errors.0.len();
+            format!(
+                "{errors}\n{count} problem{} in the configuration",
+                if count == 1 { "" } else { "s" }
+            )
+        })?;
+        let old = self.gateway();
+        for change in restart_only_changes(&old.config, &config) {
+            tracing::warn!(
+                "{change} changed: that takes a restart; the rest of the new config applies now"
+            );
+        }
+        let gateway = Gateway::new(
+            config,
+            self.sessions.clone(),
+            &self.fallback_secret,
+            self.metrics.clone(),
+        )?;
+        self.current.store(Arc::new(gateway));
+        self.metrics.reloads.inc();
+        Ok(())
+    }
+}
+
+/// Settings a running process cannot change: listeners and threads.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.server.listen != new.server.listen {
+        changed.push("server.listen");
+    }
+    if old.server.workers != new.server.workers {
+        changed.push("server.workers");
+    }
+    if old.server.tls.is_empty() != new.server.tls.is_empty() {
+        changed.push("server.tls (on/off)");
+    }
+    if old.admin.listen != new.admin.listen {
+        changed.push("admin.listen");
+    }
+    if old.session.store != new.session.store {
+        changed.push("session.store");
+    }
+    changed
+}
+
+/// How often watched files are checked for changes.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reload on SIGHUP, and when the config file, the users file or a TLS
+/// certificate changes on disk. A reload that fails keeps what runs and
+/// logs why; certificates are swapped for new connections only.
+pub async fn watch(app: Arc<App>, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = Stamps::read(&app).await;
+    loop {
+        #[cfg(unix)]
+        let signalled = async {
+            match hangup.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = std::future::pending::<Option<()>>();
+        let why = tokio::select! {
+            _ = signalled => "SIGHUP",
+            _ = tick.tick() => {
+                let now = Stamps::read(&app).await;
+                if now == seen {
+                    continue;
+                }
+                "a watched file changed"
+            }
+        };
+        // Read the files off the runtime: they may be slow (network disks).
+        let reloaded = {
+            let app = app.clone();
+            tokio::task::spawn_blocking(move || app.reload())
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+        };
+        match reloaded {
+            Ok(()) => tracing::info!("configuration reloaded ({why})"),
+            Err(error) => {
+                app.metrics.reload_failures.inc();
+                tracing::error!(
+                    "reload refused ({why}); the running configuration stays:\n{error}"
+                );
+            }
+        }
+        if let Some(tls) = &tls {
+            let certificates = app.gateway().config.server.tls.clone();
+            match tokio::task::spawn_blocking(move || crate::tls::server_config(&certificates))
+                .await
+            {
+                Ok(Ok(config)) => tls.store(Arc::new(config)),
+                Ok(Err(error)) => {
+                    tracing::error!("certificates not reloaded; the running ones stay: {error}")
+                }
+                Err(error) => tracing::error!("certificates not reloaded: {error}"),
+            }
+        }
+        seen = Stamps::read(&app).await;
+    }
+}
+
+/// Modification time and length of every file a config depends on.
+#[derive(PartialEq, Eq)]
+struct Stamps(Vec<Option<(std::time::SystemTime, u64)>>);
+
+impl Stamps {
+    /// `stat` each file, off the runtime.
+    async fn read(app: &App) -> Stamps {
+        let gateway = app.gateway();
+        let config = &gateway.config;
+        let mut paths = vec![config.path.clone(), config.directory.users_file.clone()];
+        for tls in &config.server.tls {
+            paths.push(tls.cert.clone());
+            paths.push(tls.key.clone());
+        }
+        let stat = move || {
+            paths
+                .iter()
+                .map(|p| {
+                    std::fs::metadata(p)
+                        .ok()
+                        .and_then(|m| Some((m.modified().ok()?, m.len())))
+                })
+                .collect()
+        };
+        Stamps(tokio::task::spawn_blocking(stat).await.unwrap_or_default())
+    }
+}

@@ -1,0 +1,311 @@
+//! Connections to upstreams. HTTP/1.1 with keep-alive, over TCP or rustls.
+//!
+//! The hot path keeps one upstream connection *per downstream connection*:
+//! a browser or load balancer that reuses its connection to flowgate gets
+//! its requests sent on the same upstream connection each time, found in a
+//! slot owned by that downstream connection, with no shared lock and no
+//! pool checkout. Connections not in use by a downstream connection wait in
+//! a shared idle list (one short lock to take or return one; never held
+//! across an `.await`), so concurrent HTTP/2 streams and new downstream
+//! connections reuse them instead of dialing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::ProxyConfig;
+
+/// Idle connections kept per upstream in the shared list.
+const MAX_IDLE_PER_UPSTREAM: usize = 256;
+
+/// Which upstream a connection goes to.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Target {
+    pub tls: bool,
+    pub authority: Authority,
+}
+
+impl Target {
+    pub fn of(uri: &Uri) -> Option<Target> {
+        Some(Target {
+            tls: uri.scheme() == Some(&Scheme::HTTPS),
+            authority: uri.authority()?.clone(),
+        })
+    }
+
+    fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.tls { 443 } else { 80 })
+    }
+}
+
+/// Why a request got no answer.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No connection within `connect_timeout`, refused, TLS failure…
+    Connect(String),
+    /// Connected, but no response head within `response_timeout`.
+    Timeout,
+    /// The connection failed while sending or receiving.
+    Failed(String),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "connect: {e}"),
+            UpstreamError::Timeout => f.write_str("no response in time"),
+            UpstreamError::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+struct Idle {
+    sender: SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// The upstream side of flowgate: how to dial, and the shared idle list.
+pub struct Upstreams {
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    idle_timeout: Duration,
+    tls: Option<TlsConnector>,
+    idle: Mutex<HashMap<Target, Vec<Idle>>>,
+}
+
+/// The upstream connection a downstream connection keeps for itself.
+#[derive(Default)]
+pub struct ConnSlot {
+    held: Mutex<Option<(Target, SendRequest<Incoming>)>>,
+}
+
+impl Upstreams {
+    pub fn new(config: &ProxyConfig) -> Result<Upstreams, String> {
+        Ok(Upstreams {
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
+            idle_timeout: config.pool_idle_timeout,
+            tls: Some(tls_connector(config.ca_file.as_deref())?),
+            idle: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Send `request` (origin-form URI, `Host` set) to `target`. With a
+    /// `slot`, the connection is taken from and returned to it; without one
+    /// (upgrades), a connection is used once and not returned.
+    pub async fn send(
+        &self,
+        target: &Target,
+        mut request: Request<Incoming>,
+        slot: Option<&ConnSlot>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let reusable = slot.is_some();
+        let mut sender = match slot.and_then(|s| s.take(target)) {
+            Some(sender) => sender,
+            None => match reusable.then(|| self.take_idle(target)).flatten() {
+                Some(sender) => sender,
+                None => self.connect(target).await?,
+            },
+        };
+        // A kept connection may have been closed by the upstream meanwhile;
+        // hyper hands the request back if it was not written, so it can go
+        // out on a fresh connection once.
+        let mut retried = false;
+        let response = loop {
+            let sent =
+                tokio::time::timeout(self.response_timeout, sender.try_send_request(request)).await;
+            match sent {
+                Err(_) => return Err(UpstreamError::Timeout),
+                Ok(Ok(response)) => break response,
+                Ok(Err(mut error)) => match error.take_message() {
+                    Some(unsent) if !retried => {
+                        retried = true;
+                        request = unsent;
+                        sender = self.connect(target).await?;
+                    }
+                    _ => return Err(UpstreamError::Failed(error_chain(error.error()))),
+                },
+            }
+        };
+        if reusable && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            match slot {
+                Some(slot) => {
+                    if let Some(spare) = slot.put(target, sender) {
+                        self.put_idle(target, spare);
+                    }
+                }
+                None => self.put_idle(target, sender),
+            }
+        }
+        Ok(response)
+    }
+
+    fn take_idle(&self, target: &Target) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(target)?;
+        while let Some(entry) = list.pop() {
+            if !entry.sender.is_closed() && entry.since.elapsed() < self.idle_timeout {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, target: &Target, sender: SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(target.clone()).or_default();
+        list.retain(|e| !e.sender.is_closed() && e.since.elapsed() < self.idle_timeout);
+        if list.len() < MAX_IDLE_PER_UPSTREAM {
+            list.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Hand a downstream connection's kept upstream connection to the
+    /// shared list when the downstream connection ends.
+    pub fn release(&self, slot: &ConnSlot) {
+        let held = slot.held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((target, sender)) = held {
+            self.put_idle(&target, sender);
+        }
+    }
+
+    async fn connect(&self, target: &Target) -> Result<SendRequest<Incoming>, UpstreamError> {
+        tokio::time::timeout(self.connect_timeout, self.dial(target))
+            .await
+            .map_err(|_| {
+                UpstreamError::Connect(format!("no connection within {:?}", self.connect_timeout))
+            })?
+    }
+
+    async fn dial(&self, target: &Target) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let host = target.authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let stream = TcpStream::connect((host, target.port()))
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        if target.tls {
+            let connector = self
+                .tls
+                .as_ref()
+                .ok_or_else(|| UpstreamError::Connect("TLS is not available".into()))?;
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            let stream = connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| UpstreamError::Connect(format!("TLS: {e}")))?;
+            handshake(TokioIo::new(stream)).await
+        } else {
+            handshake(TokioIo::new(stream)).await
+        }
+    }
+}
+
+async fn handshake<T>(io: T) -> Result<SendRequest<Incoming>, UpstreamError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(error = %error_chain(&error), "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+impl ConnSlot {
+    fn take(&self, target: &Target) -> Option<SendRequest<Incoming>> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held.take() {
+            Some((t, sender)) if t == *target && !sender.is_closed() => Some(sender),
+            // Another upstream (or a dead connection): let it go.
+            _ => None,
+        }
+    }
+
+    /// Keep `sender`; returns it back when the slot is already taken (a
+    /// concurrent HTTP/2 stream got there first).
+    fn put(&self, target: &Target, sender: SendRequest<Incoming>) -> Option<SendRequest<Incoming>> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.is_some() {
+            return Some(sender);
+        }
+        *held = Some((target.clone(), sender));
+        None
+    }
+}
+
+/// rustls client config for `https://` upstreams: the system's roots, or
+/// the PEM roots of `ca_file`. Upstreams speak HTTP/1.1.
+fn tls_connector(ca_file: Option<&std::path::Path>) -> Result<TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{}: no certificate found", path.display()));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                tracing::warn!(
+                    "no system CA certificates found: https upstreams need proxy.ca_file"
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
