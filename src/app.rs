@@ -9,6 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, StoreKind};
+use crate::engine::Throttle;
 use crate::metrics::Metrics;
 use crate::router::Gateway;
 use crate::session::{MemoryStore, SessionStore};
@@ -17,12 +18,20 @@ pub struct App {
     current: ArcSwap<Gateway>,
     /// The file to re-read on reload; `None` for a config built in memory.
     config_path: Option<PathBuf>,
-    sessions: Arc<dyn SessionStore>,
-    /// Used when the config names no secret: made once per process, so a
-    /// reload does not sign everybody out.
-    fallback_secret: Vec<u8>,
+    shared: Shared,
     pub metrics: Arc<Metrics>,
     ready: AtomicBool,
+}
+
+/// What every gateway of this process shares, reload after reload.
+pub struct Shared {
+    pub sessions: Arc<dyn SessionStore>,
+    /// Used when the config names no secret: made once per process, so a
+    /// reload does not sign everybody out.
+    pub fallback_secret: Vec<u8>,
+    pub metrics: Arc<Metrics>,
+    /// Failed logins per name and address.
+    pub throttle: Arc<Throttle>,
 }
 
 impl App {
@@ -35,14 +44,18 @@ impl App {
         if config.session.secret.is_none() {
             tracing::warn!("no session secret configured (session.secret_file or FLOWGATE_SESSION_SECRET): using a random one, sessions end when flowgate stops");
         }
-        let fallback_secret = crate::session::random_token().into_bytes();
         let metrics = Arc::new(Metrics::new());
-        let gateway = Gateway::new(config, sessions.clone(), &fallback_secret, metrics.clone())?;
+        let shared = Shared {
+            sessions,
+            fallback_secret: crate::session::random_token().into_bytes(),
+            metrics: metrics.clone(),
+            throttle: Arc::default(),
+        };
+        let gateway = Gateway::new(config, &shared)?;
         Ok(Arc::new(App {
             current: ArcSwap::from_pointee(gateway),
             config_path,
-            sessions,
-            fallback_secret,
+            shared,
             metrics,
             ready: AtomicBool::new(true),
         }))
@@ -78,12 +91,7 @@ impl App {
                 "{change} changed: that takes a restart; the rest of the new config applies now"
             );
         }
-        let gateway = Gateway::new(
-            config,
-            self.sessions.clone(),
-            &self.fallback_secret,
-            self.metrics.clone(),
-        )?;
+        let gateway = Gateway::new(config, &self.shared)?;
         self.current.store(Arc::new(gateway));
         self.metrics.reloads.inc();
         Ok(())

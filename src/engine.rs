@@ -26,6 +26,7 @@ use crate::flow::{
     ErrorMap, FlowError, FlowExecutor, FlowInfo, FlowRequest, FlowState, Identification, Password,
     PendingUser, Step,
 };
+use crate::metrics::Metrics;
 use crate::redirect::RedirectPolicy;
 use crate::session::{now_secs, Identity};
 
@@ -97,12 +98,25 @@ pub struct Engine {
     stages: HashMap<String, StageConfig>,
     directory: Arc<dyn Directory>,
     redirects: RedirectPolicy,
-    throttle: Throttle,
+    /// Shared with the engines of later reloads, so a reload does not
+    /// forgive anyone's failures.
+    throttle: Arc<Throttle>,
+    metrics: Option<Arc<Metrics>>,
     cancel_url: String,
 }
 
 impl Engine {
     pub fn new(config: &Config, directory: Arc<dyn Directory>) -> Engine {
+        Engine::with_shared(config, directory, Arc::default(), None)
+    }
+
+    /// An engine whose brute-force memory (and failure counter) outlive it.
+    pub fn with_shared(
+        config: &Config,
+        directory: Arc<dyn Directory>,
+        throttle: Arc<Throttle>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Engine {
         let mut stages: HashMap<String, StageConfig> = config
             .stages
             .iter()
@@ -126,8 +140,17 @@ impl Engine {
             stages,
             directory,
             redirects: RedirectPolicy::from_config(config),
-            throttle: Throttle::default(),
+            throttle,
+            metrics,
             cancel_url: format!("{}/sign_out", config.server.prefix),
+        }
+    }
+
+    /// A credential check failed: remember it for the throttle, count it.
+    fn failed(&self, identifier: &str, ip: Option<IpAddr>) {
+        self.throttle.failed(identifier, ip);
+        if let Some(metrics) = &self.metrics {
+            metrics.logins_failed.inc();
         }
     }
 
@@ -395,7 +418,7 @@ impl Engine {
                         .verify_password(user.as_deref(), secret)
                         .await
                     {
-                        self.throttle.failed(identifier, request.client_ip);
+                        self.failed(identifier, request.client_ip);
                         return Outcome::Invalid(field_error(
                             "non_field_errors",
                             FAILED_TO_AUTHENTICATE,
@@ -443,7 +466,7 @@ impl Engine {
                     plan.password_ok = true;
                     return Outcome::Pass;
                 }
-                self.throttle.failed(&identifier, request.client_ip);
+                self.failed(&identifier, request.client_ip);
                 plan.failed_attempts += 1;
                 if failed_attempts_before_cancel > 0
                     && plan.failed_attempts >= failed_attempts_before_cancel
@@ -475,7 +498,7 @@ impl Engine {
                 if self.directory.verify_totp(&user, &code, now_secs()) {
                     Outcome::Pass
                 } else {
-                    self.throttle.failed(&identifier, request.client_ip);
+                    self.failed(&identifier, request.client_ip);
                     Outcome::Invalid(field_error("code", INVALID_TOKEN, "invalid"))
                 }
             }
@@ -590,8 +613,9 @@ impl FlowExecutor for Engine {
 /// Slows password and code guessing: after `LIMIT` failures within `WINDOW`
 /// for one identifier, or `IP_LIMIT` from one address, further attempts are
 /// refused unchecked until `WINDOW` has passed since the last failure.
+/// Failed attempts per identifier and per client address, in a window.
 #[derive(Default)]
-struct Throttle {
+pub struct Throttle {
     failures: Mutex<HashMap<String, (u32, Instant)>>,
 }
 

@@ -194,6 +194,7 @@ pub async fn mint(
     old_id: Option<&str>,
     response: &mut Response<Body>,
 ) -> Result<Session, StoreError> {
+    gateway.metrics.logins_succeeded.inc();
     let lifetime = gateway.config.session.lifetime;
     let session = Session::authenticated(identity, now_secs(), lifetime);
     let id = crate::session::random_token();

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::service::service_fn;
@@ -214,6 +215,9 @@ struct ConnState {
     in_flight: AtomicUsize,
     started: AtomicU64,
     upgraded: AtomicBool,
+    /// The connection's reader, parked while requests were in flight: woken
+    /// when the last one ends, so that the idle deadline starts then.
+    reader: AtomicWaker,
 }
 
 /// Counts one request as in flight until dropped with its response body.
@@ -221,7 +225,7 @@ struct InFlight(Arc<ConnState>);
 
 impl InFlight {
     fn start(state: Arc<ConnState>) -> InFlight {
-        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
         state.started.fetch_add(1, Ordering::Relaxed);
         InFlight(state)
     }
@@ -229,7 +233,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.reader.wake();
+        }
     }
 }
 
@@ -289,7 +295,7 @@ impl<S> Watchdog<S> {
     }
 
     fn watching(&self) -> bool {
-        self.state.in_flight.load(Ordering::Relaxed) == 0
+        self.state.in_flight.load(Ordering::Acquire) == 0
             && !self.state.upgraded.load(Ordering::Relaxed)
     }
 }
@@ -314,7 +320,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watchdog<S> {
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
             Poll::Pending => {
                 if !this.watching() {
-                    return Poll::Pending;
+                    this.state.reader.register(cx.waker());
+                    // The last request may have ended in between.
+                    if !this.watching() {
+                        return Poll::Pending;
+                    }
                 }
                 let started = this.state.started.load(Ordering::Relaxed);
                 if started != this.seen {

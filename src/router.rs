@@ -23,6 +23,7 @@ use http::header::{
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::app::Shared;
 use crate::config::{Config, CookieSecure, RouteConfig};
 use crate::directory::FileDirectory;
 use crate::engine::Engine;
@@ -78,21 +79,24 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Build from a validated config. `fallback_secret` signs cookies when
-    /// the config has no secret. Fails only on what validation cannot see
-    /// (a users file that went missing since, unreadable CA roots).
-    pub fn new(
-        config: Config,
-        sessions: Arc<dyn SessionStore>,
-        fallback_secret: &[u8],
-        metrics: Arc<Metrics>,
-    ) -> Result<Gateway, String> {
+    /// Build from a validated config, with what outlives reloads. Fails
+    /// only on what validation cannot see (a users file that went missing
+    /// since, unreadable CA roots).
+    pub fn new(config: Config, shared: &Shared) -> Result<Gateway, String> {
         let users = config.directory.users_file.clone();
         let directory = Arc::new(FileDirectory::load(&users).map_err(|e| e.to_string())?);
         if directory.is_empty() {
             tracing::warn!(file = %users.display(), "the users file has no users: nobody can log in");
         }
-        let executor: Arc<dyn FlowExecutor> = Arc::new(Engine::new(&config, directory));
+        let executor: Arc<dyn FlowExecutor> = Arc::new(Engine::with_shared(
+            &config,
+            directory,
+            shared.throttle.clone(),
+            Some(shared.metrics.clone()),
+        ));
+        let metrics = shared.metrics.clone();
+        let sessions = shared.sessions.clone();
+        let fallback_secret = shared.fallback_secret.as_slice();
         let secret = config
             .session
             .secret

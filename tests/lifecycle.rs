@@ -1,0 +1,280 @@
+//! The process as an operator runs it: graceful shutdown, reloads (SIGHUP
+//! and changed files; a broken reload is refused), the admin listener's
+//! health, readiness and metrics, and the JSON access log.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// An upstream that answers after `delay`.
+async fn slow_upstream(delay: Duration) -> (String, tokio::task::JoinHandle<()>) {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(move |_request| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"finished")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits() {
+    let (upstream, _task) = slow_upstream(Duration::from_millis(1500)).await;
+    let mut gate = Flowgate::start(&basic_config(&upstream, ""), &users_file(&[&ALICE]));
+    let url = gate.url("/public/slow");
+    let in_flight = tokio::spawn(async move { reqwest::Client::new().get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    gate.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // No new connections once shutdown began.
+    let refused = reqwest::Client::new()
+        .get(gate.url("/public/x"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    assert!(refused.is_err(), "a new request was served during shutdown");
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "finished");
+    let status = gate
+        .wait_exit(Duration::from_secs(5))
+        .expect("flowgate exits after draining");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        gate.log().contains("all connections closed"),
+        "{}",
+        gate.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_a_changed_route_and_refuses_a_broken_config() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), "");
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let client = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let client = client.clone();
+        let url = gate.url(path);
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("/open/x").await, 401, "not public yet");
+
+    // Keep one connection open across the reload: it must survive.
+    let kept = reqwest::Client::new();
+    assert_eq!(
+        kept.get(gate.url("/public/a"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let changed = config.replace(
+        "skip_auth = [\"^/public(/|$)\"]",
+        "skip_auth = [\"^/public(/|$)\", \"^/open/\"]",
+    );
+    std::fs::write(gate.path().join("flowgate.toml"), &changed).unwrap();
+    gate.signal("HUP");
+    gate.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    assert_eq!(status("/open/x").await, 200, "the new route rule applies");
+    assert_eq!(
+        kept.get(gate.url("/public/b"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // A config with an error: refused, logged with its line, the old one stays.
+    let broken = changed.replace("[[route]]", "[[route]]\nupstream_typo = 1");
+    std::fs::write(gate.path().join("flowgate.toml"), broken).unwrap();
+    gate.signal("HUP");
+    gate.wait_for_log("reload refused", Duration::from_secs(5));
+    assert!(
+        gate.log().contains("route[0].upstream_typo: unknown key"),
+        "{}",
+        gate.log()
+    );
+    assert_eq!(status("/open/x").await, 200, "still the last good config");
+    assert_eq!(status("/private").await, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_users_file_is_picked_up_without_a_signal() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let client = client();
+    let denied = json_login(&client, &gate.url(""), "bob", BOB.password, "/").await;
+    assert_ne!(
+        denied["component"], "xak-flow-redirect",
+        "bob is not a user yet"
+    );
+
+    std::fs::write(gate.path().join("users.toml"), users_file(&[&ALICE, &BOB])).unwrap();
+    gate.wait_for_log(
+        "configuration reloaded (a watched file changed)",
+        Duration::from_secs(10),
+    );
+    let client = common::client();
+    let done = json_login(&client, &gate.url(""), "bob", BOB.password, "/").await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_survive_a_reload() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), "");
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let client = client();
+    json_login(&client, &gate.url(""), "alice", ALICE.password, "/").await;
+    std::fs::write(
+        gate.path().join("flowgate.toml"),
+        config.replace("title = \"Sign in\"", "title = \"Welcome\""),
+    )
+    .unwrap();
+    gate.signal("HUP");
+    gate.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    let echo: Value = client
+        .get(gate.url("/still-in"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_listener_reports_health_readiness_and_metrics() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let admin = format!(
+        "http://{}",
+        gate.admin.expect("admin listener address in the log")
+    );
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client
+            .get(format!("{admin}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let metrics = || {
+        let client = client.clone();
+        let url = format!("{admin}/metrics");
+        async move { client.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let before = metrics().await;
+    assert!(
+        before.contains("flowgate_build_info{version=\""),
+        "{before}"
+    );
+    assert!(
+        !before.contains("flowgate_requests_total{route=\"*/\",code=\"200\"}"),
+        "{before}"
+    );
+
+    client.get(gate.url("/public/one")).send().await.unwrap();
+    let user = common::client();
+    json_login(&user, &gate.url(""), "alice", ALICE.password, "/").await;
+    user.get(gate.url("/two")).send().await.unwrap();
+    let bad = common::client();
+    json_login(&bad, &gate.url(""), "alice", "wrong", "/").await;
+
+    let after = metrics().await;
+    for line in [
+        "flowgate_requests_total{route=\"*/\",code=\"200\"} 2",
+        "flowgate_request_duration_seconds_count{route=\"*/\"} 2",
+        "flowgate_logins_total{result=\"succeeded\"} 1",
+        "flowgate_active_sessions 1",
+        "flowgate_upstream_errors_total{route=\"*/\"} 0",
+    ] {
+        assert!(after.contains(line), "missing {line:?} in:\n{after}");
+    }
+    assert!(
+        after.contains("flowgate_logins_total{result=\"failed\"} 1"),
+        "{after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_access_log_has_one_line_per_request_and_no_secrets() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), "[log]\nformat = \"json\"\n");
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let client = client();
+    json_login(&client, &gate.url(""), "alice", ALICE.password, "/").await;
+    client
+        .get(gate.url("/report?token=s3cr3t-query"))
+        .send()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let found = gate
+            .log()
+            .lines()
+            .find(|l| l.contains("\"path\":\"/report\""))
+            .map(str::to_owned);
+        if let Some(line) = found {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access log line:\n{}",
+            gate.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let entry: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(entry["fields"]["status"], 200, "{entry}");
+    assert_eq!(entry["fields"]["user"], "alice", "{entry}");
+    assert_eq!(entry["fields"]["method"], "GET", "{entry}");
+    let log = gate.log();
+    assert!(
+        !log.contains("s3cr3t-query"),
+        "query strings are not logged"
+    );
+    assert!(!log.contains(ALICE.password), "passwords are not logged");
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+}
