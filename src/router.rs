@@ -185,8 +185,8 @@ impl Gateway {
                 None,
             );
         };
-        let session = crate::gate::session(self, request.headers()).await;
-        match crate::gate::decide(self, route, &request, session.as_ref().map(|(_, s)| s)) {
+        let identity = crate::gate::identity(self, request.headers()).await;
+        match crate::gate::decide(self, route, &request, identity) {
             Decision::Forward(identity) => {
                 let user = identity.as_ref().map(|i| i.username.clone());
                 (

@@ -8,6 +8,7 @@
 //! so a fixated id is worth nothing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -159,6 +160,24 @@ pub trait SessionStore: Send + Sync {
     async fn delete_all_for_user(&self, username: &str) -> Result<usize, StoreError>;
     /// Number of live authenticated sessions (for metrics).
     async fn count_authenticated(&self) -> Result<usize, StoreError>;
+    /// The hot path: the identity of an authenticated, live session, its
+    /// idle deadline pushed to `idle` from now (never past the session's
+    /// own expiry). Pre-auth or missing sessions: `None`.
+    async fn identity(
+        &self,
+        id: &str,
+        idle: Duration,
+    ) -> Result<Option<Arc<Identity>>, StoreError> {
+        let Some(session) = self.get(id).await? else {
+            return Ok(None);
+        };
+        let Some(identity) = session.identity.clone() else {
+            return Ok(None);
+        };
+        let left = session.expires.saturating_sub(now_secs());
+        self.touch(id, idle.min(Duration::from_secs(left))).await?;
+        Ok(Some(identity))
+    }
     /// Drop expired records; stores that expire by themselves (Redis TTLs)
     /// need not do anything. Returns how many went.
     async fn purge_expired(&self) -> Result<usize, StoreError> {
@@ -167,8 +186,15 @@ pub trait SessionStore: Send + Sync {
 }
 
 struct Entry {
-    session: Session,
-    deadline: u64,
+    session: Arc<Session>,
+    /// Unix seconds; atomic so that refreshing it needs only the read lock.
+    deadline: AtomicU64,
+}
+
+impl Entry {
+    fn live(&self, now: u64) -> bool {
+        self.deadline.load(Ordering::Relaxed) > now && self.session.expires > now
+    }
 }
 
 /// In-process store: a hash map behind a std `RwLock` (never held across an
@@ -211,8 +237,8 @@ impl SessionStore for MemoryStore {
         let map = self.read();
         Ok(map
             .get(id)
-            .filter(|e| e.deadline > now && e.session.expires > now)
-            .map(|e| e.session.clone()))
+            .filter(|e| e.live(now))
+            .map(|e| Session::clone(&e.session)))
     }
 
     async fn put(&self, id: &str, session: &Session, ttl: Duration) -> Result<(), StoreError> {
@@ -221,7 +247,7 @@ impl SessionStore for MemoryStore {
         if is_pre_auth(session) && !map.contains_key(id) {
             let pre_auth = map.values().filter(|e| is_pre_auth(&e.session)).count();
             if pre_auth >= self.max_pre_auth {
-                map.retain(|_, e| e.deadline > now && e.session.expires > now);
+                map.retain(|_, e| e.live(now));
                 let pre_auth = map.values().filter(|e| is_pre_auth(&e.session)).count();
                 if pre_auth >= self.max_pre_auth {
                     return Err(StoreError::Full(pre_auth));
@@ -231,8 +257,8 @@ impl SessionStore for MemoryStore {
         map.insert(
             id.to_owned(),
             Entry {
-                session: session.clone(),
-                deadline: now + ttl.as_secs(),
+                session: Arc::new(session.clone()),
+                deadline: AtomicU64::new(now + ttl.as_secs()),
             },
         );
         Ok(())
@@ -240,10 +266,28 @@ impl SessionStore for MemoryStore {
 
     async fn touch(&self, id: &str, ttl: Duration) -> Result<(), StoreError> {
         let now = now_secs();
-        if let Some(entry) = self.write().get_mut(id) {
-            entry.deadline = now + ttl.as_secs();
+        if let Some(entry) = self.read().get(id) {
+            entry.deadline.store(now + ttl.as_secs(), Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    async fn identity(
+        &self,
+        id: &str,
+        idle: Duration,
+    ) -> Result<Option<Arc<Identity>>, StoreError> {
+        let now = now_secs();
+        let map = self.read();
+        let Some(entry) = map.get(id).filter(|e| e.live(now)) else {
+            return Ok(None);
+        };
+        let Some(identity) = &entry.session.identity else {
+            return Ok(None);
+        };
+        let deadline = (now + idle.as_secs()).min(entry.session.expires);
+        entry.deadline.fetch_max(deadline, Ordering::Relaxed);
+        Ok(Some(identity.clone()))
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
@@ -262,7 +306,7 @@ impl SessionStore for MemoryStore {
         let now = now_secs();
         let mut map = self.write();
         let before = map.len();
-        map.retain(|_, e| e.deadline > now && e.session.expires > now);
+        map.retain(|_, e| e.live(now));
         Ok(before - map.len())
     }
 
@@ -271,7 +315,7 @@ impl SessionStore for MemoryStore {
         Ok(self
             .read()
             .values()
-            .filter(|e| e.deadline > now && e.session.identity().is_some())
+            .filter(|e| e.live(now) && e.session.identity().is_some())
             .count())
     }
 }
@@ -281,7 +325,8 @@ impl SessionStore for MemoryStore {
 /// value that fails the check never reaches the store.
 #[derive(Clone)]
 pub struct CookieSigner {
-    key: [u8; 32],
+    /// The MAC with the key already absorbed; cloned for each use.
+    keyed: HmacSha256,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -291,14 +336,15 @@ impl CookieSigner {
         let mut hasher = Sha256::new();
         hasher.update(b"flowgate cookie signing key v1\0");
         hasher.update(secret);
+        let key: [u8; 32] = hasher.finalize().into();
         CookieSigner {
-            key: hasher.finalize().into(),
+            // HMAC takes keys of any length; 32 bytes cannot fail.
+            keyed: <HmacSha256 as Mac>::new_from_slice(&key).expect("HMAC accepts a 32-byte key"),
         }
     }
 
     fn mac(&self) -> HmacSha256 {
-        // HMAC takes keys of any length; 32 bytes cannot fail.
-        <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC accepts a 32-byte key")
+        self.keyed.clone()
     }
 
     pub fn sign(&self, id: &str) -> String {
@@ -315,10 +361,13 @@ impl CookieSigner {
         if id.is_empty() || id.len() > 64 {
             return None;
         }
-        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+        let mut raw = [0u8; 32];
+        if tag.len() != 43 || URL_SAFE_NO_PAD.decode_slice(tag, &mut raw) != Ok(32) {
+            return None;
+        }
         let mut mac = self.mac();
         mac.update(id.as_bytes());
-        mac.verify_slice(&tag).ok()?;
+        mac.verify_slice(&raw).ok()?;
         Some(id)
     }
 }
@@ -418,6 +467,30 @@ mod tests {
             .await
             .unwrap();
         assert!(store.get("z").await.unwrap().is_none());
+        // the hot path: authenticated only, and it pushes the idle deadline
+        assert!(
+            store.identity("p1", ttl).await.unwrap().is_none(),
+            "pre-auth has no identity"
+        );
+        let short = Duration::from_secs(1);
+        store
+            .put(
+                "b2",
+                &Session::authenticated(identity("bob"), now, ttl),
+                short,
+            )
+            .await
+            .unwrap();
+        let bob = store.identity("b2", Duration::from_secs(30)).await.unwrap();
+        assert_eq!(bob.map(|i| i.username.clone()).as_deref(), Some("bob"));
+        let deadline = store
+            .read()
+            .get("b2")
+            .unwrap()
+            .deadline
+            .load(Ordering::Relaxed);
+        assert!(deadline >= now + 29, "idle deadline refreshed");
+        store.delete("b2").await.unwrap();
         // the sweep takes back what reads already ignore, and only that
         assert_eq!(store.purge_expired().await.unwrap(), 2, "c1 and z");
         assert!(store.get("b1").await.unwrap().is_some());
