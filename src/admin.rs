@@ -39,8 +39,15 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, front: Arc<Listener>) {
 async fn answer(app: &App, front: &Listener, request: Request<Incoming>) -> Response<Body> {
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if app.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/readyz" => {
+            // Ready: built, and the session store answers.
+            let store = app.gateway().sessions.count_authenticated().await;
+            match (app.is_ready(), store) {
+                (true, Ok(_)) => text(StatusCode::OK, "ready\n"),
+                (false, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n"),
+                (_, Err(_)) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: session store unavailable\n"),
+            }
+        }
         "/metrics" => {
             let sessions = app.gateway().sessions.count_authenticated().await.ok();
             let body = app.metrics.render(sessions, front.open_connections());
