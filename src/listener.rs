@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::app::App;
 use crate::config::Server;
 use crate::router::Connection;
-use crate::upstream::ConnSlot;
+use crate::upstream::{ConnHold, ConnSlot};
 use crate::Body;
 
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
@@ -109,14 +109,17 @@ impl Listener {
             let builder = builder.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {
-                let _permit = permit;
+                // Shared with tunnels this connection may turn into.
+                let permit: ConnHold = Arc::new(permit);
                 let state = Arc::new(ConnState::default());
                 let stream = Watchdog::new(stream, state.clone(), this.limits);
                 match &this.tls {
                     None => {
                         let connection = Connection { peer, tls: false };
-                        serve_connection(&this.app, builder, watcher, stream, state, connection)
-                            .await
+                        serve_connection(
+                            &this.app, builder, watcher, stream, state, connection, permit,
+                        )
+                        .await
                     }
                     Some(tls) => {
                         let acceptor = TlsAcceptor::from(tls.load_full());
@@ -124,7 +127,7 @@ impl Listener {
                             Ok(Ok(stream)) => {
                                 let connection = Connection { peer, tls: true };
                                 serve_connection(
-                                    &this.app, builder, watcher, stream, state, connection,
+                                    &this.app, builder, watcher, stream, state, connection, permit,
                                 )
                                 .await
                             }
@@ -176,10 +179,11 @@ async fn serve_connection<S>(
     stream: S,
     state: Arc<ConnState>,
     connection: Connection,
+    hold: ConnHold,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let slot = Arc::new(ConnSlot::default());
+    let slot = Arc::new(ConnSlot::with_hold(hold));
     let service = {
         let app = app.clone();
         let slot = slot.clone();

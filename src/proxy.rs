@@ -3,17 +3,23 @@
 //! and the identity in), send it on a pooled connection with the body
 //! streamed, and stream the answer back. An upstream that cannot be reached
 //! is a 502 page; its details stay in the log.
+//!
+//! An HTTP/1.1 `Upgrade` (websockets) goes out on a connection of its own
+//! with `Connection: upgrade` kept; when the upstream answers 101, both
+//! sides are joined into a byte tunnel that outlives the request.
 
-use http::header::{HeaderName, HeaderValue, CONNECTION, COOKIE, HOST};
+use http::header::{HeaderName, HeaderValue, CONNECTION, COOKIE, HOST, UPGRADE};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 
 use crate::config::HeaderPreset;
 use crate::router::{Context, Gateway};
 use crate::session::Identity;
-use crate::upstream::{ConnSlot, UpstreamError};
-use crate::Body;
+use crate::upstream::{ConnHold, ConnSlot, UpstreamError};
+use crate::{empty, Body};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -45,12 +51,18 @@ const IDENTITY_NAMES: [&str; 8] = [
 pub async fn forward(
     gateway: &Gateway,
     index: usize,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     context: &Context,
     identity: Option<&Identity>,
     slot: &ConnSlot,
 ) -> Response<Body> {
     let route = &gateway.config.routes[index];
+    // The client's end of a tunnel-to-be; hyper keeps it in the request's
+    // extensions, which `into_parts` would leave behind with the parts.
+    let upgrade = requested_upgrade(&request).map(|protocol| Upgrade {
+        protocol,
+        client: hyper::upgrade::on(&mut request),
+    });
     let (mut parts, body) = request.into_parts();
     let (Some(target), Some(uri)) = (
         gateway.targets[index].as_ref(),
@@ -64,6 +76,9 @@ pub async fn forward(
         );
     };
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(upgrade) = &upgrade {
+        keep_upgrade(&mut parts.headers, upgrade.protocol.clone());
+    }
     strip_identity(&mut parts.headers);
     strip_cookie(&mut parts.headers, &gateway.config.session.cookie_name);
     set_forwarded(&mut parts.headers, context);
@@ -81,7 +96,23 @@ pub async fn forward(
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let request = Request::from_parts(parts, body);
-    match gateway.upstreams.send(target, request, Some(slot)).await {
+    // A connection that may become a tunnel is nobody's to reuse.
+    let slot_hold = slot.hold.clone();
+    let slot = upgrade.is_none().then_some(slot);
+    match gateway.upstreams.send(target, request, slot).await {
+        Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => match upgrade {
+            Some(upgrade) => switch(response, upgrade.client, slot_hold),
+            None => {
+                gateway.route_metrics[index].upstream_errors.inc();
+                tracing::warn!(upstream = %route.upstream, "upstream switched protocols unasked");
+                gateway.page(
+                    StatusCode::BAD_GATEWAY,
+                    "Bad gateway",
+                    "The application behind flowgate gave an answer flowgate cannot pass on.",
+                    None,
+                )
+            }
+        },
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -105,6 +136,77 @@ pub async fn forward(
                 ),
             }
         }
+    }
+}
+
+/// A protocol switch the client asked for, and its end of the tunnel.
+struct Upgrade {
+    protocol: HeaderValue,
+    client: OnUpgrade,
+}
+
+/// The `Upgrade` protocol of an HTTP/1.1 request that asks to switch
+/// (`Connection: upgrade`, RFC 9110 §7.8). HTTP/2 has no such mechanism.
+fn requested_upgrade<B>(request: &Request<B>) -> Option<HeaderValue> {
+    if request.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let asks = request
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    request.headers().get(UPGRADE).cloned()
+}
+
+/// Put back the two hop-by-hop headers an upgrade needs on the next hop.
+fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, protocol);
+}
+
+/// The upstream agreed to switch: answer the client 101 with the upstream's
+/// headers, and join the two connections once hyper hands them over (the
+/// client's only after this 101 is written).
+fn switch(
+    mut response: Response<Incoming>,
+    client: OnUpgrade,
+    hold: Option<ConnHold>,
+) -> Response<Body> {
+    let upstream = hyper::upgrade::on(&mut response);
+    let protocol = response.headers().get(UPGRADE).cloned();
+    let (mut parts, _) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = protocol {
+        keep_upgrade(&mut parts.headers, protocol);
+    }
+    tokio::spawn(tunnel(client, upstream, hold));
+    Response::from_parts(parts, empty())
+}
+
+/// Copy bytes both ways until each side has closed its half. `_hold` keeps
+/// the client connection counted (connection cap, graceful shutdown) while
+/// the tunnel lives.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, _hold: Option<ConnHold>) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade abandoned before the tunnel opened");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((to_upstream, to_client)) => {
+            tracing::debug!(to_upstream, to_client, "tunnel closed")
+        }
+        Err(error) => tracing::debug!(%error, "tunnel closed with an error"),
     }
 }
 
@@ -320,6 +422,46 @@ mod tests {
         lookalike.insert(COOKIE, HeaderValue::from_static("my_flowgate_session=1"));
         strip_cookie(&mut lookalike, "flowgate_session");
         assert_eq!(lookalike.get(COOKIE).unwrap(), "my_flowgate_session=1");
+    }
+
+    #[test]
+    fn only_http11_requests_with_connection_upgrade_ask_to_switch() {
+        let request = |version, connection: Option<&'static str>, upgrade: Option<&'static str>| {
+            let mut builder = Request::builder().version(version);
+            if let Some(value) = connection {
+                builder = builder.header(CONNECTION, value);
+            }
+            if let Some(value) = upgrade {
+                builder = builder.header(UPGRADE, value);
+            }
+            builder.body(()).unwrap()
+        };
+        let v11 = http::Version::HTTP_11;
+        let asks = request(v11, Some("keep-alive, Upgrade"), Some("websocket"));
+        assert_eq!(requested_upgrade(&asks).unwrap(), "websocket");
+        assert!(requested_upgrade(&request(v11, None, Some("websocket"))).is_none());
+        assert!(requested_upgrade(&request(v11, Some("keep-alive"), Some("websocket"))).is_none());
+        assert!(requested_upgrade(&request(v11, Some("upgrade"), None)).is_none());
+        let v10 = http::Version::HTTP_10;
+        assert!(requested_upgrade(&request(v10, Some("upgrade"), Some("websocket"))).is_none());
+        let v2 = http::Version::HTTP_2;
+        assert!(requested_upgrade(&request(v2, Some("upgrade"), Some("websocket"))).is_none());
+    }
+
+    #[test]
+    fn upgrades_keep_their_two_headers_and_lose_the_other_hop_by_hop() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("Upgrade, X-Hop"));
+        headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("sec-websocket-key", HeaderValue::from_static("k"));
+        strip_hop_by_hop(&mut headers);
+        keep_upgrade(&mut headers, HeaderValue::from_static("websocket"));
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["connection", "sec-websocket-key", "upgrade"]);
+        assert_eq!(headers[CONNECTION], "upgrade");
     }
 
     #[test]

@@ -84,10 +84,15 @@ pub struct Upstreams {
     idle: Mutex<HashMap<Target, Vec<Idle>>>,
 }
 
+/// Whatever keeps a client connection counted as open (its slot under
+/// `server.max_connections`); an upgraded tunnel holds it while it lives.
+pub type ConnHold = Arc<dyn std::any::Any + Send + Sync>;
+
 /// The upstream connection a downstream connection keeps for itself.
 #[derive(Default)]
 pub struct ConnSlot {
     held: Mutex<Option<(Target, SendRequest<Incoming>)>>,
+    pub(crate) hold: Option<ConnHold>,
 }
 
 impl Upstreams {
@@ -239,6 +244,13 @@ where
 }
 
 impl ConnSlot {
+    pub fn with_hold(hold: ConnHold) -> ConnSlot {
+        ConnSlot {
+            held: Mutex::default(),
+            hold: Some(hold),
+        }
+    }
+
     fn take(&self, target: &Target) -> Option<SendRequest<Incoming>> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         match held.take() {

@@ -261,7 +261,8 @@ async fn unreachable_upstream_is_a_502_page_without_internals() {
         !html.contains("127.0.0.1") && !html.contains(&port.to_string()),
         "no internals: {html}"
     );
-    assert!(gate.log().contains("upstream request failed"));
+    // The log is read from flowgate's stderr by another thread: wait for it.
+    gate.wait_for_log("upstream request failed", std::time::Duration::from_secs(5));
 }
 
 #[tokio::test(flavor = "multi_thread")]
