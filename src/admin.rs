@@ -45,7 +45,10 @@ async fn answer(app: &App, front: &Listener, request: Request<Incoming>) -> Resp
             match (app.is_ready(), store) {
                 (true, Ok(_)) => text(StatusCode::OK, "ready\n"),
                 (false, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n"),
-                (_, Err(_)) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: session store unavailable\n"),
+                (_, Err(_)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: session store unavailable\n",
+                ),
             }
         }
         "/metrics" => {
