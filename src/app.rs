@@ -21,6 +21,8 @@ pub struct App {
     shared: Shared,
     pub metrics: Arc<Metrics>,
     ready: AtomicBool,
+    /// The watched files as they were when the first config was read.
+    startup_stamps: std::sync::Mutex<Option<Stamps>>,
 }
 
 /// What every gateway of this process shares, reload after reload.
@@ -38,6 +40,7 @@ impl App {
     /// Build everything for a validated config. `config_path` is the file
     /// reloads read again.
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<App>, String> {
+        let startup_stamps = Stamps::stat(Stamps::paths(&config));
         let sessions: Arc<dyn SessionStore> = match config.session.store {
             StoreKind::Memory => Arc::new(MemoryStore::new(config.session.max_pre_auth)),
         };
@@ -58,6 +61,7 @@ impl App {
             shared,
             metrics,
             ready: AtomicBool::new(true),
+            startup_stamps: std::sync::Mutex::new(Some(startup_stamps)),
         }))
     }
 
@@ -130,7 +134,17 @@ pub async fn watch(app: Arc<App>, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen = Stamps::read(&app).await;
+    // What the running config was built from: stamped at startup, before
+    // anything could change unnoticed between loading and watching.
+    let startup = app
+        .startup_stamps
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let mut seen = match startup {
+        Some(stamps) => stamps,
+        None => Stamps::read(&app).await,
+    };
     loop {
         #[cfg(unix)]
         let signalled = async {
@@ -143,14 +157,16 @@ pub async fn watch(app: Arc<App>, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>
         let signalled = std::future::pending::<Option<()>>();
         let why = tokio::select! {
             _ = signalled => "SIGHUP",
-            _ = tick.tick() => {
-                let now = Stamps::read(&app).await;
-                if now == seen {
-                    continue;
-                }
-                "a watched file changed"
-            }
+            _ = tick.tick() => "a watched file changed",
         };
+        let now = Stamps::read(&app).await;
+        if why != "SIGHUP" && now == seen {
+            continue;
+        }
+        // Stamped before reading: a write landing during the reload (a key
+        // just after its certificate) shows as a change on the next tick.
+        let files_before = now.paths.clone();
+        seen = now;
         // Read the files off the runtime: they may be slow (network disks).
         let reloaded = {
             let app = app.clone();
@@ -179,34 +195,52 @@ pub async fn watch(app: Arc<App>, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>
                 Err(error) => tracing::error!("certificates not reloaded: {error}"),
             }
         }
-        seen = Stamps::read(&app).await;
+        // The new config may watch other files: start those from now.
+        let now = Stamps::read(&app).await;
+        if now.paths != files_before {
+            seen = now;
+        }
     }
 }
 
 /// Modification time and length of every file a config depends on.
 #[derive(PartialEq, Eq)]
-struct Stamps(Vec<Option<(std::time::SystemTime, u64)>>);
+pub(crate) struct Stamps {
+    paths: Vec<PathBuf>,
+    stamps: Vec<Option<(std::time::SystemTime, u64)>>,
+}
 
 impl Stamps {
-    /// `stat` each file, off the runtime.
-    async fn read(app: &App) -> Stamps {
-        let gateway = app.gateway();
-        let config = &gateway.config;
+    fn paths(config: &Config) -> Vec<PathBuf> {
         let mut paths = vec![config.path.clone(), config.directory.users_file.clone()];
         for tls in &config.server.tls {
             paths.push(tls.cert.clone());
             paths.push(tls.key.clone());
         }
-        let stat = move || {
-            paths
-                .iter()
-                .map(|p| {
-                    std::fs::metadata(p)
-                        .ok()
-                        .and_then(|m| Some((m.modified().ok()?, m.len())))
-                })
-                .collect()
-        };
-        Stamps(tokio::task::spawn_blocking(stat).await.unwrap_or_default())
+        paths
+    }
+
+    fn stat(paths: Vec<PathBuf>) -> Stamps {
+        let stamps = paths
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())))
+            })
+            .collect();
+        Stamps { paths, stamps }
+    }
+
+    /// `stat` each file, off the runtime.
+    async fn read(app: &App) -> Stamps {
+        let paths = Stamps::paths(&app.gateway().config);
+        let fallback = paths.clone();
+        tokio::task::spawn_blocking(move || Stamps::stat(paths))
+            .await
+            .unwrap_or_else(|_| Stamps {
+                paths: fallback,
+                stamps: Vec::new(),
+            })
     }
 }
