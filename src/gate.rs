@@ -23,7 +23,7 @@ pub enum Decision {
     /// Anything else without a session: 401 naming where to log in.
     Unauthorized { login: String, executor: String },
     /// Signed in, but not allowed on this route.
-    Forbidden(String),
+    Forbidden(Arc<Identity>),
 }
 
 /// The session named by the request's cookie, if its signature holds and the
@@ -113,7 +113,7 @@ pub fn decide(
         return if allowed(route, &identity) {
             Decision::Forward(Some(identity))
         } else {
-            Decision::Forbidden(identity.username.clone())
+            Decision::Forbidden(identity)
         };
     }
     let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());

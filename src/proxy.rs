@@ -22,15 +22,15 @@ use crate::upstream::{ConnHold, ConnSlot, UpstreamError};
 use crate::{empty, Body};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    UPGRADE,
+    http::header::PROXY_AUTHORIZATION,
 ];
 
 /// Identity header families of every preset flowgate knows and of its peers
@@ -229,25 +229,35 @@ fn upstream_path(upstream: &Uri, request: &Uri) -> Option<Uri> {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    if headers.contains_key(CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
 
+/// Whether `name` is one of the identity headers, compared without
+/// allocating: ASCII case-insensitive, `_` equal to `-`.
 fn is_identity_header(name: &str) -> bool {
-    let normalized = name.replace('_', "-").to_ascii_lowercase();
-    IDENTITY_NAMES.contains(&normalized.as_str())
-        || IDENTITY_PREFIXES.iter().any(|p| normalized.starts_with(p))
+    let name = name.as_bytes();
+    let same = |a: &u8, b: &u8| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-');
+    let equals = |known: &str| {
+        name.len() == known.len() && name.iter().zip(known.as_bytes()).all(|(a, b)| same(a, b))
+    };
+    let starts = |prefix: &str| {
+        name.len() >= prefix.len() && name.iter().zip(prefix.as_bytes()).all(|(a, b)| same(a, b))
+    };
+    IDENTITY_NAMES.iter().any(|n| equals(n)) || IDENTITY_PREFIXES.iter().any(|p| starts(p))
 }
 
 pub(crate) fn strip_identity(headers: &mut HeaderMap) {
@@ -294,43 +304,74 @@ pub(crate) fn strip_cookie(headers: &mut HeaderMap, name: &str) {
 /// `X-Forwarded-*` and `Forwarded`: extended when the peer is a trusted
 /// proxy, replaced otherwise (a client's own claims are not passed on).
 fn set_forwarded(headers: &mut HeaderMap, context: &Context) {
-    let peer = context.peer.ip().to_string();
+    use std::io::Write as _;
+    // The peer's address, formatted once on the stack.
+    let mut peer_buf = [0u8; 48];
+    let peer_len = {
+        let mut cursor = std::io::Cursor::new(&mut peer_buf[..]);
+        let _ = write!(cursor, "{}", context.peer.ip());
+        cursor.position() as usize
+    };
+    let peer = std::str::from_utf8(&peer_buf[..peer_len]).unwrap_or("unknown");
     let proto = if context.https { "https" } else { "http" };
-    let xff = match headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .filter(|_| context.trusted)
-    {
-        Some(previous) => format!("{previous}, {peer}"),
-        None => peer.clone(),
+    let previous = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| context.trusted)
     };
-    let forwarded_for = if context.peer.is_ipv6() {
-        format!("\"[{peer}]\"")
+    let xff = match previous("x-forwarded-for") {
+        Some(previous) => owned_value(format!("{previous}, {peer}")),
+        None => HeaderValue::from_str(peer).ok(),
+    };
+    let host: std::borrow::Cow<'_, str> = match context.authority.contains('"') {
+        true => context.authority.replace('"', "").into(),
+        false => context.authority.as_str().into(),
+    };
+    let element = if context.peer.is_ipv6() {
+        format!("for=\"[{peer}]\";proto={proto};host=\"{host}\"")
     } else {
-        peer
+        format!("for={peer};proto={proto};host=\"{host}\"")
     };
-    let element = format!(
-        "for={forwarded_for};proto={proto};host=\"{}\"",
-        context.authority.replace('"', "")
-    );
-    let forwarded = match headers
-        .get("forwarded")
-        .and_then(|v| v.to_str().ok())
-        .filter(|_| context.trusted)
-    {
-        Some(previous) => format!("{previous}, {element}"),
-        None => element,
+    let forwarded = match previous("forwarded") {
+        Some(previous) => owned_value(format!("{previous}, {element}")),
+        None => owned_value(element),
     };
     let keep_host = context.trusted && headers.contains_key("x-forwarded-host");
     let keep_proto = context.trusted && headers.contains_key("x-forwarded-proto");
-    insert(headers, "x-forwarded-for", &xff);
-    insert(headers, "forwarded", &forwarded);
+    if let Some(xff) = xff {
+        headers.insert(X_FORWARDED_FOR, xff);
+    }
+    if let Some(forwarded) = forwarded {
+        headers.insert(http::header::FORWARDED, forwarded);
+    }
     if !keep_proto {
-        insert(headers, "x-forwarded-proto", proto);
+        let value = if context.https {
+            HeaderValue::from_static("https")
+        } else {
+            HeaderValue::from_static("http")
+        };
+        headers.insert(X_FORWARDED_PROTO, value);
     }
     if !keep_host {
-        insert(headers, "x-forwarded-host", &context.authority);
+        // The client's own Host value, shared rather than copied.
+        let value = headers
+            .get(HOST)
+            .cloned()
+            .or_else(|| HeaderValue::from_str(&context.authority).ok());
+        if let Some(value) = value {
+            headers.insert(X_FORWARDED_HOST, value);
+        }
     }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// A header value that takes the string's buffer instead of copying it.
+fn owned_value(text: String) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
 
 fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {

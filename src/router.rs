@@ -32,7 +32,7 @@ use crate::gate::Decision;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pages::{MessagePage, Pages};
 use crate::redirect::RedirectPolicy;
-use crate::session::{CookieSigner, SessionStore};
+use crate::session::{CookieSigner, Identity, SessionStore};
 use crate::upstream::{ConnSlot, Target, Upstreams};
 use crate::{full, Body};
 
@@ -136,24 +136,21 @@ impl Gateway {
     ) -> Response<Body> {
         let started = Instant::now();
         let context = self.context(&request, connection);
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
+        // Kept for the access log only when there is one.
+        let logged = self
+            .config
+            .log
+            .access
+            .then(|| (request.method().clone(), request.uri().path().to_owned()));
         let (response, user, route) = self.dispatch(request, &context, slot).await;
         let elapsed = started.elapsed();
         let series = route
             .and_then(|i| self.route_metrics.get(i))
             .unwrap_or(&self.metrics.unrouted);
         series.observe(response.status().as_u16(), elapsed);
-        if self.config.log.access {
-            access_log(
-                &context,
-                &method,
-                &path,
-                &response,
-                user.as_deref(),
-                route,
-                elapsed,
-            );
+        if let Some((method, path)) = logged {
+            let user = user.as_ref().map(|i| i.username.as_str());
+            access_log(&context, &method, &path, &response, user, route, elapsed);
         }
         response
     }
@@ -163,7 +160,7 @@ impl Gateway {
         request: Request<Incoming>,
         context: &Context,
         slot: &ConnSlot,
-    ) -> (Response<Body>, Option<String>, Option<usize>) {
+    ) -> (Response<Body>, Option<Arc<Identity>>, Option<usize>) {
         let prefix = self.config.server.prefix.as_str();
         let path = request.uri().path();
         if path == prefix
@@ -187,15 +184,12 @@ impl Gateway {
         };
         let identity = crate::gate::identity(self, request.headers()).await;
         match crate::gate::decide(self, route, &request, identity) {
-            Decision::Forward(identity) => {
-                let user = identity.as_ref().map(|i| i.username.clone());
-                (
-                    crate::proxy::forward(self, index, request, context, identity.as_deref(), slot)
-                        .await,
-                    user,
-                    Some(index),
-                )
-            }
+            Decision::Forward(identity) => (
+                crate::proxy::forward(self, index, request, context, identity.as_deref(), slot)
+                    .await,
+                identity,
+                Some(index),
+            ),
             Decision::Login(location) => (crate::gate::to_login(&location), None, Some(index)),
             Decision::Unauthorized { login, executor } => (
                 crate::gate::unauthorized(&login, &executor),
@@ -208,7 +202,8 @@ impl Gateway {
                         StatusCode::FORBIDDEN,
                         "Access denied",
                         &format!(
-                            "You are signed in as {user}, but this application is not open to you."
+                            "You are signed in as {}, but this application is not open to you.",
+                            user.username
                         ),
                         None,
                     )
