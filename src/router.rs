@@ -168,7 +168,9 @@ impl Gateway {
                 .strip_prefix(prefix)
                 .is_some_and(|rest| rest.starts_with('/'))
         {
-            return (self.reserved(request, context).await, None, None);
+            // Boxed: the login pages' and executor's futures are large, and
+            // the proxied path should not carry (and move) their size.
+            return (Box::pin(self.reserved(request, context)).await, None, None);
         }
         let Some((index, route)) = self.route(&context.host, path) else {
             return (
