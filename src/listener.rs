@@ -192,7 +192,10 @@ async fn serve_connection<S>(
             let slot = slot.clone();
             let state = state.clone();
             let guard = InFlight::start(state.clone());
-            async move {
+            // Boxed: hyper keeps room for the service's future inside every
+            // connection, idle or not; a box makes that room one pointer, so
+            // thousands of idle keep-alive connections stay small.
+            Box::pin(async move {
                 let response = gateway.handle(request, connection, &slot).await;
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     // A websocket or the like: its own idle rules from here.
@@ -202,7 +205,7 @@ async fn serve_connection<S>(
                     body,
                     _guard: guard,
                 }))
-            }
+            })
         })
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);

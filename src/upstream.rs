@@ -10,6 +10,7 @@
 //! connections reuse them instead of dialing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,10 @@ use crate::config::ProxyConfig;
 
 /// Idle connections kept per upstream in the shared list.
 const MAX_IDLE_PER_UPSTREAM: usize = 256;
+/// Upstream connections kept in client connections' slots, all upstreams
+/// together. Beyond it they go to the shared list: ten thousand idle
+/// clients must not mean ten thousand idle upstream connections.
+const MAX_IN_SLOTS: usize = 1024;
 
 /// Which upstream a connection goes to.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -82,6 +87,7 @@ pub struct Upstreams {
     idle_timeout: Duration,
     tls: Option<TlsConnector>,
     idle: Mutex<HashMap<Target, Vec<Idle>>>,
+    in_slots: Arc<AtomicUsize>,
 }
 
 /// Whatever keeps a client connection counted as open (its slot under
@@ -91,8 +97,23 @@ pub type ConnHold = Arc<dyn std::any::Any + Send + Sync>;
 /// The upstream connection a downstream connection keeps for itself.
 #[derive(Default)]
 pub struct ConnSlot {
-    held: Mutex<Option<(Target, SendRequest<Incoming>)>>,
+    held: Mutex<Option<Held>>,
     pub(crate) hold: Option<ConnHold>,
+}
+
+/// A connection kept in a slot, and the count of such connections it is
+/// part of (so that it is uncounted where it was counted, across reloads).
+struct Held {
+    target: Target,
+    /// `Some` until `into_sender` takes it.
+    sender: Option<SendRequest<Incoming>>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Upstreams {
@@ -103,6 +124,7 @@ impl Upstreams {
             idle_timeout: config.pool_idle_timeout,
             tls: Some(tls_connector(config.ca_file.as_deref())?),
             idle: Mutex::new(HashMap::new()),
+            in_slots: Arc::default(),
         })
     }
 
@@ -146,7 +168,7 @@ impl Upstreams {
         if reusable && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
             match slot {
                 Some(slot) => {
-                    if let Some(spare) = slot.put(target, sender) {
+                    if let Some(spare) = slot.put(target, sender, &self.in_slots) {
                         self.put_idle(target, spare);
                     }
                 }
@@ -186,8 +208,9 @@ impl Upstreams {
     /// shared list when the downstream connection ends.
     pub fn release(&self, slot: &ConnSlot) {
         let held = slot.held.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some((target, sender)) = held {
-            self.put_idle(&target, sender);
+        if let Some(held) = held {
+            let target = held.target.clone();
+            self.put_idle(&target, held.into_sender());
         }
     }
 
@@ -254,21 +277,44 @@ impl ConnSlot {
     fn take(&self, target: &Target) -> Option<SendRequest<Incoming>> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         match held.take() {
-            Some((t, sender)) if t == *target && !sender.is_closed() => Some(sender),
+            Some(h) if h.target == *target && h.sender.as_ref().is_some_and(|s| !s.is_closed()) => {
+                Some(h.into_sender())
+            }
             // Another upstream (or a dead connection): let it go.
             _ => None,
         }
     }
 
-    /// Keep `sender`; returns it back when the slot is already taken (a
-    /// concurrent HTTP/2 stream got there first).
-    fn put(&self, target: &Target, sender: SendRequest<Incoming>) -> Option<SendRequest<Incoming>> {
+    /// Keep `sender`; hands it back when the slot is taken (a concurrent
+    /// HTTP/2 stream got there first) or `count` is at its limit.
+    fn put(
+        &self,
+        target: &Target,
+        sender: SendRequest<Incoming>,
+        count: &Arc<AtomicUsize>,
+    ) -> Option<SendRequest<Incoming>> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held.is_some() {
+        if held.is_some() || count.fetch_add(1, Ordering::Relaxed) >= MAX_IN_SLOTS {
+            if held.is_none() {
+                count.fetch_sub(1, Ordering::Relaxed);
+            }
             return Some(sender);
         }
-        *held = Some((target.clone(), sender));
+        *held = Some(Held {
+            target: target.clone(),
+            sender: Some(sender),
+            count: count.clone(),
+        });
         None
+    }
+}
+
+impl Held {
+    fn into_sender(mut self) -> SendRequest<Incoming> {
+        // Drop uncounts it; the connection itself moves on.
+        self.sender
+            .take()
+            .expect("a held connection has its sender until taken")
     }
 }
 
