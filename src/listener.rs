@@ -146,9 +146,20 @@ impl Listener {
         tracing::info!(
             "shutting down: no new connections, waiting up to {deadline:?} for requests in flight"
         );
+        // HTTP connections close once their requests finish; upgraded ones
+        // (websockets) are not hyper's any more but still hold their slot.
+        let drained = async {
+            graceful.shutdown().await;
+            while self.open_connections() > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
         tokio::select! {
-            _ = graceful.shutdown() => tracing::info!("all connections closed"),
-            _ = tokio::time::sleep(deadline) => tracing::warn!("gave up waiting for connections after {deadline:?}"),
+            _ = drained => tracing::info!("all connections closed"),
+            _ = tokio::time::sleep(deadline) => tracing::warn!(
+                open = self.open_connections(),
+                "gave up waiting for connections after {deadline:?}"
+            ),
         }
     }
 }

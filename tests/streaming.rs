@@ -573,3 +573,41 @@ async fn a_1_gib_download_streams_through_in_bounded_memory() {
     assert_eq!(received, GIB, "the client got all of it");
     assert_bounded("download", &gate, before, peak, elapsed);
 }
+
+/// On SIGTERM an open websocket keeps working and flowgate waits for it to
+/// close (up to `shutdown_timeout`), then exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_waits_for_an_open_websocket() {
+    let upstream = WsUpstream::start().await;
+    let config = basic_config(&upstream.url(), "").replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\nshutdown_timeout = \"20s\"\n",
+    );
+    let mut gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let (_, cookie) = alice(&gate).await;
+    let mut ws = ws_connect(&gate, Some(&cookie)).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("hello alice"));
+
+    gate.signal("TERM");
+    gate.wait_for_log("shutting down", Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        gate.wait_exit(Duration::from_millis(10)).is_none(),
+        "exited with a websocket open"
+    );
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("still here"));
+
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    drop(ws);
+    let status = gate
+        .wait_exit(Duration::from_secs(5))
+        .expect("exits once the websocket closed");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        gate.log().contains("all connections closed"),
+        "{}",
+        gate.log()
+    );
+}
