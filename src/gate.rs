@@ -180,8 +180,13 @@ pub fn encode(s: &str) -> String {
 }
 
 pub fn to_login(location: &str) -> Response<Body> {
+    redirect(StatusCode::FOUND, location)
+}
+
+/// A redirect nobody should cache.
+pub(crate) fn redirect(status: StatusCode, location: &str) -> Response<Body> {
     let mut response = Response::new(empty());
-    *response.status_mut() = StatusCode::FOUND;
+    *response.status_mut() = status;
     if let Ok(value) = HeaderValue::from_str(location) {
         response.headers_mut().insert(LOCATION, value);
     }

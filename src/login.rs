@@ -464,16 +464,7 @@ fn busy(gateway: &Gateway, reason: &str) -> Response<Body> {
 }
 
 fn see_other(location: &str) -> Response<Body> {
-    let mut response = Response::new(empty());
-    *response.status_mut() = StatusCode::SEE_OTHER;
-    if let Ok(value) = HeaderValue::from_str(location) {
-        response.headers_mut().insert(LOCATION, value);
-    }
-    response.headers_mut().insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-store"),
-    );
-    response
+    crate::gate::redirect(StatusCode::SEE_OTHER, location)
 }
 
 fn tokens_match(sent: &str, expected: &str) -> bool {
