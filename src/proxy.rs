@@ -81,6 +81,7 @@ pub async fn forward(
     }
     strip_identity(&mut parts.headers);
     strip_cookie(&mut parts.headers, &gateway.config.session.cookie_name);
+    parts.headers.reserve(10);
     set_forwarded(&mut parts.headers, context);
     if let Some(identity) = identity {
         add_identity(&mut parts.headers, route.headers, identity);
@@ -241,8 +242,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    // Usually there are none: one pass over the names instead of a hashed
+    // removal per hop-by-hop name.
+    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
     }
 }
 
@@ -314,13 +319,13 @@ fn set_forwarded(headers: &mut HeaderMap, context: &Context) {
     };
     let peer = std::str::from_utf8(&peer_buf[..peer_len]).unwrap_or("unknown");
     let proto = if context.https { "https" } else { "http" };
-    let previous = |name: &str| {
+    let previous = |name: &HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .filter(|_| context.trusted)
     };
-    let xff = match previous("x-forwarded-for") {
+    let xff = match previous(&X_FORWARDED_FOR) {
         Some(previous) => owned_value(format!("{previous}, {peer}")),
         None => HeaderValue::from_str(peer).ok(),
     };
@@ -333,12 +338,12 @@ fn set_forwarded(headers: &mut HeaderMap, context: &Context) {
     } else {
         format!("for={peer};proto={proto};host=\"{host}\"")
     };
-    let forwarded = match previous("forwarded") {
+    let forwarded = match previous(&http::header::FORWARDED) {
         Some(previous) => owned_value(format!("{previous}, {element}")),
         None => owned_value(element),
     };
-    let keep_host = context.trusted && headers.contains_key("x-forwarded-host");
-    let keep_proto = context.trusted && headers.contains_key("x-forwarded-proto");
+    let keep_host = context.trusted && headers.contains_key(X_FORWARDED_HOST);
+    let keep_proto = context.trusted && headers.contains_key(X_FORWARDED_PROTO);
     if let Some(xff) = xff {
         headers.insert(X_FORWARDED_FOR, xff);
     }
@@ -368,46 +373,62 @@ fn set_forwarded(headers: &mut HeaderMap, context: &Context) {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_USER: HeaderName = HeaderName::from_static("x-forwarded-user");
+const X_FORWARDED_EMAIL: HeaderName = HeaderName::from_static("x-forwarded-email");
+const X_FORWARDED_GROUPS: HeaderName = HeaderName::from_static("x-forwarded-groups");
+const X_FORWARDED_PREFERRED_USERNAME: HeaderName =
+    HeaderName::from_static("x-forwarded-preferred-username");
 
 /// A header value that takes the string's buffer instead of copying it.
 fn owned_value(text: String) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
 
-fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), value);
-    }
-}
-
 /// The identity, under the route's header names. Values that cannot be
 /// header values (control characters) are left out rather than mangled.
 fn add_identity(headers: &mut HeaderMap, preset: HeaderPreset, identity: &Identity) {
-    let groups = identity.groups.join(",");
-    let set: &[(&'static str, &str)] = match preset {
-        HeaderPreset::Default => &[
-            ("x-forwarded-user", &identity.username),
-            ("x-forwarded-email", &identity.email),
-            ("x-forwarded-groups", &groups),
-            ("x-forwarded-preferred-username", &identity.username),
-        ],
-        HeaderPreset::Authentik => &[
-            ("x-authentik-username", &identity.username),
-            ("x-authentik-email", &identity.email),
+    const N: fn(&'static str) -> HeaderName = HeaderName::from_static;
+    let groups;
+    let (set, len): ([(HeaderName, &str); 5], usize) = match preset {
+        HeaderPreset::Default => {
+            groups = identity.groups.join(",");
+            let set = [
+                (X_FORWARDED_USER, identity.username.as_str()),
+                (X_FORWARDED_EMAIL, &identity.email),
+                (X_FORWARDED_GROUPS, &groups),
+                (X_FORWARDED_PREFERRED_USERNAME, &identity.username),
+                (X_FORWARDED_USER, ""),
+            ];
+            (set, 4)
+        }
+        HeaderPreset::Authentik => {
             // authentik joins groups with `|` (PROTOCOL.md §5.4).
-            ("x-authentik-groups", &identity.groups.join("|")),
-            ("x-authentik-name", &identity.name),
-            ("x-authentik-uid", &identity.uid),
-        ],
-        HeaderPreset::OAuth2Proxy => &[
-            ("x-auth-request-user", &identity.username),
-            ("x-auth-request-email", &identity.email),
-            ("x-auth-request-groups", &groups),
-            ("x-auth-request-preferred-username", &identity.username),
-        ],
+            groups = identity.groups.join("|");
+            let set = [
+                (N("x-authentik-username"), identity.username.as_str()),
+                (N("x-authentik-email"), &identity.email),
+                (N("x-authentik-groups"), &groups),
+                (N("x-authentik-name"), &identity.name),
+                (N("x-authentik-uid"), &identity.uid),
+            ];
+            (set, 5)
+        }
+        HeaderPreset::OAuth2Proxy => {
+            groups = identity.groups.join(",");
+            let set = [
+                (N("x-auth-request-user"), identity.username.as_str()),
+                (N("x-auth-request-email"), &identity.email),
+                (N("x-auth-request-groups"), &groups),
+                (N("x-auth-request-preferred-username"), &identity.username),
+                (N("x-auth-request-user"), ""),
+            ];
+            (set, 4)
+        }
     };
-    for (name, value) in set {
-        insert(headers, name, value);
+    for (name, value) in set.into_iter().take(len) {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
     }
 }
 

@@ -138,11 +138,13 @@ impl Upstreams {
         slot: Option<&ConnSlot>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let reusable = slot.is_some();
+        // Dialing (TCP, TLS, handshake) is boxed: its future is large and
+        // rare, and would otherwise be carried and moved by every request.
         let mut sender = match slot.and_then(|s| s.take(target)) {
             Some(sender) => sender,
             None => match reusable.then(|| self.take_idle(target)).flatten() {
                 Some(sender) => sender,
-                None => self.connect(target).await?,
+                None => Box::pin(self.connect(target)).await?,
             },
         };
         // A kept connection may have been closed by the upstream meanwhile;
@@ -159,7 +161,7 @@ impl Upstreams {
                     Some(unsent) if !retried => {
                         retried = true;
                         request = unsent;
-                        sender = self.connect(target).await?;
+                        sender = Box::pin(self.connect(target)).await?;
                     }
                     _ => return Err(UpstreamError::Failed(error_chain(error.error()))),
                 },

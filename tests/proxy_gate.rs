@@ -377,3 +377,69 @@ async fn cookies_are_secure_behind_a_trusted_tls_proxy_only() {
     assert_eq!(echo["headers"]["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
     assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
 }
+
+/// The header presets: authentik's outpost names and oauth2-proxy's.
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_header_presets_use_their_own_names() {
+    let upstream = Upstream::start().await;
+    for (preset, expected, absent) in [
+        (
+            "authentik",
+            vec![
+                ("x-authentik-username", "alice"),
+                ("x-authentik-email", "alice@example.test"),
+                ("x-authentik-groups", "admins|staff"),
+                ("x-authentik-name", "Alice Example"),
+            ],
+            "x-forwarded-user",
+        ),
+        (
+            "oauth2-proxy",
+            vec![
+                ("x-auth-request-user", "alice"),
+                ("x-auth-request-email", "alice@example.test"),
+                ("x-auth-request-groups", "admins,staff"),
+                ("x-auth-request-preferred-username", "alice"),
+            ],
+            "x-forwarded-user",
+        ),
+        (
+            "default",
+            vec![
+                ("x-forwarded-user", "alice"),
+                ("x-forwarded-email", "alice@example.test"),
+                ("x-forwarded-groups", "admins,staff"),
+                ("x-forwarded-preferred-username", "alice"),
+            ],
+            "x-authentik-username",
+        ),
+    ] {
+        let config = basic_config(&upstream.url(), "").replace(
+            "skip_auth = [\"^/public(/|$)\"]",
+            &format!("skip_auth = [\"^/public(/|$)\"]\nheaders = \"{preset}\""),
+        );
+        let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+        let alice = logged_in(&gate).await;
+        let echo: Value = alice
+            .get(gate.url("/who"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for (name, value) in expected {
+            assert_eq!(echo["headers"][name], value, "{preset}: {name} in {echo}");
+        }
+        assert!(
+            echo["headers"].get(absent).is_none(),
+            "{preset}: {absent} in {echo}"
+        );
+        if preset == "authentik" {
+            let uid = echo["headers"]["x-authentik-uid"]
+                .as_str()
+                .unwrap_or_default();
+            assert_eq!(uid.len(), 64, "authentik's uid is a hex SHA-256: {echo}");
+        }
+    }
+}
