@@ -82,7 +82,7 @@ pub async fn forward(
     strip_identity(&mut parts.headers);
     strip_cookie(&mut parts.headers, &gateway.config.session.cookie_name);
     parts.headers.reserve(10);
-    set_forwarded(&mut parts.headers, context);
+    set_forwarded(&mut parts.headers, context, slot);
     if let Some(identity) = identity {
         add_identity(&mut parts.headers, route.headers, identity);
     }
@@ -308,16 +308,9 @@ pub(crate) fn strip_cookie(headers: &mut HeaderMap, name: &str) {
 
 /// `X-Forwarded-*` and `Forwarded`: extended when the peer is a trusted
 /// proxy, replaced otherwise (a client's own claims are not passed on).
-fn set_forwarded(headers: &mut HeaderMap, context: &Context) {
-    use std::io::Write as _;
-    // The peer's address, formatted once on the stack.
-    let mut peer_buf = [0u8; 48];
-    let peer_len = {
-        let mut cursor = std::io::Cursor::new(&mut peer_buf[..]);
-        let _ = write!(cursor, "{}", context.peer.ip());
-        cursor.position() as usize
-    };
-    let peer = std::str::from_utf8(&peer_buf[..peer_len]).unwrap_or("unknown");
+fn set_forwarded(headers: &mut HeaderMap, context: &Context, slot: &ConnSlot) {
+    let peer_value = slot.peer_value(context.peer.ip());
+    let peer = peer_value.to_str().unwrap_or("unknown");
     let proto = if context.https { "https" } else { "http" };
     let previous = |name: &HeaderName| {
         headers
@@ -327,17 +320,26 @@ fn set_forwarded(headers: &mut HeaderMap, context: &Context) {
     };
     let xff = match previous(&X_FORWARDED_FOR) {
         Some(previous) => owned_value(format!("{previous}, {peer}")),
-        None => HeaderValue::from_str(peer).ok(),
+        None => Some(peer_value.clone()),
     };
     let host: std::borrow::Cow<'_, str> = match context.authority.contains('"') {
         true => context.authority.replace('"', "").into(),
         false => context.authority.as_str().into(),
     };
-    let element = if context.peer.is_ipv6() {
-        format!("for=\"[{peer}]\";proto={proto};host=\"{host}\"")
+    let mut element = String::with_capacity(32 + peer.len() + host.len());
+    if context.peer.is_ipv6() {
+        element.push_str("for=\"[");
+        element.push_str(peer);
+        element.push_str("]\"");
     } else {
-        format!("for={peer};proto={proto};host=\"{host}\"")
-    };
+        element.push_str("for=");
+        element.push_str(peer);
+    }
+    element.push_str(";proto=");
+    element.push_str(proto);
+    element.push_str(";host=\"");
+    element.push_str(&host);
+    element.push('"');
     let forwarded = match previous(&http::header::FORWARDED) {
         Some(previous) => owned_value(format!("{previous}, {element}")),
         None => owned_value(element),

@@ -99,6 +99,8 @@ pub type ConnHold = Arc<dyn std::any::Any + Send + Sync>;
 pub struct ConnSlot {
     held: Mutex<Option<Held>>,
     pub(crate) hold: Option<ConnHold>,
+    /// The client's address as a header value, formatted once per connection.
+    peer: std::sync::OnceLock<http::HeaderValue>,
 }
 
 /// A connection kept in a slot, and the count of such connections it is
@@ -273,7 +275,16 @@ impl ConnSlot {
         ConnSlot {
             held: Mutex::default(),
             hold: Some(hold),
+            peer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// `ip` as a header value, formatted on the connection's first request.
+    pub(crate) fn peer_value(&self, ip: std::net::IpAddr) -> &http::HeaderValue {
+        self.peer.get_or_init(|| {
+            http::HeaderValue::from_str(&ip.to_string())
+                .unwrap_or(http::HeaderValue::from_static("unknown"))
+        })
     }
 
     fn take(&self, target: &Target) -> Option<SendRequest<Incoming>> {
