@@ -48,7 +48,13 @@ cargo build --release --bin flowgate --quiet
 BIN=${CARGO_TARGET_DIR:-target}/release/flowgate
 
 echo "== upstream"
-benches/bench.sh upstream stop    # one left behind by a run that was killed
+# bench.sh keeps its state (pid files) in one folder on fixed ports: a second
+# run at the same time would stop the first one's processes. Refuse instead.
+for port in "${UP_PORT:-19101}" "${NGX_PORT:-19102}" "${HAP_PORT:-19103}"; do
+  if (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
+    die "port $port is taken: another benchmark is running (or a killed one left its upstream: benches/bench.sh upstream stop)"
+  fi
+done
 UPSTREAM_URL=
 UPSTREAM_STARTED=1
 eval "$(benches/bench.sh upstream start)"
