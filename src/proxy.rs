@@ -295,20 +295,26 @@ pub(crate) fn strip_cookie(headers: &mut HeaderMap, name: &str) {
     }) {
         return;
     }
-    let kept: Vec<String> = headers
+    // The other cookies, rejoined into one buffer.
+    let mut kept = String::new();
+    for pair in headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|pair| {
-            !pair.is_empty() && !ours(pair.split_once('=').map_or(*pair, |(k, _)| k.trim()))
-        })
-        .map(str::to_owned)
-        .collect();
+    {
+        if pair.is_empty() || ours(pair.split_once('=').map_or(pair, |(k, _)| k.trim())) {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(pair);
+    }
     headers.remove(COOKIE);
     if !kept.is_empty() {
-        if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
+        if let Some(value) = owned_value(kept) {
             headers.insert(COOKIE, value);
         }
     }
