@@ -38,6 +38,7 @@ fn identity(name: &str) -> Identity {
         uid: format!("{:064x}", name.len()),
         pk: 1,
         is_superuser: false,
+        header_values: Default::default(),
     }
 }
 

@@ -56,6 +56,7 @@ impl User {
             uid: user_uid(&self.username),
             pk: self.pk,
             is_superuser: self.superuser,
+            header_values: Default::default(),
         }
     }
 }

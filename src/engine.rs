@@ -909,6 +909,7 @@ mod tests {
             uid: String::new(),
             pk: 1,
             is_superuser: false,
+            header_values: Default::default(),
         };
         let mut state = FlowState::default();
         let req = FlowRequest {

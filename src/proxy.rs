@@ -404,46 +404,44 @@ fn owned_value(text: String) -> Option<HeaderValue> {
 /// header values (control characters) are left out rather than mangled.
 fn add_identity(headers: &mut HeaderMap, preset: HeaderPreset, identity: &Identity) {
     const N: fn(&'static str) -> HeaderName = HeaderName::from_static;
-    let groups;
-    let (set, len): ([(HeaderName, &str); 5], usize) = match preset {
-        HeaderPreset::Default => {
-            groups = identity.groups.join(",");
-            let set = [
-                (X_FORWARDED_USER, identity.username.as_str()),
-                (X_FORWARDED_EMAIL, &identity.email),
-                (X_FORWARDED_GROUPS, &groups),
-                (X_FORWARDED_PREFERRED_USERNAME, &identity.username),
-                (X_FORWARDED_USER, ""),
-            ];
-            (set, 4)
-        }
-        HeaderPreset::Authentik => {
-            // authentik joins groups with `|` (PROTOCOL.md §5.4).
-            groups = identity.groups.join("|");
-            let set = [
-                (N("x-authentik-username"), identity.username.as_str()),
-                (N("x-authentik-email"), &identity.email),
-                (N("x-authentik-groups"), &groups),
-                (N("x-authentik-name"), &identity.name),
-                (N("x-authentik-uid"), &identity.uid),
-            ];
-            (set, 5)
-        }
-        HeaderPreset::OAuth2Proxy => {
-            groups = identity.groups.join(",");
-            let set = [
-                (N("x-auth-request-user"), identity.username.as_str()),
-                (N("x-auth-request-email"), &identity.email),
-                (N("x-auth-request-groups"), &groups),
-                (N("x-auth-request-preferred-username"), &identity.username),
-                (N("x-auth-request-user"), ""),
-            ];
-            (set, 4)
-        }
+    let v = identity.values();
+    let (set, len): ([(HeaderName, &Option<HeaderValue>); 5], usize) = match preset {
+        HeaderPreset::Default => (
+            [
+                (X_FORWARDED_USER, &v.username),
+                (X_FORWARDED_EMAIL, &v.email),
+                (X_FORWARDED_GROUPS, &v.groups_comma),
+                (X_FORWARDED_PREFERRED_USERNAME, &v.username),
+                (X_FORWARDED_USER, &None),
+            ],
+            4,
+        ),
+        // authentik joins groups with `|` (PROTOCOL.md §5.4).
+        HeaderPreset::Authentik => (
+            [
+                (N("x-authentik-username"), &v.username),
+                (N("x-authentik-email"), &v.email),
+                (N("x-authentik-groups"), &v.groups_pipe),
+                (N("x-authentik-name"), &v.name),
+                (N("x-authentik-uid"), &v.uid),
+            ],
+            5,
+        ),
+        HeaderPreset::OAuth2Proxy => (
+            [
+                (N("x-auth-request-user"), &v.username),
+                (N("x-auth-request-email"), &v.email),
+                (N("x-auth-request-groups"), &v.groups_comma),
+                (N("x-auth-request-preferred-username"), &v.username),
+                (N("x-auth-request-user"), &None),
+            ],
+            4,
+        ),
     };
     for (name, value) in set.into_iter().take(len) {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name, value);
+        if let Some(value) = value {
+            // A clone shares the bytes: no allocation per request.
+            headers.insert(name, value.clone());
         }
     }
 }

@@ -35,6 +35,57 @@ pub struct Identity {
     pub pk: u64,
     #[serde(default)]
     pub is_superuser: bool,
+    /// The identity as header values, made on the first proxied request and
+    /// shared by all the session's requests after it.
+    #[serde(skip)]
+    pub header_values: HeaderValues,
+}
+
+/// Lazily built header values of an identity. Not part of what an identity
+/// is: two identities compare equal whatever their caches hold.
+#[derive(Clone, Default)]
+pub struct HeaderValues(std::sync::OnceLock<IdentityValues>);
+
+/// `None` for a value that cannot be a header value (control characters).
+#[derive(Clone)]
+pub struct IdentityValues {
+    pub username: Option<http::HeaderValue>,
+    pub name: Option<http::HeaderValue>,
+    pub email: Option<http::HeaderValue>,
+    pub uid: Option<http::HeaderValue>,
+    /// Groups joined with `,` (most tools) and with `|` (authentik).
+    pub groups_comma: Option<http::HeaderValue>,
+    pub groups_pipe: Option<http::HeaderValue>,
+}
+
+impl Identity {
+    pub fn values(&self) -> &IdentityValues {
+        self.header_values.0.get_or_init(|| {
+            let value = |s: &str| http::HeaderValue::from_str(s).ok();
+            IdentityValues {
+                username: value(&self.username),
+                name: value(&self.name),
+                email: value(&self.email),
+                uid: value(&self.uid),
+                groups_comma: value(&self.groups.join(",")),
+                groups_pipe: value(&self.groups.join("|")),
+            }
+        })
+    }
+}
+
+impl PartialEq for HeaderValues {
+    fn eq(&self, _: &HeaderValues) -> bool {
+        true
+    }
+}
+
+impl Eq for HeaderValues {}
+
+impl std::fmt::Debug for HeaderValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeaderValues")
+    }
 }
 
 /// One flow in progress inside a pre-auth session. `key` is `page:<id>` for a
@@ -385,6 +436,7 @@ mod tests {
             uid: "u".into(),
             pk: 1,
             is_superuser: false,
+            header_values: Default::default(),
         }
     }
 
