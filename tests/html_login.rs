@@ -389,3 +389,43 @@ async fn login_form_without_csrf_token_is_refused() {
         .unwrap();
     assert_eq!(posted.status(), 403);
 }
+
+/// Logins in progress are bounded: past `max_pre_auth` a new visitor gets a
+/// "try again" page (503), not an unbounded store; those already signing in
+/// carry on, and a started login expires after `pre_auth_ttl`.
+#[tokio::test(flavor = "multi_thread")]
+async fn logins_in_progress_are_bounded_in_number_and_time() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), "").replace(
+        "[session]\n",
+        "[session]\nmax_pre_auth = 2\npre_auth_ttl = \"2s\"\n",
+    );
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let login = format!("/_flowgate/flow/{FLOW}/?next=%2F");
+    let start = |client: reqwest::Client| {
+        let url = gate.url(&login);
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+    let (first, second, third, fourth) = (client(), client(), client(), client());
+    assert_eq!(start(first.clone()).await, 303);
+    assert_eq!(start(second.clone()).await, 303);
+    let refused = third.get(gate.url(&login)).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(
+        refused.text().await.unwrap().contains("Try again"),
+        "a page that says what to do"
+    );
+    // A visitor already signing in carries on, and finishing frees a place.
+    let done = submit_login(&first, &gate, &login, "alice", ALICE.password).await;
+    assert_eq!(done.status(), 303);
+    assert_eq!(location(&done), "/");
+    assert_eq!(start(third).await, 303);
+    assert_eq!(
+        start(fourth.clone()).await,
+        503,
+        "full again: second and third"
+    );
+    // Started logins expire: after the TTL there is room again.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(start(fourth).await, 303);
+}
