@@ -284,7 +284,12 @@ async fn finish(
                 .await
             {
                 Ok(new_session) => {
-                    set_csrf_cookie(gateway, context, &new_session.csrf, &mut response);
+                    crate::gate::set_csrf_cookie(
+                        gateway,
+                        context,
+                        &new_session.csrf,
+                        &mut response,
+                    );
                     tracing::info!(user = %username, via = "api", "login succeeded");
                 }
                 Err(error) => {
@@ -312,24 +317,6 @@ async fn finish(
 
 /// The CSRF token for API clients that keep driving flows once logged in:
 /// readable by scripts (not HttpOnly), sent back as `X-authentik-CSRF`.
-fn set_csrf_cookie(
-    gateway: &Gateway,
-    context: &Context,
-    token: &str,
-    response: &mut Response<Body>,
-) {
-    let cookie = cookie::Cookie::build((
-        format!("{}_csrf", gateway.config.session.cookie_name),
-        token.to_owned(),
-    ))
-    .path("/")
-    .same_site(cookie::SameSite::Lax)
-    .secure(gateway.secure_cookies(context));
-    if let Ok(value) = HeaderValue::from_str(&cookie.build().to_string()) {
-        response.headers_mut().append(SET_COOKIE, value);
-    }
-}
-
 fn csrf_matches(sent: Option<&str>, expected: &str) -> bool {
     use subtle::ConstantTimeEq;
     sent.is_some_and(|sent| {

@@ -310,6 +310,37 @@ pub fn clear_cookie(gateway: &Gateway, context: &Context, response: &mut Respons
     if let Some(domain) = &session.cookie_domain {
         cookie = cookie.domain(domain.clone());
     }
+    append_cookie(response, cookie);
+    // The JSON API's CSRF companion goes with it.
+    let csrf = Cookie::build((csrf_cookie_name(gateway), ""))
+        .path("/")
+        .same_site(SameSite::Lax)
+        .secure(gateway.secure_cookies(context))
+        .max_age(cookie::time::Duration::ZERO);
+    append_cookie(response, csrf);
+}
+
+/// The JSON API's CSRF cookie: the session cookie's name + `_csrf`, readable
+/// by scripts (it is their copy of the token to send back as a header).
+/// `proxy::strip_cookie` keeps it from upstreams.
+pub fn csrf_cookie_name(gateway: &Gateway) -> String {
+    format!("{}_csrf", gateway.config.session.cookie_name)
+}
+
+pub fn set_csrf_cookie(
+    gateway: &Gateway,
+    context: &Context,
+    token: &str,
+    response: &mut Response<Body>,
+) {
+    let cookie = Cookie::build((csrf_cookie_name(gateway), token.to_owned()))
+        .path("/")
+        .same_site(SameSite::Lax)
+        .secure(gateway.secure_cookies(context));
+    append_cookie(response, cookie);
+}
+
+fn append_cookie(response: &mut Response<Body>, cookie: cookie::CookieBuilder<'_>) {
     if let Ok(value) = HeaderValue::from_str(&cookie.build().to_string()) {
         response.headers_mut().append(SET_COOKIE, value);
     }

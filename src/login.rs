@@ -7,7 +7,7 @@
 //! at once never share a plan, and `next` travels in each tab's URL, never in
 //! a per-visitor slot that another request could overwrite. Also sign-out.
 
-use http::header::{HeaderValue, CONTENT_TYPE, LOCATION, SET_COOKIE};
+use http::header::{HeaderValue, CONTENT_TYPE, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -51,6 +51,16 @@ impl Target {
     }
 
     /// The executor's `query`: the page's query string minus our own `fid`.
+    /// What the executor is asked with: this flow, this page's `next`.
+    fn request<'r>(&'r self, query: &'r str, context: &Context) -> FlowRequest<'r> {
+        FlowRequest {
+            slug: &self.slug,
+            query,
+            user: None,
+            client_ip: Some(context.client_ip),
+        }
+    }
+
     fn executor_query(&self) -> String {
         let mut query = url::form_urlencoded::Serializer::new(String::new());
         if let Some(next) = &self.next {
@@ -58,6 +68,14 @@ impl Target {
         }
         query.finish()
     }
+}
+
+/// The executor state of the flow a page (tab) is running; fresh if none.
+fn flow_state(session: &Session, key: &str) -> FlowState {
+    session
+        .flow(key)
+        .map(|f| f.state.clone())
+        .unwrap_or_default()
 }
 
 pub async fn page(
@@ -172,17 +190,9 @@ async fn show(
         return lost(gateway, context, target);
     };
     let key = format!("page:{fid}");
-    let mut state = session
-        .flow(&key)
-        .map(|f| f.state.clone())
-        .unwrap_or_default();
+    let mut state = flow_state(&session, &key);
     let query = target.executor_query();
-    let request = FlowRequest {
-        slug: &target.slug,
-        query: &query,
-        user: None,
-        client_ip: Some(context.client_ip),
-    };
+    let request = target.request(&query, context);
     let step = follow(gateway, request, &mut state).await;
     conclude(
         gateway,
@@ -247,17 +257,9 @@ async fn submit(
         .remove("remember_me")
         .is_some_and(|v| v.as_str().is_some_and(|s| s == "true" || s == "on"));
     response_body.insert("remember_me".into(), Value::Bool(remember));
-    let mut state = session
-        .flow(&key)
-        .map(|f| f.state.clone())
-        .unwrap_or_default();
+    let mut state = flow_state(&session, &key);
     let query = target.executor_query();
-    let request = FlowRequest {
-        slug: &target.slug,
-        query: &query,
-        user: None,
-        client_ip: Some(context.client_ip),
-    };
+    let request = target.request(&query, context);
     let mut step = gateway
         .executor
         .respond(request, &mut state, Value::Object(response_body))
@@ -266,12 +268,6 @@ async fn submit(
         // When the stages left need no input (a skipped second factor, a
         // silent login), finish now rather than after one more round trip;
         // the same for an end without a form (denied, failed).
-        let request = FlowRequest {
-            slug: &target.slug,
-            query: &query,
-            user: None,
-            client_ip: Some(context.client_ip),
-        };
         let peeked = follow(gateway, request, &mut state).await;
         let settled = match &peeked {
             Ok(Step::Done { .. }) | Err(_) => true,
@@ -584,14 +580,6 @@ pub async fn sign_out(
                 None => signed_out(gateway),
             };
             crate::gate::clear_cookie(gateway, context, &mut response);
-            response.headers_mut().append(
-                SET_COOKIE,
-                HeaderValue::from_str(&format!(
-                    "{}_csrf=; Path=/; Max-Age=0",
-                    gateway.config.session.cookie_name
-                ))
-                .unwrap_or(HeaderValue::from_static("")),
-            );
             response
         }
         _ => gateway.page(
