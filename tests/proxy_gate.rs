@@ -75,22 +75,7 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
 async fn other_cookies_pass_but_flowgates_does_not() {
     let upstream = Upstream::start().await;
     let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
-    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
-    let alice = reqwest::Client::builder()
-        .cookie_provider(jar.clone())
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let done = json_login(&alice, &gate.url(""), "alice", ALICE.password, "/").await;
-    assert_eq!(done["component"], "xak-flow-redirect");
-    use reqwest::cookie::CookieStore;
-    let ours = jar
-        .cookies(&gate.url("/").parse().unwrap())
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert!(ours.contains("flowgate_session="), "{ours}");
+    let (_, ours) = signed_in(&gate, &ALICE).await;
     // The app's own cookies on both sides of flowgate's, as browsers mix them.
     let sent = format!("app_pref=dark; {ours}; lang=en");
     let plain = reqwest::Client::new();
@@ -185,23 +170,12 @@ async fn tampered_expired_or_unknown_cookies_are_just_anonymous() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_signed_with_another_secret_is_anonymous() {
-    use reqwest::cookie::CookieStore;
     let upstream = Upstream::start().await;
     let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
     let other_config = basic_config(&upstream.url(), "")
         .replace("test-secret-test-secret", "other-secret-other-secret");
     let other = Flowgate::start(&other_config, &users_file(&[&ALICE]));
-    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
-    let client = reqwest::Client::builder()
-        .cookie_provider(jar.clone())
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let done = json_login(&client, &other.url(""), "alice", ALICE.password, "/").await;
-    assert_eq!(done["component"], "xak-flow-redirect");
-    let cookies = jar.cookies(&other.url("/").parse().unwrap()).unwrap();
-    let cookies = cookies.to_str().unwrap().to_owned();
-    assert!(cookies.contains("flowgate_session="));
+    let (_, cookies) = signed_in(&other, &ALICE).await;
     // Valid where it was minted…
     let there = common::client()
         .get(other.url("/"))

@@ -21,7 +21,6 @@ use http_body::Frame;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use reqwest::cookie::{CookieStore, Jar};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
@@ -34,25 +33,9 @@ const CHUNK: usize = 64 * 1024;
 /// The bound on what a transfer may add to flowgate's memory.
 const MAX_GROWTH_KIB: u64 = 32 * 1024;
 
-/// Log in as alice; the client keeps the session, and its `Cookie` header
-/// is returned for clients that are not reqwest (websockets).
+/// Log in as alice: the client, and the `Cookie` header for websockets.
 async fn alice(gate: &Flowgate) -> (reqwest::Client, String) {
-    let jar = Arc::new(Jar::default());
-    let client = reqwest::Client::builder()
-        .cookie_provider(jar.clone())
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let done = json_login(&client, &gate.url(""), "alice", ALICE.password, "/").await;
-    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
-    let cookie = jar
-        .cookies(&gate.url("/").parse().unwrap())
-        .expect("a session cookie")
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert!(cookie.contains("flowgate_session="), "{cookie}");
-    (client, cookie)
+    signed_in(gate, &ALICE).await
 }
 
 /// A websocket app: greets the user flowgate names, then echoes every text

@@ -345,6 +345,29 @@ pub async fn json_login(
     response.json().await.unwrap()
 }
 
+/// Log `user` in through the JSON API; returns the client (which keeps the
+/// session) and the `Cookie` header value it would send, for raw requests
+/// and clients that are not reqwest (websockets).
+pub async fn signed_in(gate: &Flowgate, user: &TestUser) -> (reqwest::Client, String) {
+    use reqwest::cookie::CookieStore;
+    let jar = Arc::new(reqwest::cookie::Jar::default());
+    let client = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let done = json_login(&client, &gate.url(""), user.username, user.password, "/").await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    let cookie = jar
+        .cookies(&gate.url("/").parse().unwrap())
+        .expect("a session cookie")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cookie.contains("flowgate_session="), "{cookie}");
+    (client, cookie)
+}
+
 /// Where the shared fixtures live inside this repository.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
