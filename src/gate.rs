@@ -136,7 +136,7 @@ pub fn decide(
     }
 }
 
-fn allowed(route: &RouteConfig, identity: &Identity) -> bool {
+pub(crate) fn allowed(route: &RouteConfig, identity: &Identity) -> bool {
     let allow = &route.allow;
     if allow.groups.is_empty() && allow.users.is_empty() {
         return true;

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::config::HeaderPreset;
 use crate::router::{Context, Gateway};
-use crate::session::Identity;
+use crate::session::{Identity, IdentityValues};
 use crate::upstream::{ConnHold, ConnSlot, UpstreamError};
 use crate::{empty, Body};
 
@@ -261,7 +261,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Whether `name` is one of the identity headers, compared without
 /// allocating: ASCII case-insensitive, `_` equal to `-`.
-fn is_identity_header(name: &str) -> bool {
+pub(crate) fn is_identity_header(name: &str) -> bool {
     let name = name.as_bytes();
     let same = |a: &u8, b: &u8| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-');
     let equals = |known: &str| {
@@ -400,48 +400,86 @@ fn owned_value(text: String) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
 
+/// One value of an identity, as a header value.
+#[derive(Clone, Copy)]
+pub(crate) enum Field {
+    Username,
+    Name,
+    Email,
+    Uid,
+    GroupsComma,
+    GroupsPipe,
+}
+
+impl Field {
+    pub(crate) fn of(self, values: &IdentityValues) -> Option<&HeaderValue> {
+        match self {
+            Field::Username => values.username.as_ref(),
+            Field::Name => values.name.as_ref(),
+            Field::Email => values.email.as_ref(),
+            Field::Uid => values.uid.as_ref(),
+            Field::GroupsComma => values.groups_comma.as_ref(),
+            Field::GroupsPipe => values.groups_pipe.as_ref(),
+        }
+    }
+}
+
+static DEFAULT_HEADERS: [(HeaderName, Field); 4] = [
+    (X_FORWARDED_USER, Field::Username),
+    (X_FORWARDED_EMAIL, Field::Email),
+    (X_FORWARDED_GROUPS, Field::GroupsComma),
+    (X_FORWARDED_PREFERRED_USERNAME, Field::Username),
+];
+// authentik joins groups with `|` (PROTOCOL.md §5.4).
+static AUTHENTIK_HEADERS: [(HeaderName, Field); 5] = [
+    (
+        HeaderName::from_static("x-authentik-username"),
+        Field::Username,
+    ),
+    (HeaderName::from_static("x-authentik-email"), Field::Email),
+    (
+        HeaderName::from_static("x-authentik-groups"),
+        Field::GroupsPipe,
+    ),
+    (HeaderName::from_static("x-authentik-name"), Field::Name),
+    (HeaderName::from_static("x-authentik-uid"), Field::Uid),
+];
+static OAUTH2_PROXY_HEADERS: [(HeaderName, Field); 4] = [
+    (
+        HeaderName::from_static("x-auth-request-user"),
+        Field::Username,
+    ),
+    (
+        HeaderName::from_static("x-auth-request-email"),
+        Field::Email,
+    ),
+    (
+        HeaderName::from_static("x-auth-request-groups"),
+        Field::GroupsComma,
+    ),
+    (
+        HeaderName::from_static("x-auth-request-preferred-username"),
+        Field::Username,
+    ),
+];
+
+/// The identity headers of a preset: each name, and the value it carries.
+pub(crate) fn identity_headers(preset: HeaderPreset) -> &'static [(HeaderName, Field)] {
+    match preset {
+        HeaderPreset::Default => &DEFAULT_HEADERS,
+        HeaderPreset::Authentik => &AUTHENTIK_HEADERS,
+        HeaderPreset::OAuth2Proxy => &OAUTH2_PROXY_HEADERS,
+    }
+}
+
 /// The identity, under the route's header names. Values that cannot be
 /// header values (control characters) are left out rather than mangled.
 fn add_identity(headers: &mut HeaderMap, preset: HeaderPreset, identity: &Identity) {
-    const N: fn(&'static str) -> HeaderName = HeaderName::from_static;
-    let v = identity.values();
-    let (set, len): ([(HeaderName, &Option<HeaderValue>); 5], usize) = match preset {
-        HeaderPreset::Default => (
-            [
-                (X_FORWARDED_USER, &v.username),
-                (X_FORWARDED_EMAIL, &v.email),
-                (X_FORWARDED_GROUPS, &v.groups_comma),
-                (X_FORWARDED_PREFERRED_USERNAME, &v.username),
-                (X_FORWARDED_USER, &None),
-            ],
-            4,
-        ),
-        // authentik joins groups with `|` (PROTOCOL.md §5.4).
-        HeaderPreset::Authentik => (
-            [
-                (N("x-authentik-username"), &v.username),
-                (N("x-authentik-email"), &v.email),
-                (N("x-authentik-groups"), &v.groups_pipe),
-                (N("x-authentik-name"), &v.name),
-                (N("x-authentik-uid"), &v.uid),
-            ],
-            5,
-        ),
-        HeaderPreset::OAuth2Proxy => (
-            [
-                (N("x-auth-request-user"), &v.username),
-                (N("x-auth-request-email"), &v.email),
-                (N("x-auth-request-groups"), &v.groups_comma),
-                (N("x-auth-request-preferred-username"), &v.username),
-                (N("x-auth-request-user"), &None),
-            ],
-            4,
-        ),
-    };
-    for (name, value) in set.into_iter().take(len) {
-        if let Some(value) = value {
+    let values = identity.values();
+    for (name, field) in identity_headers(preset) {
+        if let Some(value) = field.of(values) {
             // A clone shares the bytes: no allocation per request.
-            headers.insert(name, value.clone());
+            headers.insert(name.clone(), value.clone());
         }
     }
 }

@@ -370,6 +370,11 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 }
 
 pub(crate) fn host_without_port(authority: &str) -> String {
+    host_key(authority).into_owned()
+}
+
+/// `host_without_port`, borrowed when the host is already in that form.
+pub(crate) fn host_key(authority: &str) -> std::borrow::Cow<'_, str> {
     let host = if authority.starts_with('[') {
         // [v6]:port
         authority
@@ -385,7 +390,11 @@ pub(crate) fn host_without_port(authority: &str) -> String {
             }
         })
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    match host.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => host.to_ascii_lowercase().into(),
+        false => host.into(),
+    }
 }
 
 /// Pages are ours: lock them down (no framing, no scripts, no referrer).
@@ -435,18 +444,45 @@ fn access_log(
     route: Option<usize>,
     elapsed: Duration,
 ) {
-    tracing::info!(
-        target: "flowgate::access",
-        client = %context.client_ip,
-        host = %context.host,
-        %method,
+    let status = response.status().as_u16();
+    let line = AccessLine {
+        client: context.client_ip,
+        host: &context.host,
+        method: method.as_str(),
         path,
-        status = response.status().as_u16(),
+        status,
         route,
-        user = user.unwrap_or("-"),
-        micros = elapsed.as_micros() as u64,
-        "request"
-    );
+        user,
+    };
+    line.log(elapsed);
+}
+
+/// What the access log says of one request (both lanes write it).
+pub(crate) struct AccessLine<'a> {
+    pub client: IpAddr,
+    pub host: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub route: Option<usize>,
+    pub user: Option<&'a str>,
+}
+
+impl AccessLine<'_> {
+    pub(crate) fn log(&self, elapsed: Duration) {
+        tracing::info!(
+            target: "flowgate::access",
+            client = %self.client,
+            host = %self.host,
+            method = self.method,
+            path = self.path,
+            status = self.status,
+            route = self.route,
+            user = self.user.unwrap_or("-"),
+            micros = elapsed.as_micros() as u64,
+            "request"
+        );
+    }
 }
 
 /// A route's name in metrics and logs: its host pattern and path prefix.

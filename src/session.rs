@@ -229,6 +229,17 @@ pub trait SessionStore: Send + Sync {
         self.touch(id, idle.min(Duration::from_secs(left))).await?;
         Ok(Some(identity))
     }
+    /// `identity`, answered without waiting, by stores that can (the
+    /// in-process one): the HTTP/1.1 fast lane (`h1`) asks this first.
+    /// `None`: this store needs a round trip; the request takes the full
+    /// path, which awaits `identity`.
+    fn identity_now(
+        &self,
+        _id: &str,
+        _idle: Duration,
+    ) -> Option<Result<Option<Arc<Identity>>, StoreError>> {
+        None
+    }
     /// Drop expired records; stores that expire by themselves (Redis TTLs)
     /// need not do anything. Returns how many went.
     async fn purge_expired(&self) -> Result<usize, StoreError> {
@@ -274,6 +285,20 @@ impl MemoryStore {
         self.map
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl MemoryStore {
+    /// The identity of a live authenticated session, its idle deadline
+    /// pushed out: one read-locked lookup.
+    fn lookup(&self, id: &str, idle: Duration) -> Option<Arc<Identity>> {
+        let now = now_secs();
+        let map = self.read();
+        let entry = map.get(id).filter(|e| e.live(now))?;
+        let identity = entry.session.identity.as_ref()?;
+        let deadline = (now + idle.as_secs()).min(entry.session.expires);
+        entry.deadline.fetch_max(deadline, Ordering::Relaxed);
+        Some(identity.clone())
     }
 }
 
@@ -328,17 +353,15 @@ impl SessionStore for MemoryStore {
         id: &str,
         idle: Duration,
     ) -> Result<Option<Arc<Identity>>, StoreError> {
-        let now = now_secs();
-        let map = self.read();
-        let Some(entry) = map.get(id).filter(|e| e.live(now)) else {
-            return Ok(None);
-        };
-        let Some(identity) = &entry.session.identity else {
-            return Ok(None);
-        };
-        let deadline = (now + idle.as_secs()).min(entry.session.expires);
-        entry.deadline.fetch_max(deadline, Ordering::Relaxed);
-        Ok(Some(identity.clone()))
+        Ok(self.lookup(id, idle))
+    }
+
+    fn identity_now(
+        &self,
+        id: &str,
+        idle: Duration,
+    ) -> Option<Result<Option<Arc<Identity>>, StoreError>> {
+        Some(Ok(self.lookup(id, idle)))
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
