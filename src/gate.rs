@@ -117,7 +117,7 @@ pub fn decide(
         };
     }
     let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    if route.skip_auth.iter().any(|re| re.is_match(path_and_query)) {
+    if skips_auth(route, path_and_query) {
         return Decision::Forward(None);
     }
     let prefix = &gateway.config.server.prefix;
@@ -134,6 +134,27 @@ pub fn decide(
             executor: format!("{prefix}/api/v3/flows/executor/{}/", route.flow),
         }
     }
+}
+
+/// Whether `skip_auth` lets this `path?query` through without a session.
+/// Never for a path with dot segments (`/public/../admin`, also spelled
+/// `%2e%2e`, `..;`, or with `\` or `%2f` for `/`): the upstream may resolve
+/// them to a path outside the open prefix the pattern meant.
+pub(crate) fn skips_auth(route: &RouteConfig, path_and_query: &str) -> bool {
+    !route.skip_auth.is_empty()
+        && route.skip_auth.iter().any(|re| re.is_match(path_and_query))
+        && without_dot_segments(path_and_query)
+}
+
+fn without_dot_segments(path_and_query: &str) -> bool {
+    let path = path_and_query
+        .split_once('?')
+        .map_or(path_and_query, |(path, _)| path);
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    decoded.split(|&b| b == b'/' || b == b'\\').all(|segment| {
+        let segment = segment.split(|&b| b == b';').next().unwrap_or(segment);
+        segment != b"." && segment != b".."
+    })
 }
 
 pub(crate) fn allowed(route: &RouteConfig, identity: &Identity) -> bool {

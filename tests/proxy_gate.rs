@@ -219,6 +219,53 @@ async fn skip_auth_paths_pass_anonymously() {
     );
 }
 
+/// `skip_auth = ["^/public(/|$)"]` opens `/public/…`, not whatever an
+/// upstream makes of `/public/../admin`. Raw requests: HTTP clients resolve
+/// dot segments before sending. On both request paths.
+#[test]
+fn skip_auth_does_not_open_paths_that_climb_out_of_it() {
+    use std::io::{Read, Write};
+    // The upstream's tasks live as long as this runtime.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(Upstream::start());
+    for fast_lane in [true, false] {
+        let config = basic_config(&upstream.url(), "").replace(
+            "listen = \"127.0.0.1:0\"\n",
+            &format!("listen = \"127.0.0.1:0\"\nfast_lane = {fast_lane}\n"),
+        );
+        let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+        let status = |path: &str| {
+            let mut stream = std::net::TcpStream::connect(gate.addr).unwrap();
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let head =
+                format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+            stream.write_all(head.as_bytes()).unwrap();
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+            answer[9..12].to_owned()
+        };
+        assert_eq!(status("/public/health"), "200", "fast lane {fast_lane}");
+        assert_eq!(
+            status("/public/./health?x=/.."),
+            "401",
+            "fast lane {fast_lane}"
+        );
+        for climbing in [
+            "/public/../admin",
+            "/public/%2e%2e/admin",
+            "/public/%2E%2e%2fadmin",
+            "/public/..%2fadmin",
+            "/public/..;/admin",
+            "/public/..%5cadmin",
+            "/public/.",
+        ] {
+            assert_eq!(status(climbing), "401", "{climbing}, fast lane {fast_lane}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_upstream_is_a_502_page_without_internals() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
