@@ -65,6 +65,9 @@ pub struct Server {
     /// `server.shutdown_timeout`, default 10s: how long in-flight requests
     /// get after SIGTERM.
     pub shutdown_timeout: Duration,
+    /// `server.fast_lane`, default true: plain-HTTP/1.1 requests of the
+    /// common shape are served by the hand-written lane in `h1`.
+    pub fast_lane: bool,
     /// `server.trusted_proxies`: CIDRs whose `X-Forwarded-*` headers are
     /// believed. Default: none.
     pub trusted_proxies: Vec<IpNet>,

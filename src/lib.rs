@@ -15,6 +15,7 @@ pub mod directory;
 pub mod engine;
 pub mod flow;
 pub mod gate;
+mod h1;
 pub mod listener;
 pub mod login;
 pub mod metrics;

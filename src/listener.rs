@@ -30,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
 use crate::config::Server;
+use crate::h1::{Closing, Deadlines, Prefixed};
 use crate::router::Connection;
 use crate::upstream::{ConnHold, ConnSlot};
 use crate::Body;
@@ -44,6 +45,8 @@ pub struct Listener {
     limits: Limits,
     connections: Arc<Semaphore>,
     max_connections: usize,
+    /// Tells the fast lane's idle connections to close.
+    closing: Closing,
 }
 
 #[derive(Clone, Copy)]
@@ -66,6 +69,7 @@ impl Listener {
             },
             connections: Arc::new(Semaphore::new(server.max_connections)),
             max_connections: server.max_connections,
+            closing: Closing::default(),
             app,
         }
     }
@@ -112,10 +116,33 @@ impl Listener {
                 // Shared with tunnels this connection may turn into.
                 let permit: ConnHold = Arc::new(permit);
                 let state = Arc::new(ConnState::default());
-                let stream = Watchdog::new(stream, state.clone(), this.limits);
                 match &this.tls {
                     None => {
                         let connection = Connection { peer, tls: false };
+                        let deadlines = Deadlines {
+                            header_read_timeout: this.limits.header_read_timeout,
+                            keepalive_timeout: this.limits.keepalive_timeout,
+                        };
+                        let fast = this.app.gateway().config.server.fast_lane;
+                        let stream = match fast {
+                            true => {
+                                match crate::h1::serve(
+                                    &this.app,
+                                    stream,
+                                    peer,
+                                    &this.closing,
+                                    deadlines,
+                                )
+                                .await
+                                {
+                                    // Served to the end on the fast lane.
+                                    None => return,
+                                    Some(handed_over) => handed_over,
+                                }
+                            }
+                            false => Prefixed::plain(stream),
+                        };
+                        let stream = Watchdog::new(stream, state.clone(), this.limits);
                         serve_connection(
                             &this.app, builder, watcher, stream, state, connection, permit,
                         )
@@ -123,6 +150,7 @@ impl Listener {
                     }
                     Some(tls) => {
                         let acceptor = TlsAcceptor::from(tls.load_full());
+                        let stream = Watchdog::new(stream, state.clone(), this.limits);
                         match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
                             Ok(Ok(stream)) => {
                                 let connection = Connection { peer, tls: true };
@@ -142,6 +170,7 @@ impl Listener {
         }
         drop(listener);
         sweeper.abort();
+        self.closing.close();
         let deadline = self.limits.shutdown_timeout;
         tracing::info!(
             "shutting down: no new connections, waiting up to {deadline:?} for requests in flight"

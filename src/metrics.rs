@@ -112,6 +112,10 @@ pub struct Metrics {
     pub reloads: Counter,
     pub reload_failures: Counter,
     pub connections_accepted: Counter,
+    /// Requests served on the HTTP/1.1 fast lane (`h1`).
+    pub fast_lane_requests: Counter,
+    /// Connections the fast lane handed to the general path.
+    pub fast_lane_handoffs: Counter,
 }
 
 impl Metrics {
@@ -192,6 +196,18 @@ impl Metrics {
             out.push_str("# HELP flowgate_active_sessions Authenticated sessions in the store.\n# TYPE flowgate_active_sessions gauge\n");
             let _ = writeln!(out, "flowgate_active_sessions {active}");
         }
+        out.push_str("# HELP flowgate_fast_lane_requests_total Requests served on the HTTP/1.1 fast lane.\n# TYPE flowgate_fast_lane_requests_total counter\n");
+        let _ = writeln!(
+            out,
+            "flowgate_fast_lane_requests_total {}",
+            self.fast_lane_requests.get()
+        );
+        out.push_str("# HELP flowgate_fast_lane_handoffs_total Connections the fast lane handed to the general path.\n# TYPE flowgate_fast_lane_handoffs_total counter\n");
+        let _ = writeln!(
+            out,
+            "flowgate_fast_lane_handoffs_total {}",
+            self.fast_lane_handoffs.get()
+        );
         out.push_str("# HELP flowgate_open_connections Client connections open now.\n# TYPE flowgate_open_connections gauge\n");
         let _ = writeln!(out, "flowgate_open_connections {open_connections}");
         out.push_str("# HELP flowgate_connections_total Client connections accepted.\n# TYPE flowgate_connections_total counter\n");

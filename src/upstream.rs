@@ -87,6 +87,8 @@ pub struct Upstreams {
     idle_timeout: Duration,
     tls: Option<TlsConnector>,
     idle: Mutex<HashMap<Target, Vec<Idle>>>,
+    /// Plain sockets of the HTTP/1.1 fast lane (`h1`), idle, per upstream.
+    raw_idle: Mutex<HashMap<Target, Vec<(TcpStream, Instant)>>>,
     in_slots: Arc<AtomicUsize>,
 }
 
@@ -126,6 +128,7 @@ impl Upstreams {
             idle_timeout: config.pool_idle_timeout,
             tls: Some(tls_connector(config.ca_file.as_deref())?),
             idle: Mutex::new(HashMap::new()),
+            raw_idle: Mutex::new(HashMap::new()),
             in_slots: Arc::default(),
         })
     }
@@ -218,6 +221,70 @@ impl Upstreams {
         }
     }
 
+    pub(crate) fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
+    /// An idle plain socket to `target` for the fast lane, if one is kept.
+    pub(crate) fn take_raw(&self, target: &Target) -> Option<TcpStream> {
+        let mut idle = self.raw_idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(target)?;
+        while let Some((stream, since)) = list.pop() {
+            if since.elapsed() < self.idle_timeout && !closed_while_idle(&stream) {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// Keep a fast-lane socket whose last exchange ended cleanly.
+    pub(crate) fn put_raw(&self, target: &Target, stream: TcpStream) {
+        if closed_while_idle(&stream) {
+            return;
+        }
+        let mut idle = self.raw_idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = match idle.get_mut(target) {
+            Some(list) => list,
+            None => idle.entry(target.clone()).or_default(),
+        };
+        list.retain(|(_, since)| since.elapsed() < self.idle_timeout);
+        if list.len() < MAX_IDLE_PER_UPSTREAM {
+            list.push((stream, Instant::now()));
+        }
+    }
+
+    /// A new plain socket to `target` (an `http://` upstream).
+    pub(crate) async fn connect_raw(&self, target: &Target) -> Result<TcpStream, UpstreamError> {
+        let host = target.authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let connect = TcpStream::connect((host, target.port()));
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(UpstreamError::Connect(error.to_string())),
+            Err(_) => {
+                return Err(UpstreamError::Connect(format!(
+                    "no connection within {:?}",
+                    self.connect_timeout
+                )))
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Count one more socket kept by a client connection, unless
+    /// `MAX_IN_SLOTS` are kept already.
+    pub(crate) fn count_in_slot(&self) -> Option<InSlot> {
+        if self.in_slots.fetch_add(1, Ordering::Relaxed) >= MAX_IN_SLOTS {
+            self.in_slots.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InSlot(self.in_slots.clone()))
+    }
+
     async fn connect(&self, target: &Target) -> Result<SendRequest<Incoming>, UpstreamError> {
         tokio::time::timeout(self.connect_timeout, self.dial(target))
             .await
@@ -252,6 +319,28 @@ impl Upstreams {
             handshake(TokioIo::new(stream)).await
         }
     }
+}
+
+/// One socket counted against `MAX_IN_SLOTS` while this lives.
+pub(crate) struct InSlot(Arc<AtomicUsize>);
+
+impl Drop for InSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether an idle upstream socket has something to read: between
+/// exchanges that can only be its close (or garbage), so it is not reused.
+/// Readiness is tokio's record of the last events; only when it says
+/// readable does this cost a syscall, to tell a close from a stale flag.
+pub(crate) fn closed_while_idle(stream: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if stream.poll_read_ready(&mut cx).is_pending() {
+        return false;
+    }
+    let mut probe = [0u8; 1];
+    !matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 async fn handshake<T>(io: T) -> Result<SendRequest<Incoming>, UpstreamError>

@@ -1,0 +1,1586 @@
+//! The fast lane: HTTP/1.1 on plain listeners, served by hand.
+//!
+//! Most of what a gateway forwards has one shape: a signed-in client asks
+//! for something without a request body, and the upstream answers. For that
+//! shape this module does the whole job on the client connection's own
+//! task, with no per-request allocation on the way: it parses the head
+//! (`httparse`), checks the session cookie, writes the upstream request head
+//! into one buffer (hop-by-hop, identity and flowgate's cookies out;
+//! `X-Forwarded-*`, `Forwarded` and the identity in), sends it on the
+//! upstream socket this connection keeps, and relays the answer (framed by
+//! `Content-Length`, chunked, or by the upstream closing) as it comes.
+//! Buffers come from a per-thread pool and go back whenever the connection
+//! waits for its next request: an idle keep-alive connection costs its
+//! socket and a small task.
+//!
+//! Anything else is the general path's (`router`, on hyper): a request
+//! with a body, an upgrade, `Expect`, HTTP/1.0 or h2c, flowgate's own paths,
+//! no session or a user the route refuses, a trusted proxy's forwarding
+//! headers, an `https://` upstream, a session store that needs a round
+//! trip, a head hyper would refuse. The connection is then handed to hyper
+//! with the bytes read so far, and hyper serves the rest of it. Both lanes
+//! send the upstream the same request and the client the same answers
+//! (tests/http1_edges.rs runs its cases through both).
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::StatusCode;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+use crate::app::App;
+use crate::proxy::{identity_headers, is_identity_header};
+use crate::router::{host_key, AccessLine, Gateway};
+use crate::session::Identity;
+use crate::upstream::{closed_while_idle, InSlot, Target, UpstreamError};
+
+/// Read buffers. A request head must fit in one (a longer one goes to
+/// hyper, which applies `max_header_bytes`); bodies are relayed through them.
+const BUF: usize = 16 * 1024;
+/// Free read buffers kept per thread.
+const POOL: usize = 128;
+/// Header fields parsed at most; a head with more goes to hyper.
+const MAX_HEADERS: usize = 128;
+
+thread_local! {
+    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static HEADS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Tells idle connections of a listener to close (graceful shutdown).
+#[derive(Default)]
+pub(crate) struct Closing {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl Closing {
+    pub(crate) fn close(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn is_closing(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
+/// The deadlines of a connection between requests, from `[server]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Deadlines {
+    pub header_read_timeout: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+/// Serve `stream` until it closes, or until a request needs the general
+/// path: then the connection, with what was read of it, is returned for
+/// hyper to serve.
+pub(crate) async fn serve(
+    app: &App,
+    stream: TcpStream,
+    peer: SocketAddr,
+    closing: &Closing,
+    deadlines: Deadlines,
+) -> Option<Prefixed> {
+    let opened = Instant::now();
+    let mut lane = Lane {
+        stream,
+        peer: Peer::new(peer),
+        input: Input::default(),
+        up: None,
+        timer: Box::pin(tokio::time::sleep_until(
+            opened + deadlines.header_read_timeout,
+        )),
+    };
+    // The first head is due `header_read_timeout` after the connection
+    // opened; later ones that long after their first byte. `None`: idle
+    // since `idle_since`, waiting for the next request.
+    let mut head_due = Some(opened + deadlines.header_read_timeout);
+    let mut idle_since = opened;
+    loop {
+        if !lane.input.is_empty() {
+            let gateway = app.gateway();
+            let mut out = Out::take();
+            match prepare(&gateway, &lane.peer, lane.input.bytes(), &mut out) {
+                Prepared::Forward(plan) => {
+                    gateway.metrics.fast_lane_requests.inc();
+                    lane.input.consume(plan.head_len);
+                    let keep = lane.exchange(&gateway, &plan, &mut out, closing).await;
+                    drop(out);
+                    if !keep || closing.is_closing() {
+                        lane.end(&gateway);
+                        return None;
+                    }
+                    head_due = None;
+                    idle_since = Instant::now();
+                    continue;
+                }
+                Prepared::Partial => {
+                    let limit = gateway.config.server.max_header_bytes.max(8192);
+                    if lane.input.is_full() || lane.input.len() >= limit {
+                        tracing::debug!(peer = %lane.peer.addr, "long request head: the general path takes it");
+                        return Some(lane.hand_over(&gateway));
+                    }
+                    if head_due.is_none() {
+                        head_due = Some(Instant::now() + deadlines.header_read_timeout);
+                    }
+                }
+                Prepared::General(why) => {
+                    tracing::debug!(peer = %lane.peer.addr, why, "connection goes to the general path");
+                    return Some(lane.hand_over(&gateway));
+                }
+            }
+        }
+        let idle = head_due.is_none();
+        let deadline = head_due.unwrap_or(idle_since + deadlines.keepalive_timeout);
+        if idle {
+            lane.input.release();
+        }
+        if !lane.read_client(deadline, idle.then_some(closing)).await {
+            lane.end(&app.gateway());
+            return None;
+        }
+    }
+}
+
+/// One client connection of the fast lane.
+struct Lane {
+    stream: TcpStream,
+    peer: Peer,
+    /// Bytes from the client not used yet.
+    input: Input,
+    /// The upstream socket this connection keeps, between exchanges too.
+    up: Option<Upstream>,
+    /// One timer for every deadline of the connection, moved lazily.
+    timer: Pin<Box<Sleep>>,
+}
+
+struct Upstream {
+    target: Target,
+    stream: TcpStream,
+    /// Counted against the cap of sockets kept by client connections.
+    counted: Option<InSlot>,
+}
+
+/// The client's address, formatted once per connection.
+struct Peer {
+    addr: SocketAddr,
+    ip: String,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            ip: addr.ip().to_string(),
+        }
+    }
+}
+
+/// What `prepare` made of the bytes at hand.
+enum Prepared {
+    /// The head is not complete yet.
+    Partial,
+    /// Not the fast lane's (why): hand the connection to hyper.
+    General(&'static str),
+    /// The upstream request head is written; send it.
+    Forward(Plan),
+}
+
+/// A request the fast lane serves.
+struct Plan {
+    /// Length of the request head (there is no body).
+    head_len: usize,
+    route: usize,
+    head_only: bool,
+    /// The client asked to close after this response.
+    close: bool,
+    /// May be sent again if a kept upstream socket turns out closed.
+    idempotent: bool,
+    started: std::time::Instant,
+    /// Only when the access log is on.
+    log: Option<Box<LogFields>>,
+}
+
+struct LogFields {
+    method: String,
+    path: String,
+    host: String,
+    user: Option<String>,
+}
+
+/// How the response body is delimited.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes; the client connection closes after it.
+    Close,
+}
+
+/// A final response head, rewritten for the client in `out`.
+struct Head {
+    len: usize,
+    status: u16,
+    framing: Framing,
+    /// The upstream will close its end: its socket is not kept.
+    upstream_close: bool,
+}
+
+enum Parsed {
+    Partial,
+    Bad(&'static str),
+    /// A 1xx informational head, `len` bytes long.
+    Informational(usize),
+    Final(Head),
+}
+
+/// Why an exchange got no (complete) response head.
+enum Fail {
+    /// Nothing came back: on a reused socket, the upstream may have closed
+    /// it while idle, and the request can go again on a new one.
+    Unanswered(String),
+    Upstream(UpstreamError),
+}
+
+impl Lane {
+    /// Send the prepared request upstream and relay the answer. Whether the
+    /// client connection stays open.
+    async fn exchange(
+        &mut self,
+        gateway: &Gateway,
+        plan: &Plan,
+        out: &mut Vec<u8>,
+        closing: &Closing,
+    ) -> bool {
+        let Some(target) = gateway.targets[plan.route].as_ref() else {
+            return false;
+        };
+        let mut from_up = Input::default();
+        let mut retried = false;
+        let head = loop {
+            let reused = match self.socket(gateway, target).await {
+                Ok(reused) => reused,
+                Err(error) => return self.fail(gateway, plan, error).await,
+            };
+            match self
+                .request(gateway, plan, out, &mut from_up, closing)
+                .await
+            {
+                Ok(head) => break head,
+                Err(Fail::Unanswered(_)) if reused && plan.idempotent && !retried => {
+                    retried = true;
+                    self.up = None;
+                }
+                Err(Fail::Unanswered(error)) => {
+                    self.up = None;
+                    return self.fail(gateway, plan, UpstreamError::Failed(error)).await;
+                }
+                Err(Fail::Upstream(error)) => {
+                    self.up = None;
+                    return self.fail(gateway, plan, error).await;
+                }
+            }
+        };
+        let elapsed = plan.started.elapsed();
+        gateway.route_metrics[plan.route].observe(head.status, elapsed);
+        if let Some(log) = &plan.log {
+            self.log(plan, log, head.status, elapsed);
+        }
+        let clean = self.relay(&head, out, &mut from_up).await;
+        if !clean || head.upstream_close {
+            self.up = None;
+        } else if let Some(up) = &mut self.up {
+            if up.counted.is_none() {
+                up.counted = gateway.upstreams.count_in_slot();
+                if up.counted.is_none() {
+                    // Enough sockets are kept by client connections: this
+                    // one waits in the shared list instead.
+                    if let Some(up) = self.up.take() {
+                        gateway.upstreams.put_raw(&up.target, up.stream);
+                    }
+                }
+            }
+        }
+        clean && !plan.close && head.framing != Framing::Close
+    }
+
+    /// Make sure `self.up` is a socket to `target`: the kept one, an idle
+    /// one from the shared list, or a new one. Whether it was used before.
+    async fn socket(&mut self, gateway: &Gateway, target: &Target) -> Result<bool, UpstreamError> {
+        if let Some(up) = self.up.take() {
+            if up.target == *target {
+                if !closed_while_idle(&up.stream) {
+                    self.up = Some(up);
+                    return Ok(true);
+                }
+            } else {
+                gateway.upstreams.put_raw(&up.target, up.stream);
+            }
+        }
+        if let Some(stream) = gateway.upstreams.take_raw(target) {
+            self.up = Some(Upstream {
+                target: target.clone(),
+                stream,
+                counted: None,
+            });
+            return Ok(true);
+        }
+        // Boxed: dialing is rare, its future need not sit in every request's.
+        let stream = Box::pin(gateway.upstreams.connect_raw(target)).await?;
+        self.up = Some(Upstream {
+            target: target.clone(),
+            stream,
+            counted: None,
+        });
+        Ok(false)
+    }
+
+    /// Write the request head upstream and read the response head (relaying
+    /// any 1xx heads on the way); `out` then holds the client's head.
+    async fn request(
+        &mut self,
+        gateway: &Gateway,
+        plan: &Plan,
+        out: &mut Vec<u8>,
+        from_up: &mut Input,
+        closing: &Closing,
+    ) -> Result<Head, Fail> {
+        let Lane { up, timer, .. } = self;
+        let Some(up) = up.as_mut() else {
+            return Err(Fail::Unanswered("no upstream socket".into()));
+        };
+        if let Err(error) = up.stream.write_all(out).await {
+            return Err(Fail::Unanswered(error.to_string()));
+        }
+        let deadline = Instant::now() + gateway.upstreams.response_timeout();
+        let mut answered = false;
+        loop {
+            if !from_up.is_empty() {
+                let close = plan.close || closing.is_closing();
+                out.clear();
+                match parse_response(from_up.bytes(), plan.head_only, close, out) {
+                    Parsed::Final(head) => {
+                        from_up.consume(head.len);
+                        return Ok(head);
+                    }
+                    Parsed::Informational(len) => {
+                        // Not passed on (the general path's client drops
+                        // them too): the final response follows.
+                        from_up.consume(len);
+                        continue;
+                    }
+                    Parsed::Bad(why) => {
+                        return Err(Fail::Upstream(UpstreamError::Failed(why.into())))
+                    }
+                    Parsed::Partial if from_up.is_full() => {
+                        return Err(Fail::Upstream(UpstreamError::Failed(
+                            "response head too large".into(),
+                        )))
+                    }
+                    Parsed::Partial => {}
+                }
+            }
+            match read_until(&mut up.stream, from_up, timer, deadline).await {
+                Ok(0) if answered => {
+                    return Err(Fail::Upstream(UpstreamError::Failed(
+                        "connection closed inside the response head".into(),
+                    )))
+                }
+                Ok(0) => return Err(Fail::Unanswered("connection closed".into())),
+                Ok(_) => answered = true,
+                Err(None) => return Err(Fail::Upstream(UpstreamError::Timeout)),
+                Err(Some(error)) if answered => {
+                    return Err(Fail::Upstream(UpstreamError::Failed(error.to_string())))
+                }
+                Err(Some(error)) => return Err(Fail::Unanswered(error.to_string())),
+            }
+        }
+    }
+
+    /// Write the head in `out` and the body after it to the client. Whether
+    /// the body ended where its framing says, with the upstream socket
+    /// fit for another exchange.
+    async fn relay(&mut self, head: &Head, out: &mut Vec<u8>, from_up: &mut Input) -> bool {
+        let Lane {
+            stream: client, up, ..
+        } = self;
+        let Some(up) = up.as_mut() else {
+            return false;
+        };
+        let mut chunks = Chunks::default();
+        let mut left = match head.framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let mut first = true;
+        loop {
+            // Body bytes at hand: how many belong to this response, and
+            // whether it is complete with them.
+            let have = from_up.bytes();
+            // (relayed, used, done): a chunked body's trailer section is
+            // used but not relayed; its end is written here instead.
+            let (take, used, done) = match head.framing {
+                Framing::Empty => (0, 0, true),
+                Framing::Length(_) => {
+                    let take = (have.len() as u64).min(left) as usize;
+                    left -= take as u64;
+                    (take, take, left == 0)
+                }
+                Framing::Chunked => match chunks.scan(have) {
+                    Ok(scan) => (scan.relay, scan.used, scan.done),
+                    Err(()) => return false,
+                },
+                Framing::Close => (have.len(), have.len(), false),
+            };
+            let extra = have.len() > used;
+            let end: &[u8] = match done && head.framing == Framing::Chunked {
+                true => b"\r\n",
+                false => b"",
+            };
+            let sent = if first || out.len() + take + end.len() <= BUF {
+                // The head and the body's first bytes in one write when small.
+                if !first {
+                    out.clear();
+                }
+                first = false;
+                out.extend_from_slice(&have[..take]);
+                out.extend_from_slice(end);
+                client.write_all(out).await
+            } else {
+                match client.write_all(&have[..take]).await {
+                    Ok(()) => client.write_all(end).await,
+                    Err(error) => Err(error),
+                }
+            };
+            from_up.consume(used);
+            if sent.is_err() {
+                return false;
+            }
+            if done {
+                // Anything the upstream sent past its response is a fault:
+                // its socket is not reused.
+                return !extra;
+            }
+            from_up.clear();
+            match read_some(&mut up.stream, from_up).await {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// 502 or 504 page for an upstream that failed before its response
+    /// head; whether the client connection stays open.
+    async fn fail(&mut self, gateway: &Gateway, plan: &Plan, error: UpstreamError) -> bool {
+        let route = &gateway.config.routes[plan.route];
+        let series = &gateway.route_metrics[plan.route];
+        series.upstream_errors.inc();
+        tracing::warn!(upstream = %route.upstream, %error, "upstream request failed");
+        let (status, title, message) = match error {
+            UpstreamError::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "Gateway timeout",
+                "The application behind flowgate took too long to answer. Try again in a moment.",
+            ),
+            _ => (
+                StatusCode::BAD_GATEWAY,
+                "Bad gateway",
+                "The application behind flowgate did not answer. Try again in a moment.",
+            ),
+        };
+        let elapsed = plan.started.elapsed();
+        series.observe(status.as_u16(), elapsed);
+        if let Some(log) = &plan.log {
+            self.log(plan, log, status.as_u16(), elapsed);
+        }
+        let page = gateway.page(status, title, message, None);
+        let bytes = serialize(page, plan.close).await;
+        self.stream.write_all(&bytes).await.is_ok() && !plan.close
+    }
+
+    fn log(&self, plan: &Plan, log: &LogFields, status: u16, elapsed: Duration) {
+        AccessLine {
+            client: self.peer.addr.ip(),
+            host: &log.host,
+            method: &log.method,
+            path: &log.path,
+            status,
+            route: Some(plan.route),
+            user: log.user.as_deref(),
+        }
+        .log(elapsed);
+    }
+
+    /// Wait for bytes from the client, until `deadline`, and while idle
+    /// until the listener closes. False: the connection is over (closed,
+    /// failed, timed out, shutting down).
+    async fn read_client(&mut self, deadline: Instant, closing: Option<&Closing>) -> bool {
+        let notified = closing.map(|c| c.notify.notified());
+        let mut notified = std::pin::pin!(notified);
+        if let (Some(closing), Some(notified)) = (closing, notified.as_mut().as_pin_mut()) {
+            notified.enable();
+            if closing.is_closing() {
+                return false;
+            }
+        }
+        let Lane {
+            stream,
+            input,
+            timer,
+            ..
+        } = self;
+        poll_fn(|cx| {
+            // Readiness first: an idle connection takes a buffer only once
+            // its next request is there.
+            match stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    let mut buf = ReadBuf::new(input.space());
+                    match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+                        Poll::Ready(Ok(())) => {
+                            let n = buf.filled().len();
+                            input.filled(n);
+                            return Poll::Ready(n > 0);
+                        }
+                        Poll::Ready(Err(_)) => return Poll::Ready(false),
+                        Poll::Pending => {}
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(false),
+                Poll::Pending => {}
+            }
+            if let Some(notified) = notified.as_mut().as_pin_mut() {
+                if notified.poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+            }
+            if expired(timer, deadline, cx) {
+                return Poll::Ready(false);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The connection is over: a clean upstream socket goes to the shared list.
+    fn end(&mut self, gateway: &Gateway) {
+        if let Some(up) = self.up.take() {
+            gateway.upstreams.put_raw(&up.target, up.stream);
+        }
+    }
+
+    fn hand_over(mut self, gateway: &Gateway) -> Prefixed {
+        gateway.metrics.fast_lane_handoffs.inc();
+        self.end(gateway);
+        Prefixed {
+            read: std::mem::take(&mut self.input),
+            inner: self.stream,
+        }
+    }
+}
+
+/// Read more bytes from the upstream into `input`, until `deadline`.
+/// `Err(None)`: the deadline passed.
+async fn read_until(
+    stream: &mut TcpStream,
+    input: &mut Input,
+    timer: &mut Pin<Box<Sleep>>,
+    deadline: Instant,
+) -> Result<usize, Option<std::io::Error>> {
+    poll_fn(|cx| {
+        let mut buf = ReadBuf::new(input.space());
+        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                input.filled(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(Some(error))),
+            Poll::Pending if expired(timer, deadline, cx) => Poll::Ready(Err(None)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Read more body bytes (no deadline: hyper's client has none either).
+async fn read_some(stream: &mut TcpStream, input: &mut Input) -> std::io::Result<usize> {
+    poll_fn(|cx| {
+        let mut buf = ReadBuf::new(input.space());
+        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                input.filled(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Whether `deadline` has passed. The timer is moved only when the deadline
+/// comes earlier than where it is set; when it fires early (the deadline
+/// moved on since), it is set again. Most requests touch it not at all.
+fn expired(timer: &mut Pin<Box<Sleep>>, deadline: Instant, cx: &mut Context<'_>) -> bool {
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    loop {
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => return false,
+            Poll::Ready(()) if Instant::now() >= deadline => return true,
+            Poll::Ready(()) => timer.as_mut().reset(deadline),
+        }
+    }
+}
+
+/// Parse a request head and, if the fast lane serves it, write the upstream
+/// request head into `out`.
+fn prepare(gateway: &Gateway, peer: &Peer, bytes: &[u8], out: &mut Vec<u8>) -> Prepared {
+    let server = &gateway.config.server;
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let limit = server.max_headers.min(MAX_HEADERS);
+    let head_len = match request.parse_with_uninit_headers(bytes, &mut storage[..limit]) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Prepared::Partial,
+        Err(_) => return Prepared::General("request head hyper judges"),
+    };
+    let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version)
+    else {
+        return Prepared::General("not HTTP/1.1");
+    };
+    if head_len > server.max_header_bytes.max(8192)
+        || !target.starts_with('/')
+        || !target.bytes().all(uri_byte)
+    {
+        return Prepared::General("request target");
+    }
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let prefix = server.prefix.as_str();
+    if path
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    {
+        return Prepared::General("flowgate's own path");
+    }
+    if server
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer.addr.ip()))
+    {
+        return Prepared::General("trusted proxy");
+    }
+    let headers: &[httparse::Header<'_>] = request.headers;
+    let cookie_name = gateway.config.session.cookie_name.as_bytes();
+    let mut host = None;
+    let mut hosts = 0;
+    let mut close = false;
+    let mut named = false;
+    let mut ours = false;
+    for header in headers {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            host = Some(header.value);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            if header.value != b"0" {
+                return Prepared::General("request body");
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("expect")
+        {
+            return Prepared::General("request body or upgrade");
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in tokens(header.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Prepared::General("upgrade");
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    named = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("cookie") {
+            if !header.value.iter().all(|&b| visible(b)) {
+                return Prepared::General("cookie bytes");
+            }
+            ours |= contains(header.value, cookie_name);
+        }
+    }
+    let authority = match host {
+        Some(host) if hosts == 1 && !host.is_empty() && host.iter().all(|&b| visible(b)) => {
+            match std::str::from_utf8(host) {
+                Ok(authority) => authority,
+                Err(_) => return Prepared::General("host"),
+            }
+        }
+        _ => return Prepared::General("host"),
+    };
+    let host = host_key(authority);
+    let Some((index, route)) = gateway.route(&host, path) else {
+        return Prepared::General("no route");
+    };
+    let Some(upstream) = gateway.targets[index].as_ref().filter(|t| !t.tls) else {
+        return Prepared::General("https upstream");
+    };
+    let identity = match ours {
+        true => match session(gateway, headers) {
+            Lookup::Found(identity) => Some(identity),
+            Lookup::Anonymous => None,
+            Lookup::General => return Prepared::General("session store"),
+        },
+        false => None,
+    };
+    match &identity {
+        Some(identity) if !crate::gate::allowed(route, identity) => {
+            return Prepared::General("user not allowed")
+        }
+        Some(_) => {}
+        None if crate::gate::skips_auth(route, target) => {}
+        None => return Prepared::General("no session"),
+    }
+
+    // The upstream's request head.
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(route.upstream.path().trim_end_matches('/').as_bytes());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(match route.preserve_host {
+        true => authority.as_bytes(),
+        false => upstream.authority.as_str().as_bytes(),
+    });
+    out.extend_from_slice(b"\r\n");
+    for header in headers {
+        let name = header.name;
+        if not_forwarded(name)
+            || (ours && name.eq_ignore_ascii_case("cookie"))
+            || is_identity_header(name)
+            || (named && listed(headers, name))
+        {
+            continue;
+        }
+        put_header(out, name.as_bytes(), header.value);
+    }
+    if ours {
+        other_cookies(out, headers, cookie_name);
+    }
+    put_header(out, b"x-forwarded-for", peer.ip.as_bytes());
+    out.extend_from_slice(b"forwarded: for=");
+    if peer.addr.is_ipv6() {
+        out.extend_from_slice(b"\"[");
+        out.extend_from_slice(peer.ip.as_bytes());
+        out.extend_from_slice(b"]\"");
+    } else {
+        out.extend_from_slice(peer.ip.as_bytes());
+    }
+    out.extend_from_slice(b";proto=http;host=\"");
+    out.extend(authority.bytes().filter(|&b| b != b'"'));
+    out.extend_from_slice(b"\"\r\n");
+    put_header(out, b"x-forwarded-proto", b"http");
+    put_header(out, b"x-forwarded-host", authority.as_bytes());
+    if let Some(identity) = &identity {
+        let values = identity.values();
+        for (name, field) in identity_headers(route.headers) {
+            if let Some(value) = field.of(values) {
+                put_header(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+
+    let log = gateway.config.log.access.then(|| {
+        Box::new(LogFields {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            host: host.into_owned(),
+            user: identity.as_ref().map(|i| i.username.clone()),
+        })
+    });
+    Prepared::Forward(Plan {
+        head_len,
+        route: index,
+        head_only: method == "HEAD",
+        close,
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
+        started: std::time::Instant::now(),
+        log,
+    })
+}
+
+enum Lookup {
+    Found(Arc<Identity>),
+    Anonymous,
+    /// The store cannot answer without a round trip.
+    General,
+}
+
+/// The session the request's cookie names, as `gate::identity` finds it.
+fn session(gateway: &Gateway, headers: &[httparse::Header<'_>]) -> Lookup {
+    let name = gateway.config.session.cookie_name.as_str();
+    let idle = gateway.config.session.idle_timeout;
+    for header in headers {
+        if !header.name.eq_ignore_ascii_case("cookie") {
+            continue;
+        }
+        // Visible ASCII, checked in `prepare`.
+        let Ok(text) = std::str::from_utf8(header.value) else {
+            continue;
+        };
+        for pair in text.split(';') {
+            let Some((key, value)) = pair.trim().split_once('=') else {
+                continue;
+            };
+            if key.trim() != name {
+                continue;
+            }
+            let Some(id) = gateway.signer.verify(value.trim().trim_matches('"')) else {
+                continue;
+            };
+            match gateway.sessions.identity_now(id, idle) {
+                None => return Lookup::General,
+                Some(Ok(Some(identity))) => return Lookup::Found(identity),
+                Some(Ok(None)) => {}
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "session store lookup failed; treating the request as anonymous");
+                    return Lookup::Anonymous;
+                }
+            }
+        }
+    }
+    Lookup::Anonymous
+}
+
+/// Request headers never passed on as they came: connection-level ones,
+/// and the forwarding headers flowgate writes itself.
+fn not_forwarded(name: &str) -> bool {
+    const NAMES: [&str; 12] = [
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ];
+    NAMES
+        .iter()
+        .any(|known| known.len() == name.len() && known.eq_ignore_ascii_case(name))
+        || name.eq_ignore_ascii_case("forwarded")
+}
+
+/// Whether a `Connection` header of `headers` names `name`.
+fn listed(headers: &[httparse::Header<'_>], name: &str) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| tokens(h.value))
+        .any(|token| token.eq_ignore_ascii_case(name.as_bytes()))
+}
+
+/// The comma-separated tokens of a header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+/// One `Cookie` header with every cookie but flowgate's own (the session's
+/// and its `_csrf` companion); none if nothing is left.
+fn other_cookies(out: &mut Vec<u8>, headers: &[httparse::Header<'_>], name: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(b"cookie: ");
+    let empty = out.len();
+    for header in headers {
+        if !header.name.eq_ignore_ascii_case("cookie") {
+            continue;
+        }
+        for pair in header.value.split(|&b| b == b';') {
+            let pair = pair.trim_ascii();
+            if pair.is_empty() {
+                continue;
+            }
+            let key = pair
+                .iter()
+                .position(|&b| b == b'=')
+                .map_or(pair, |at| pair[..at].trim_ascii());
+            if key == name || key.strip_prefix(name) == Some(b"_csrf") {
+                continue;
+            }
+            if out.len() > empty {
+                out.extend_from_slice(b"; ");
+            }
+            out.extend_from_slice(pair);
+        }
+    }
+    if out.len() == empty {
+        out.truncate(start);
+    } else {
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Visible ASCII, space and tab: what `HeaderValue::to_str` accepts.
+fn visible(b: u8) -> bool {
+    (0x20..0x7f).contains(&b) || b == b'\t'
+}
+
+/// Bytes a request target may carry as it is (RFC 3986: unreserved,
+/// sub-delims, `:@/?%`); anything else is for hyper to judge.
+fn uri_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+/// Parse a response head from the upstream; on success, write the head the
+/// client gets into `out`: hop-by-hop headers out, the framing flowgate
+/// relays the body with, `connection: close` when the client connection
+/// ends after it.
+fn parse_response(bytes: &[u8], head_only: bool, close: bool, out: &mut Vec<u8>) -> Parsed {
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        bytes,
+        &mut storage,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Bad("malformed response head"),
+    };
+    let (Some(status), Some(_)) = (response.code, response.version) else {
+        return Parsed::Bad("malformed response head");
+    };
+    let headers: &[httparse::Header<'_>] = response.headers;
+    if status == 101 {
+        return Parsed::Bad("switched protocols unasked");
+    }
+    let informational = (100..200).contains(&status);
+    if informational {
+        return Parsed::Informational(len);
+    }
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    let mut upstream_close = false;
+    let mut named = false;
+    for header in headers {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let Some(n) = std::str::from_utf8(header.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+            else {
+                return Parsed::Bad("invalid content-length");
+            };
+            if length.is_some_and(|seen| seen != n) {
+                return Parsed::Bad("conflicting content-length");
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = tokens(header.value).last();
+            chunked = Some(last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")));
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in tokens(header.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    upstream_close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    named = true;
+                }
+            }
+        }
+    }
+    let framing = if head_only || status == 204 || status == 304 {
+        Framing::Empty
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::Close,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::Close,
+        }
+    };
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa3(status).as_slice());
+    out.push(b' ');
+    out.extend_from_slice(response.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for header in headers {
+        let name = header.name;
+        if not_relayed(name)
+            || (named && listed(headers, name))
+            || (chunked.is_some() && name.eq_ignore_ascii_case("content-length"))
+        {
+            continue;
+        }
+        put_header(out, name.as_bytes(), header.value);
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if close || framing == Framing::Close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Parsed::Final(Head {
+        len,
+        status,
+        framing,
+        upstream_close,
+    })
+}
+
+/// Response headers that stay on the upstream connection.
+fn not_relayed(name: &str) -> bool {
+    const NAMES: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+    ];
+    NAMES
+        .iter()
+        .any(|known| known.len() == name.len() && known.eq_ignore_ascii_case(name))
+}
+
+fn itoa3(status: u16) -> [u8; 3] {
+    let status = status.min(999);
+    [
+        b'0' + (status / 100) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]
+}
+
+/// Where a chunked body ends. The body is relayed as it comes (chunk
+/// sizes, extensions, trailers and all); this only follows along.
+#[derive(Default)]
+struct Chunks {
+    state: ChunkState,
+    /// Bytes of chunk data still to come.
+    data: u64,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Hex digits of a chunk size; `true` once one was seen.
+    #[default]
+    Size,
+    SizeDigits,
+    /// After the size: extensions or whitespace, up to CR.
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final CRLF).
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+}
+
+/// What `Chunks::scan` made of some bytes.
+#[derive(Debug, PartialEq, Eq)]
+struct Scan {
+    /// Bytes to pass on: all, up to the trailer section.
+    relay: usize,
+    /// Bytes that belong to this body.
+    used: usize,
+    /// The body ended with them (the caller writes the final CRLF).
+    done: bool,
+}
+
+impl Chunks {
+    /// Follow `bytes` of the body.
+    fn scan(&mut self, bytes: &[u8]) -> Result<Scan, ()> {
+        use ChunkState::*;
+        let in_trailers = |state| matches!(state, TrailerStart | Trailer | TrailerLf | EndLf);
+        let mut relay = if in_trailers(self.state) {
+            Some(0)
+        } else {
+            None
+        };
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            match self.state {
+                Size | SizeDigits => match (b as char).to_digit(16) {
+                    Some(d) => {
+                        self.data = self
+                            .data
+                            .checked_mul(16)
+                            .and_then(|n| n.checked_add(d as u64))
+                            .ok_or(())?;
+                        self.state = SizeDigits;
+                    }
+                    None if self.state == SizeDigits => {
+                        self.state = Extension;
+                        continue;
+                    }
+                    None => return Err(()),
+                },
+                Extension => match b {
+                    b'\r' => self.state = SizeLf,
+                    b'\n' => return Err(()),
+                    _ => {}
+                },
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    if self.data == 0 {
+                        self.state = TrailerStart;
+                        relay = Some(i + 1);
+                    } else {
+                        self.state = Data;
+                    }
+                }
+                Data => {
+                    let take = (self.data).min((bytes.len() - i) as u64) as usize;
+                    self.data -= take as u64;
+                    i += take;
+                    if self.data == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                DataCr => {
+                    if b != b'\r' {
+                        return Err(());
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = Size;
+                }
+                TrailerStart => match b {
+                    b'\r' => self.state = EndLf,
+                    b'\n' => return Err(()),
+                    _ => self.state = Trailer,
+                },
+                Trailer => {
+                    if b == b'\r' {
+                        self.state = TrailerLf;
+                    }
+                }
+                TrailerLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = TrailerStart;
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    return Ok(Scan {
+                        relay: relay.unwrap_or(0),
+                        used: i + 1,
+                        done: true,
+                    });
+                }
+            }
+            i += 1;
+        }
+        Ok(Scan {
+            relay: relay.unwrap_or(bytes.len()),
+            used: bytes.len(),
+            done: false,
+        })
+    }
+}
+
+/// One of flowgate's own responses (an error page), as HTTP/1.1 bytes.
+async fn serialize(response: http::Response<crate::Body>, close: bool) -> Vec<u8> {
+    let (parts, body) = response.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => bytes::Bytes::new(),
+    };
+    let mut out = Vec::with_capacity(512 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    put_header(
+        &mut out,
+        b"content-length",
+        body.len().to_string().as_bytes(),
+    );
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Bytes read from a socket and not used yet, in a pooled buffer that is
+/// given back when empty (`release`) or dropped.
+#[derive(Default)]
+struct Input {
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+}
+
+impl Input {
+    fn bytes(&self) -> &[u8] {
+        match &self.buf {
+            Some(buf) => &buf[self.start..self.end],
+            None => &[],
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn is_full(&self) -> bool {
+        self.start == 0 && self.end == BUF
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.clear();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Room to read into: the free end of the buffer, taken from the pool
+    /// if there is none, unread bytes moved to the front if needed.
+    fn space(&mut self) -> &mut [u8] {
+        let buf = self.buf.get_or_insert_with(take_buffer);
+        if self.end == buf.len() && self.start > 0 {
+            buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut buf[self.end..]
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// Give the buffer back to the pool, if nothing is left in it.
+    fn release(&mut self) {
+        if self.is_empty() {
+            if let Some(buf) = self.buf.take() {
+                give_buffer(buf);
+            }
+        }
+    }
+}
+
+impl Drop for Input {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            give_buffer(buf);
+        }
+    }
+}
+
+fn take_buffer() -> Box<[u8]> {
+    BUFFERS
+        .with(|pool| pool.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0; BUF].into_boxed_slice())
+}
+
+fn give_buffer(buf: Box<[u8]>) {
+    BUFFERS.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOL {
+            pool.push(buf);
+        }
+    });
+}
+
+/// A pooled buffer for the heads flowgate writes.
+struct Out(Vec<u8>);
+
+impl Out {
+    fn take() -> Out {
+        Out(HEADS
+            .with(|pool| pool.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(2048)))
+    }
+}
+
+impl std::ops::Deref for Out {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Out {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for Out {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.0);
+        if buf.capacity() <= 2 * BUF {
+            buf.clear();
+            HEADS.with(|pool| {
+                let mut pool = pool.borrow_mut();
+                if pool.len() < POOL {
+                    pool.push(buf);
+                }
+            });
+        }
+    }
+}
+
+/// A connection handed to hyper: the bytes the fast lane read of it come
+/// first.
+pub(crate) struct Prefixed {
+    read: Input,
+    inner: TcpStream,
+}
+
+impl Prefixed {
+    /// A connection the fast lane never saw.
+    pub(crate) fn plain(inner: TcpStream) -> Prefixed {
+        Prefixed {
+            read: Input::default(),
+            inner,
+        }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if !this.read.is_empty() {
+            let bytes = this.read.bytes();
+            let n = bytes.len().min(buf.remaining());
+            buf.put_slice(&bytes[..n]);
+            this.read.consume(n);
+            this.read.release();
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(body: &[u8]) -> Result<Scan, ()> {
+        Chunks::default().scan(body)
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_they_say_and_lose_their_trailers() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\nNEXT";
+        let relay = body.len() - 6;
+        let used = body.len() - 4;
+        assert_eq!(
+            scan_all(body),
+            Ok(Scan {
+                relay,
+                used,
+                done: true
+            })
+        );
+        let trailers = b"3\r\nabc\r\n0\r\nX-Sum: 1\r\nX-B: 2\r\n\r\n";
+        assert_eq!(
+            scan_all(trailers),
+            Ok(Scan {
+                relay: 11,
+                used: trailers.len(),
+                done: true
+            })
+        );
+        // Byte by byte, across reads: the same bytes relayed, the same end.
+        let mut chunks = Chunks::default();
+        let mut relayed = Vec::new();
+        let mut end = None;
+        for (i, b) in trailers.iter().enumerate() {
+            let scan = chunks.scan(std::slice::from_ref(b)).unwrap();
+            relayed.extend_from_slice(&trailers[i..i + scan.relay]);
+            if scan.done {
+                end = Some(i + 1);
+                break;
+            }
+        }
+        assert_eq!(end, Some(trailers.len()));
+        assert_eq!(relayed, b"3\r\nabc\r\n0\r\n");
+        let partial = scan_all(b"5\r\nhel").unwrap();
+        assert!(!partial.done && partial.relay == 6);
+        assert_eq!(scan_all(b"zz\r\n"), Err(()));
+        assert_eq!(scan_all(b"3\r\nabcX"), Err(()));
+        assert_eq!(scan_all(b"ffffffffffffffffff\r\n"), Err(()));
+    }
+
+    #[test]
+    fn response_heads_lose_hop_by_hop_headers_and_say_how_they_end() {
+        let head = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 5\r\nX-App: 1\r\n\r\nhello";
+        let mut out = Vec::new();
+        let Parsed::Final(parsed) = parse_response(head, false, false, &mut out) else {
+            panic!("not parsed");
+        };
+        assert_eq!(parsed.len, head.len() - 5);
+        assert!(parsed.framing == Framing::Length(5));
+        assert!(!parsed.upstream_close);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-App: 1\r\n\r\n"
+        );
+
+        let mut out = Vec::new();
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\nConnection: close\r\n\r\n";
+        let Parsed::Final(parsed) = parse_response(chunked, false, true, &mut out) else {
+            panic!("not parsed");
+        };
+        assert!(parsed.framing == Framing::Chunked && parsed.upstream_close);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        );
+
+        let mut out = Vec::new();
+        let conflicting = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        assert!(matches!(
+            parse_response(conflicting, false, false, &mut out),
+            Parsed::Bad(_)
+        ));
+        let mut out = Vec::new();
+        let unlimited = b"HTTP/1.1 200 OK\r\n\r\n";
+        let Parsed::Final(parsed) = parse_response(unlimited, false, false, &mut out) else {
+            panic!("not parsed");
+        };
+        assert!(parsed.framing == Framing::Close);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("connection: close"));
+        let mut out = Vec::new();
+        let head_only = b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n";
+        let Parsed::Final(parsed) = parse_response(head_only, true, false, &mut out) else {
+            panic!("not parsed");
+        };
+        assert!(parsed.framing == Framing::Empty);
+    }
+
+    #[test]
+    fn cookies_other_than_flowgates_are_kept_in_one_header() {
+        let mut storage = [httparse::EMPTY_HEADER; 4];
+        let mut request = httparse::Request::new(&mut storage);
+        let head =
+            b"GET / HTTP/1.1\r\nCookie: a=1; fg=xyz\r\nCookie: fg_csrf=t; b=2; fgx=3\r\n\r\n";
+        request.parse(head).unwrap();
+        let mut out = Vec::new();
+        other_cookies(&mut out, request.headers, b"fg");
+        assert_eq!(out, b"cookie: a=1; b=2; fgx=3\r\n");
+        let mut storage = [httparse::EMPTY_HEADER; 4];
+        let mut request = httparse::Request::new(&mut storage);
+        request
+            .parse(b"GET / HTTP/1.1\r\nCookie: fg=xyz\r\n\r\n")
+            .unwrap();
+        let mut out = Vec::new();
+        other_cookies(&mut out, request.headers, b"fg");
+        assert!(out.is_empty());
+    }
+}
