@@ -74,6 +74,17 @@ impl Closing {
     fn is_closing(&self) -> bool {
         self.flag.load(Ordering::Acquire)
     }
+
+    /// Resolves once `close` was called (at once if it was already).
+    pub(crate) async fn closed(&self) {
+        let notified = self.notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_closing() {
+            return;
+        }
+        notified.await
+    }
 }
 
 /// The deadlines of a connection between requests, from `[server]`.

@@ -21,10 +21,9 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
@@ -45,8 +44,11 @@ pub struct Listener {
     limits: Limits,
     connections: Arc<Semaphore>,
     max_connections: usize,
-    /// Tells the fast lane's idle connections to close.
+    /// Tells idle connections to close, and busy ones to close after
+    /// their requests (graceful shutdown).
     closing: Closing,
+    /// hyper's server settings, for connections on the general path.
+    builder: auto::Builder<TokioExecutor>,
 }
 
 #[derive(Clone, Copy)]
@@ -70,6 +72,7 @@ impl Listener {
             connections: Arc::new(Semaphore::new(server.max_connections)),
             max_connections: server.max_connections,
             closing: Closing::default(),
+            builder: builder(server),
             app,
         }
     }
@@ -81,8 +84,6 @@ impl Listener {
 
     /// Accept and serve until `shutdown` resolves, then drain.
     pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let builder = builder(&self.app.gateway().config.server);
-        let graceful = GracefulShutdown::new();
         let sweeper = tokio::spawn(purge_sessions(self.app.clone()));
         tokio::pin!(shutdown);
         loop {
@@ -110,31 +111,26 @@ impl Listener {
             self.app.metrics.connections_accepted.inc();
             let _ = stream.set_nodelay(true);
             let this = self.clone();
-            let builder = builder.clone();
-            let watcher = graceful.watcher();
+            // This task lives as long as the connection: what it holds
+            // while a fast-lane connection idles is all that connection
+            // costs, so the general path's larger state is boxed.
             tokio::spawn(async move {
-                // Shared with tunnels this connection may turn into.
-                let permit: ConnHold = Arc::new(permit);
-                let state = Arc::new(ConnState::default());
                 match &this.tls {
                     None => {
-                        let connection = Connection { peer, tls: false };
-                        let deadlines = Deadlines {
-                            header_read_timeout: this.limits.header_read_timeout,
-                            keepalive_timeout: this.limits.keepalive_timeout,
-                        };
-                        let fast = this.app.gateway().config.server.fast_lane;
-                        let stream = match fast {
+                        let stream = match this.app.gateway().config.server.fast_lane {
                             true => {
-                                match crate::h1::serve(
+                                let deadlines = Deadlines {
+                                    header_read_timeout: this.limits.header_read_timeout,
+                                    keepalive_timeout: this.limits.keepalive_timeout,
+                                };
+                                let lane = crate::h1::serve(
                                     &this.app,
                                     stream,
                                     peer,
                                     &this.closing,
                                     deadlines,
-                                )
-                                .await
-                                {
+                                );
+                                match lane.await {
                                     // Served to the end on the fast lane.
                                     None => return,
                                     Some(handed_over) => handed_over,
@@ -142,43 +138,24 @@ impl Listener {
                             }
                             false => Prefixed::plain(stream),
                         };
-                        let stream = Watchdog::new(stream, state.clone(), this.limits);
-                        serve_connection(
-                            &this.app, builder, watcher, stream, state, connection, permit,
-                        )
-                        .await
+                        let connection = Connection { peer, tls: false };
+                        Box::pin(this.serve_http(stream, connection, permit)).await
                     }
-                    Some(tls) => {
-                        let acceptor = TlsAcceptor::from(tls.load_full());
-                        let stream = Watchdog::new(stream, state.clone(), this.limits);
-                        match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => {
-                                let connection = Connection { peer, tls: true };
-                                serve_connection(
-                                    &this.app, builder, watcher, stream, state, connection, permit,
-                                )
-                                .await
-                            }
-                            Ok(Err(error)) => {
-                                tracing::debug!(%peer, %error, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                    }
+                    Some(tls) => Box::pin(this.serve_tls(tls, stream, peer, permit)).await,
                 }
             });
         }
         drop(listener);
         sweeper.abort();
-        self.closing.close();
         let deadline = self.limits.shutdown_timeout;
         tracing::info!(
             "shutting down: no new connections, waiting up to {deadline:?} for requests in flight"
         );
-        // HTTP connections close once their requests finish; upgraded ones
-        // (websockets) are not hyper's any more but still hold their slot.
+        // Idle connections close now, busy ones after their requests;
+        // upgraded ones (websockets) are not hyper's any more but still
+        // hold their slot until they end.
+        self.closing.close();
         let drained = async {
-            graceful.shutdown().await;
             while self.open_connections() > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -190,6 +167,96 @@ impl Listener {
                 "gave up waiting for connections after {deadline:?}"
             ),
         }
+    }
+
+    async fn serve_tls(
+        &self,
+        tls: &ArcSwap<rustls::ServerConfig>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let acceptor = TlsAcceptor::from(tls.load_full());
+        let state = Arc::new(ConnState::default());
+        let stream = Watchdog::new(stream, state.clone(), self.limits);
+        match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => {
+                let connection = Connection { peer, tls: true };
+                self.serve_connection(stream, state, connection, permit)
+                    .await
+            }
+            Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+    }
+
+    async fn serve_http(
+        &self,
+        stream: Prefixed,
+        connection: Connection,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let state = Arc::new(ConnState::default());
+        let stream = Watchdog::new(stream, state.clone(), self.limits);
+        self.serve_connection(stream, state, connection, permit)
+            .await
+    }
+
+    /// One connection on the general path: hyper's HTTP/1.1 and HTTP/2,
+    /// each request through `Gateway::handle`.
+    async fn serve_connection<S>(
+        &self,
+        stream: S,
+        state: Arc<ConnState>,
+        connection: Connection,
+        permit: OwnedSemaphorePermit,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        // Shared with tunnels this connection may turn into.
+        let hold: ConnHold = Arc::new(permit);
+        let app = &self.app;
+        let slot = Arc::new(ConnSlot::with_hold(hold));
+        let service = {
+            let app = app.clone();
+            let slot = slot.clone();
+            service_fn(move |request| {
+                let gateway = app.gateway();
+                let slot = slot.clone();
+                let state = state.clone();
+                let guard = InFlight::start(state.clone());
+                // Boxed: hyper keeps room for the service's future inside every
+                // connection, idle or not; a box makes that room one pointer, so
+                // thousands of idle keep-alive connections stay small.
+                Box::pin(async move {
+                    let response = gateway.handle(request, connection, &slot).await;
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        // A websocket or the like: its own idle rules from here.
+                        state.upgraded.store(true, Ordering::Relaxed);
+                    }
+                    Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
+                        body,
+                        _guard: guard,
+                    }))
+                })
+            })
+        };
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let mut conn = std::pin::pin!(conn);
+        let ended = tokio::select! {
+            ended = conn.as_mut() => ended,
+            _ = self.closing.closed() => {
+                // Finish what is in flight, then close.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(error) = ended {
+            tracing::debug!(peer = %connection.peer, error = %error, "connection ended with an error");
+        }
+        app.gateway().upstreams.release(&slot);
     }
 }
 
@@ -210,49 +277,6 @@ fn builder(server: &Server) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(server.max_header_bytes as u32)
         .max_concurrent_streams(256);
     builder
-}
-
-async fn serve_connection<S>(
-    app: &Arc<App>,
-    builder: auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-    stream: S,
-    state: Arc<ConnState>,
-    connection: Connection,
-    hold: ConnHold,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let slot = Arc::new(ConnSlot::with_hold(hold));
-    let service = {
-        let app = app.clone();
-        let slot = slot.clone();
-        service_fn(move |request| {
-            let gateway = app.gateway();
-            let slot = slot.clone();
-            let state = state.clone();
-            let guard = InFlight::start(state.clone());
-            // Boxed: hyper keeps room for the service's future inside every
-            // connection, idle or not; a box makes that room one pointer, so
-            // thousands of idle keep-alive connections stay small.
-            Box::pin(async move {
-                let response = gateway.handle(request, connection, &slot).await;
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    // A websocket or the like: its own idle rules from here.
-                    state.upgraded.store(true, Ordering::Relaxed);
-                }
-                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
-                    body,
-                    _guard: guard,
-                }))
-            })
-        })
-    };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    if let Err(error) = watcher.watch(conn.into_owned()).await {
-        tracing::debug!(peer = %connection.peer, error = %error, "connection ended with an error");
-    }
-    app.gateway().upstreams.release(&slot);
 }
 
 /// Per connection: requests in flight (until their response body ends),

@@ -373,8 +373,10 @@ async fn ten_thousand_idle_keepalive_connections_stay_bounded() {
         "flowgate RSS: {before} MiB idle, {with_connections} MiB with {} idle connections",
         held.len()
     );
+    // The target is 120 MiB for a release build; this debug build measures
+    // about 45 (BENCHMARKS.md has the release figures).
     assert!(
-        with_connections < 320,
+        with_connections < 120,
         "{with_connections} MiB with 10,000 idle connections"
     );
     // Upstream connections are capped, not one per idle client.
