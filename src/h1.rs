@@ -113,28 +113,37 @@ pub(crate) async fn serve(
         timer: Box::pin(tokio::time::sleep_until(
             opened + deadlines.header_read_timeout,
         )),
+        verified: Verified::default(),
     };
     // The first head is due `header_read_timeout` after the connection
     // opened; later ones that long after their first byte. `None`: idle
     // since `idle_since`, waiting for the next request.
     let mut head_due = Some(opened + deadlines.header_read_timeout);
     let mut idle_since = opened;
+    // Registered once for the connection's life (not per idle wait).
+    let mut closed = std::pin::pin!(closing.notify.notified());
+    closed.as_mut().enable();
     loop {
         if !lane.input.is_empty() {
             let gateway = app.gateway();
             let mut out = Out::take();
-            match prepare(&gateway, &lane.peer, lane.input.bytes(), &mut out) {
+            let bytes = lane.input.bytes();
+            match prepare(&gateway, &lane.peer, &mut lane.verified, bytes, &mut out) {
                 Prepared::Forward(plan) => {
                     gateway.metrics.fast_lane_requests.inc();
                     lane.input.consume(plan.head_len);
-                    let keep = lane.exchange(&gateway, &plan, &mut out, closing).await;
+                    let done = lane.exchange(&gateway, &plan, &mut out, closing).await;
                     drop(out);
-                    if !keep || closing.is_closing() {
-                        lane.end(&gateway);
-                        return None;
+                    match done {
+                        Some(at) if !closing.is_closing() => {
+                            head_due = None;
+                            idle_since = Instant::from_std(at);
+                        }
+                        _ => {
+                            lane.end(&gateway);
+                            return None;
+                        }
                     }
-                    head_due = None;
-                    idle_since = Instant::now();
                     continue;
                 }
                 Prepared::Partial => {
@@ -158,7 +167,12 @@ pub(crate) async fn serve(
         if idle {
             lane.input.release();
         }
-        if !lane.read_client(deadline, idle.then_some(closing)).await {
+        if idle && closing.is_closing() {
+            lane.end(&app.gateway());
+            return None;
+        }
+        let closed = idle.then_some(closed.as_mut());
+        if !lane.read_client(deadline, closed).await {
             lane.end(&app.gateway());
             return None;
         }
@@ -175,6 +189,35 @@ struct Lane {
     up: Option<Upstream>,
     /// One timer for every deadline of the connection, moved lazily.
     timer: Pin<Box<Sleep>>,
+    /// The session cookie this connection's last request proved, so that
+    /// the next one with the same value skips the MAC.
+    verified: Verified,
+}
+
+/// A cookie value whose MAC held, and the gateway (its secret) it held for.
+#[derive(Default)]
+struct Verified {
+    generation: u64,
+    value: Option<Box<str>>,
+}
+
+impl Verified {
+    /// The session id in `value`, if its MAC holds: known already, or checked now.
+    fn id<'v>(&mut self, gateway: &Gateway, value: &'v str) -> Option<&'v str> {
+        use subtle::ConstantTimeEq;
+        let known = self.generation == gateway.generation
+            && self
+                .value
+                .as_deref()
+                .is_some_and(|v| bool::from(v.as_bytes().ct_eq(value.as_bytes())));
+        if known {
+            return value.rsplit_once('.').map(|(id, _)| id);
+        }
+        let id = gateway.signer.verify(value)?;
+        self.generation = gateway.generation;
+        self.value = Some(value.into());
+        Some(id)
+    }
 }
 
 struct Upstream {
@@ -267,18 +310,16 @@ enum Fail {
 }
 
 impl Lane {
-    /// Send the prepared request upstream and relay the answer. Whether the
-    /// client connection stays open.
+    /// Send the prepared request upstream and relay the answer. When the
+    /// client connection stays open, when the exchange ended.
     async fn exchange(
         &mut self,
         gateway: &Gateway,
         plan: &Plan,
         out: &mut Vec<u8>,
         closing: &Closing,
-    ) -> bool {
-        let Some(target) = gateway.targets[plan.route].as_ref() else {
-            return false;
-        };
+    ) -> Option<std::time::Instant> {
+        let target = gateway.targets[plan.route].as_ref()?;
         let mut from_up = Input::default();
         let mut retried = false;
         let head = loop {
@@ -305,12 +346,13 @@ impl Lane {
                 }
             }
         };
-        let elapsed = plan.started.elapsed();
+        let at_head = std::time::Instant::now();
+        let elapsed = at_head - plan.started;
         gateway.route_metrics[plan.route].observe(head.status, elapsed);
         if let Some(log) = &plan.log {
             self.log(plan, log, head.status, elapsed);
         }
-        let clean = self.relay(&head, out, &mut from_up).await;
+        let (clean, at_once) = self.relay(&head, out, &mut from_up).await;
         if !clean || head.upstream_close {
             self.up = None;
         } else if let Some(up) = &mut self.up {
@@ -325,7 +367,12 @@ impl Lane {
                 }
             }
         }
-        clean && !plan.close && head.framing != Framing::Close
+        let keep = clean && !plan.close && head.framing != Framing::Close;
+        // Written in one go: it ended when the head came.
+        keep.then(|| match at_once {
+            true => at_head,
+            false => std::time::Instant::now(),
+        })
     }
 
     /// Make sure `self.up` is a socket to `target`: the kept one, an idle
@@ -376,7 +423,7 @@ impl Lane {
         if let Err(error) = up.stream.write_all(out).await {
             return Err(Fail::Unanswered(error.to_string()));
         }
-        let deadline = Instant::now() + gateway.upstreams.response_timeout();
+        let deadline = Instant::from_std(plan.started) + gateway.upstreams.response_timeout();
         let mut answered = false;
         loop {
             if !from_up.is_empty() {
@@ -423,14 +470,15 @@ impl Lane {
 
     /// Write the head in `out` and the body after it to the client. Whether
     /// the body ended where its framing says, with the upstream socket
-    /// fit for another exchange.
-    async fn relay(&mut self, head: &Head, out: &mut Vec<u8>, from_up: &mut Input) -> bool {
+    /// fit for another exchange; and whether all of it went in one write.
+    async fn relay(&mut self, head: &Head, out: &mut Vec<u8>, from_up: &mut Input) -> (bool, bool) {
         let Lane {
             stream: client, up, ..
         } = self;
         let Some(up) = up.as_mut() else {
-            return false;
+            return (false, false);
         };
+        let mut writes = 0;
         let mut chunks = Chunks::default();
         let mut left = match head.framing {
             Framing::Length(n) => n,
@@ -452,7 +500,7 @@ impl Lane {
                 }
                 Framing::Chunked => match chunks.scan(have) {
                     Ok(scan) => (scan.relay, scan.used, scan.done),
-                    Err(()) => return false,
+                    Err(()) => return (false, false),
                 },
                 Framing::Close => (have.len(), have.len(), false),
             };
@@ -476,27 +524,33 @@ impl Lane {
                     Err(error) => Err(error),
                 }
             };
+            writes += 1;
             from_up.consume(used);
             if sent.is_err() {
-                return false;
+                return (false, false);
             }
             if done {
                 // Anything the upstream sent past its response is a fault:
                 // its socket is not reused.
-                return !extra;
+                return (!extra, writes == 1);
             }
             from_up.clear();
             match read_some(&mut up.stream, from_up).await {
-                Ok(0) => return false,
+                Ok(0) => return (false, false),
                 Ok(_) => {}
-                Err(_) => return false,
+                Err(_) => return (false, false),
             }
         }
     }
 
     /// 502 or 504 page for an upstream that failed before its response
-    /// head; whether the client connection stays open.
-    async fn fail(&mut self, gateway: &Gateway, plan: &Plan, error: UpstreamError) -> bool {
+    /// head; when it was written, if the client connection stays open.
+    async fn fail(
+        &mut self,
+        gateway: &Gateway,
+        plan: &Plan,
+        error: UpstreamError,
+    ) -> Option<std::time::Instant> {
         let route = &gateway.config.routes[plan.route];
         let series = &gateway.route_metrics[plan.route];
         series.upstream_errors.inc();
@@ -520,7 +574,8 @@ impl Lane {
         }
         let page = gateway.page(status, title, message, None);
         let bytes = serialize(page, plan.close).await;
-        self.stream.write_all(&bytes).await.is_ok() && !plan.close
+        let keep = self.stream.write_all(&bytes).await.is_ok() && !plan.close;
+        keep.then(std::time::Instant::now)
     }
 
     fn log(&self, plan: &Plan, log: &LogFields, status: u16, elapsed: Duration) {
@@ -537,17 +592,13 @@ impl Lane {
     }
 
     /// Wait for bytes from the client, until `deadline`, and while idle
-    /// until the listener closes. False: the connection is over (closed,
-    /// failed, timed out, shutting down).
-    async fn read_client(&mut self, deadline: Instant, closing: Option<&Closing>) -> bool {
-        let notified = closing.map(|c| c.notify.notified());
-        let mut notified = std::pin::pin!(notified);
-        if let (Some(closing), Some(notified)) = (closing, notified.as_mut().as_pin_mut()) {
-            notified.enable();
-            if closing.is_closing() {
-                return false;
-            }
-        }
+    /// until the listener closes (`closed`). False: the connection is over
+    /// (closed, failed, timed out, shutting down).
+    async fn read_client(
+        &mut self,
+        deadline: Instant,
+        mut closed: Option<Pin<&mut tokio::sync::futures::Notified<'_>>>,
+    ) -> bool {
         let Lane {
             stream,
             input,
@@ -573,8 +624,8 @@ impl Lane {
                 Poll::Ready(Err(_)) => return Poll::Ready(false),
                 Poll::Pending => {}
             }
-            if let Some(notified) = notified.as_mut().as_pin_mut() {
-                if notified.poll(cx).is_ready() {
+            if let Some(closed) = closed.as_mut() {
+                if closed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(false);
                 }
             }
@@ -662,7 +713,13 @@ fn expired(timer: &mut Pin<Box<Sleep>>, deadline: Instant, cx: &mut Context<'_>)
 
 /// Parse a request head and, if the fast lane serves it, write the upstream
 /// request head into `out`.
-fn prepare(gateway: &Gateway, peer: &Peer, bytes: &[u8], out: &mut Vec<u8>) -> Prepared {
+fn prepare(
+    gateway: &Gateway,
+    peer: &Peer,
+    verified: &mut Verified,
+    bytes: &[u8],
+    out: &mut Vec<u8>,
+) -> Prepared {
     let server = &gateway.config.server;
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
@@ -752,7 +809,7 @@ fn prepare(gateway: &Gateway, peer: &Peer, bytes: &[u8], out: &mut Vec<u8>) -> P
         return Prepared::General("https upstream");
     };
     let identity = match ours {
-        true => match session(gateway, headers) {
+        true => match session(gateway, verified, headers) {
             Lookup::Found(identity) => Some(identity),
             Lookup::Anonymous => None,
             Lookup::General => return Prepared::General("session store"),
@@ -847,7 +904,7 @@ enum Lookup {
 }
 
 /// The session the request's cookie names, as `gate::identity` finds it.
-fn session(gateway: &Gateway, headers: &[httparse::Header<'_>]) -> Lookup {
+fn session(gateway: &Gateway, verified: &mut Verified, headers: &[httparse::Header<'_>]) -> Lookup {
     let name = gateway.config.session.cookie_name.as_str();
     let idle = gateway.config.session.idle_timeout;
     for header in headers {
@@ -865,7 +922,7 @@ fn session(gateway: &Gateway, headers: &[httparse::Header<'_>]) -> Lookup {
             if key.trim() != name {
                 continue;
             }
-            let Some(id) = gateway.signer.verify(value.trim().trim_matches('"')) else {
+            let Some(id) = verified.id(gateway, value.trim().trim_matches('"')) else {
                 continue;
             };
             match gateway.sessions.identity_now(id, idle) {

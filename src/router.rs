@@ -76,6 +76,8 @@ pub struct Gateway {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) redirects: RedirectPolicy,
     pub(crate) static_prefix: String,
+    /// Different for every gateway built (a reload makes a new one).
+    pub(crate) generation: u64,
 }
 
 impl Gateway {
@@ -123,6 +125,11 @@ impl Gateway {
             metrics,
             redirects: RedirectPolicy::from_config(&config),
             static_prefix: format!("{}/static", config.server.prefix),
+            generation: {
+                static GENERATIONS: std::sync::atomic::AtomicU64 =
+                    std::sync::atomic::AtomicU64::new(1);
+                GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
             config,
         })
     }

@@ -54,6 +54,7 @@ macro_rules! on_both_lanes {
 on_both_lanes!(
     two_pipelined_authenticated_gets_are_answered_in_order,
     one_connection_serves_authenticated_anonymous_and_authenticated_again,
+    a_cookie_that_held_on_a_connection_is_checked_again_when_it_or_the_secret_changes,
     a_chunked_upstream_response_with_trailers_is_reframed_intact,
     a_close_delimited_upstream_response_arrives_whole_and_delimited,
     head_204_and_304_answers_carry_no_body_and_keep_the_connection,
@@ -180,6 +181,46 @@ fn one_connection_serves_authenticated_anonymous_and_authenticated_again() {
 
     // The anonymous request never reached the upstream.
     assert_eq!(targets(&rig.upstream.seen()), ["/first", "/third"]);
+}
+
+/// A cookie that held on a connection is not taken on trust later: a
+/// changed value is checked again (and refused when tampered with), and a
+/// reload with a new session secret ends every session it signed, also on
+/// a connection that used it a moment before.
+fn a_cookie_that_held_on_a_connection_is_checked_again_when_it_or_the_secret_changes() {
+    let rig = Rig::start(|seen| Reply::keep(ok(&format!("body of {}", seen.target()))));
+    let mut client = rig.client();
+    client.send(rig.get("/first", &[]));
+    assert_eq!(client.response("GET").status, 200);
+    client.send(rig.get("/again", &[]));
+    assert_eq!(client.response("GET").status, 200);
+
+    let secret = "test-secret-test-secret-test-secret-0123456789";
+    let path = rig.gate.path().join("flowgate.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    assert!(config.contains(secret), "the test config's secret moved");
+    let renewed = config.replace(secret, "another-secret-another-secret-another-0123");
+    std::fs::write(&path, renewed).unwrap();
+    rig.gate.signal("HUP");
+    rig.gate
+        .wait_for_log("configuration reloaded", Duration::from_secs(5));
+    client.send(rig.get("/after-reload", &[]));
+    let after = client.response("GET");
+    assert_eq!(after.status, 401, "{}", after.head);
+
+    // A fresh connection, the old cookie with its MAC's last character
+    // changed: refused too.
+    let mut client = rig.client();
+    let mut tampered = rig.cookie.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    client.send(request(
+        "GET",
+        "/tampered",
+        &[&format!("Cookie: {tampered}")],
+    ));
+    assert_eq!(client.response("GET").status, 401);
+    assert_eq!(targets(&rig.upstream.seen()), ["/first", "/again"]);
 }
 
 // ---------------------------------------------------------------------------
