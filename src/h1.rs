@@ -15,9 +15,8 @@
 //!
 //! Anything else is the general path's (`router`, on hyper): a request
 //! with a body, an upgrade, `Expect`, HTTP/1.0 or h2c, flowgate's own paths,
-//! no session or a user the route refuses, a trusted proxy's forwarding
-//! headers, an `https://` upstream, a session store that needs a round
-//! trip, a head hyper would refuse. The connection is then handed to hyper
+//! no session or a user the route refuses, an `https://` upstream, a session
+//! store that needs a round trip, a head hyper would refuse. The connection is then handed to hyper
 //! with the bytes read so far, and hyper serves the rest of it. Both lanes
 //! send the upstream the same request and the client the same answers
 //! (tests/http1_edges.rs runs its cases through both).
@@ -268,6 +267,7 @@ struct Plan {
 }
 
 struct LogFields {
+    client: std::net::IpAddr,
     method: String,
     path: String,
     host: String,
@@ -580,7 +580,7 @@ impl Lane {
 
     fn log(&self, plan: &Plan, log: &LogFields, status: u16, elapsed: Duration) {
         AccessLine {
-            client: self.peer.addr.ip(),
+            client: log.client,
             host: &log.host,
             method: &log.method,
             path: &log.path,
@@ -747,13 +747,13 @@ fn prepare(
     {
         return Prepared::General("flowgate's own path");
     }
-    if server
-        .trusted_proxies
-        .iter()
-        .any(|net| net.contains(&peer.addr.ip()))
-    {
-        return Prepared::General("trusted proxy");
-    }
+    // A trusted proxy's forwarding headers count (as on the general path:
+    // `Gateway::context` and `proxy::set_forwarded`).
+    let trusted = !server.trusted_proxies.is_empty()
+        && server
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer.addr.ip()));
     let headers: &[httparse::Header<'_>] = request.headers;
     let cookie_name = gateway.config.session.cookie_name.as_bytes();
     let mut host = None;
@@ -761,8 +761,13 @@ fn prepare(
     let mut close = false;
     let mut named = false;
     let mut ours = false;
+    // From a trusted proxy: the first value of each forwarding header.
+    let mut previous = Previous::default();
     for header in headers {
         let name = header.name;
+        if trusted {
+            previous.note(name, header.value);
+        }
         if name.eq_ignore_ascii_case("host") {
             hosts += 1;
             host = Some(header.value);
@@ -838,7 +843,11 @@ fn prepare(
     out.extend_from_slice(b"\r\n");
     for header in headers {
         let name = header.name;
-        if not_forwarded(name)
+        // A trusted proxy's X-Forwarded-Proto and -Host stay as they are.
+        let kept = trusted
+            && ((previous.proto.seen && name.eq_ignore_ascii_case("x-forwarded-proto"))
+                || (previous.host && name.eq_ignore_ascii_case("x-forwarded-host")));
+        if (not_forwarded(name) && !kept)
             || (ours && name.eq_ignore_ascii_case("cookie"))
             || is_identity_header(name)
             || (named && listed(headers, name))
@@ -850,8 +859,23 @@ fn prepare(
     if ours {
         other_cookies(out, headers, cookie_name);
     }
-    put_header(out, b"x-forwarded-for", peer.ip.as_bytes());
-    out.extend_from_slice(b"forwarded: for=");
+    let https = previous.proto.value.is_some_and(|proto| {
+        let first = proto.split(|&b| b == b',').next().unwrap_or_default();
+        first.trim_ascii().eq_ignore_ascii_case(b"https")
+    });
+    let proto: &[u8] = if https { b"https" } else { b"http" };
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(earlier) = previous.forwarded_for.value {
+        out.extend_from_slice(earlier);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(peer.ip.as_bytes());
+    out.extend_from_slice(b"\r\nforwarded: ");
+    if let Some(earlier) = previous.forwarded.value {
+        out.extend_from_slice(earlier);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(b"for=");
     if peer.addr.is_ipv6() {
         out.extend_from_slice(b"\"[");
         out.extend_from_slice(peer.ip.as_bytes());
@@ -859,11 +883,17 @@ fn prepare(
     } else {
         out.extend_from_slice(peer.ip.as_bytes());
     }
-    out.extend_from_slice(b";proto=http;host=\"");
+    out.extend_from_slice(b";proto=");
+    out.extend_from_slice(proto);
+    out.extend_from_slice(b";host=\"");
     out.extend(authority.bytes().filter(|&b| b != b'"'));
     out.extend_from_slice(b"\"\r\n");
-    put_header(out, b"x-forwarded-proto", b"http");
-    put_header(out, b"x-forwarded-host", authority.as_bytes());
+    if !previous.proto.seen {
+        put_header(out, b"x-forwarded-proto", proto);
+    }
+    if !previous.host {
+        put_header(out, b"x-forwarded-host", authority.as_bytes());
+    }
     if let Some(identity) = &identity {
         let values = identity.values();
         for (name, field) in identity_headers(route.headers) {
@@ -875,7 +905,19 @@ fn prepare(
     out.extend_from_slice(b"\r\n");
 
     let log = gateway.config.log.access.then(|| {
+        let client = match trusted {
+            true => {
+                let hops: Vec<&str> = headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+                    .filter_map(|h| std::str::from_utf8(h.value).ok())
+                    .collect();
+                gateway.client_behind(peer.addr.ip(), &hops)
+            }
+            false => peer.addr.ip(),
+        };
         Box::new(LogFields {
+            client,
             method: method.to_owned(),
             path: path.to_owned(),
             host: host.into_owned(),
@@ -894,6 +936,48 @@ fn prepare(
         started: std::time::Instant::now(),
         log,
     })
+}
+
+/// What a trusted proxy says in its forwarding headers: the first value of
+/// each, as `HeaderMap::get` finds it on the general path.
+#[derive(Default)]
+struct Previous<'h> {
+    forwarded_for: First<'h>,
+    forwarded: First<'h>,
+    proto: First<'h>,
+    /// An `X-Forwarded-Host` came (kept as it is).
+    host: bool,
+}
+
+/// The first value of a header; `None` inside if it was not visible ASCII
+/// (what `HeaderValue::to_str` refuses).
+#[derive(Default)]
+struct First<'h> {
+    seen: bool,
+    value: Option<&'h [u8]>,
+}
+
+impl<'h> First<'h> {
+    fn note(&mut self, value: &'h [u8]) {
+        if !self.seen {
+            self.seen = true;
+            self.value = value.iter().all(|&b| visible(b)).then_some(value);
+        }
+    }
+}
+
+impl<'h> Previous<'h> {
+    fn note(&mut self, name: &str, value: &'h [u8]) {
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            self.forwarded_for.note(value);
+        } else if name.eq_ignore_ascii_case("forwarded") {
+            self.forwarded.note(value);
+        } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
+            self.proto.note(value);
+        } else if name.eq_ignore_ascii_case("x-forwarded-host") {
+            self.host = true;
+        }
+    }
 }
 
 enum Lookup {

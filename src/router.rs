@@ -304,13 +304,20 @@ impl Gateway {
         if !trusted {
             return peer;
         }
-        let mut client = peer;
         let hops = headers
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect::<Vec<_>>();
-        for hop in hops.iter().rev().flat_map(|v| v.rsplit(',')) {
+        self.client_behind(peer, &hops)
+    }
+
+    /// The client behind a trusted `peer`, from the `X-Forwarded-For`
+    /// values it sent (in order): walking from the right, the first
+    /// address that is not a trusted proxy.
+    pub(crate) fn client_behind(&self, peer: IpAddr, forwarded_for: &[&str]) -> IpAddr {
+        let mut client = peer;
+        for hop in forwarded_for.iter().rev().flat_map(|v| v.rsplit(',')) {
             let Ok(ip) = hop.trim().parse::<IpAddr>() else {
                 break;
             };

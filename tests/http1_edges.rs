@@ -65,6 +65,7 @@ on_both_lanes!(
     connection_close_from_the_client_is_answered_and_the_socket_closed,
     response_hop_by_hop_headers_stay_behind_and_end_to_end_ones_pass,
     request_hop_by_hop_spoofed_identity_and_flowgates_cookies_never_reach_the_upstream,
+    a_trusted_proxys_forwarding_headers_are_extended_or_kept,
     early_hints_before_the_final_response_leave_the_client_with_the_200,
     a_large_upstream_response_head_is_relayed_intact,
     paths_and_queries_reach_the_upstream_byte_for_byte_with_or_without_a_base_path,
@@ -692,6 +693,85 @@ fn request_hop_by_hop_spoofed_identity_and_flowgates_cookies_never_reach_the_ups
         );
         assert_eq!(request.all("cookie"), ["a=1; b=2"], "{}", request.head);
     }
+}
+
+/// Behind a trusted proxy its forwarding headers count: `X-Forwarded-For`
+/// and `Forwarded` are extended, `X-Forwarded-Proto` and `-Host` kept, and
+/// the client it names is the one the access log shows. Without them,
+/// flowgate's own values as from anyone.
+fn a_trusted_proxys_forwarding_headers_are_extended_or_kept() {
+    let upstream = Scripted::start(|_| Reply::keep(ok("seen")));
+    let config = gate_config(&upstream.url(), "[log]\naccess = true\nformat = \"json\"\n").replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+    );
+    let rig = Rig::with(upstream, &config);
+    let mut client = rig.client();
+    client.send(rig.get(
+        "/behind",
+        &[
+            "X-Forwarded-For: 198.51.100.9, 203.0.113.7",
+            "X-Forwarded-For: 192.0.2.1",
+            "X-Forwarded-Proto: https",
+            "X-Forwarded-Host: public.example",
+            "Forwarded: for=203.0.113.7;proto=https",
+        ],
+    ));
+    assert_eq!(client.response("GET").status, 200);
+    client.send(rig.get("/direct", &[]));
+    assert_eq!(client.response("GET").status, 200);
+
+    if LANE.get() {
+        assert_eq!(lane_counts(&rig.gate).0, 2, "both on the fast lane");
+    }
+    let seen = rig.upstream.seen();
+    assert_eq!(targets(&seen), ["/behind", "/direct"]);
+    let (behind, direct) = (&seen[0], &seen[1]);
+    // The first X-Forwarded-For line is extended (as `HeaderMap::get`
+    // finds it), the second dropped.
+    assert_eq!(
+        behind.all("x-forwarded-for"),
+        ["198.51.100.9, 203.0.113.7, 127.0.0.1"],
+        "{}",
+        behind.head
+    );
+    assert_eq!(
+        behind.all("forwarded"),
+        [format!(
+            "for=203.0.113.7;proto=https, for=127.0.0.1;proto=https;host=\"{HOST}\""
+        )],
+        "{}",
+        behind.head
+    );
+    assert_eq!(
+        behind.all("x-forwarded-proto"),
+        ["https"],
+        "{}",
+        behind.head
+    );
+    assert_eq!(
+        behind.all("x-forwarded-host"),
+        ["public.example"],
+        "{}",
+        behind.head
+    );
+    assert_eq!(
+        direct.all("x-forwarded-for"),
+        ["127.0.0.1"],
+        "{}",
+        direct.head
+    );
+    assert_eq!(direct.all("x-forwarded-proto"), ["http"], "{}", direct.head);
+    assert_eq!(direct.all("x-forwarded-host"), [HOST], "{}", direct.head);
+    // The client the proxy speaks for: the last untrusted hop, from the right.
+    rig.gate
+        .wait_for_log("\"path\":\"/direct\"", Duration::from_secs(5));
+    let log = rig.gate.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"path\":\"/behind\""))
+        .expect("an access log line for /behind");
+    assert!(line.contains("\"client\":\"192.0.2.1\""), "{line}");
 }
 
 // ---------------------------------------------------------------------------
