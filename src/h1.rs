@@ -49,8 +49,11 @@ use crate::upstream::{closed_while_idle, InSlot, Target, UpstreamError};
 const BUF: usize = 16 * 1024;
 /// Free read buffers kept per thread.
 const POOL: usize = 128;
-/// Header fields parsed at most; a head with more goes to hyper.
+/// Header fields parsed at most; a request head with more goes to hyper.
 const MAX_HEADERS: usize = 128;
+/// The largest response head taken from an upstream (hyper's client
+/// allows as much).
+const MAX_RESPONSE_HEAD: usize = 8192 + 4096 * 100;
 
 thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
@@ -444,9 +447,11 @@ impl Lane {
                         return Err(Fail::Upstream(UpstreamError::Failed(why.into())))
                     }
                     Parsed::Partial if from_up.is_full() => {
-                        return Err(Fail::Upstream(UpstreamError::Failed(
-                            "response head too large".into(),
-                        )))
+                        if !from_up.grow(MAX_RESPONSE_HEAD) {
+                            return Err(Fail::Upstream(UpstreamError::Failed(
+                                "response head too large".into(),
+                            )));
+                        }
                     }
                     Parsed::Partial => {}
                 }
@@ -1447,7 +1452,24 @@ impl Input {
     }
 
     fn is_full(&self) -> bool {
-        self.start == 0 && self.end == BUF
+        self.start == 0 && self.buf.as_ref().is_some_and(|buf| self.end == buf.len())
+    }
+
+    /// Double the buffer, up to `limit` bytes; false if it is that large.
+    fn grow(&mut self, limit: usize) -> bool {
+        let Some(buf) = &mut self.buf else {
+            return true;
+        };
+        if buf.len() >= limit {
+            return false;
+        }
+        let mut bigger = vec![0; (buf.len() * 2).min(limit)].into_boxed_slice();
+        bigger[..self.end - self.start].copy_from_slice(&buf[self.start..self.end]);
+        self.end -= self.start;
+        self.start = 0;
+        // The old one goes back to the pool; the big one is dropped at the end.
+        give_buffer(std::mem::replace(buf, bigger));
+        true
     }
 
     fn consume(&mut self, n: usize) {
@@ -1503,6 +1525,9 @@ fn take_buffer() -> Box<[u8]> {
 }
 
 fn give_buffer(buf: Box<[u8]>) {
+    if buf.len() != BUF {
+        return;
+    }
     BUFFERS.with(|pool| {
         let mut pool = pool.borrow_mut();
         if pool.len() < POOL {
