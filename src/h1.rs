@@ -164,16 +164,18 @@ pub(crate) async fn serve(
                 }
             }
         }
-        let idle = head_due.is_none();
         let deadline = head_due.unwrap_or(idle_since + deadlines.keepalive_timeout);
-        if idle {
+        // Nothing of a request read yet (a new or an idle connection): the
+        // buffer can go, and a shutdown closes the connection at once.
+        let waiting = lane.input.is_empty();
+        if waiting {
             lane.input.release();
+            if closing.is_closing() {
+                lane.end(&app.gateway());
+                return None;
+            }
         }
-        if idle && closing.is_closing() {
-            lane.end(&app.gateway());
-            return None;
-        }
-        let closed = idle.then_some(closed.as_mut());
+        let closed = waiting.then_some(closed.as_mut());
         if !lane.read_client(deadline, closed).await {
             lane.end(&app.gateway());
             return None;
@@ -409,8 +411,8 @@ impl Lane {
         Ok(false)
     }
 
-    /// Write the request head upstream and read the response head (relaying
-    /// any 1xx heads on the way); `out` then holds the client's head.
+    /// Write the request head upstream and read the response head (past
+    /// any 1xx heads); `out` then holds the client's head.
     async fn request(
         &mut self,
         gateway: &Gateway,

@@ -68,6 +68,50 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits() {
     );
 }
 
+/// Connections with nothing in flight do not hold a shutdown up: one that
+/// never sent a byte, and keep-alive ones idle after a request on either
+/// path (the fast lane's `/public/…`, the general path's stylesheet).
+#[test]
+fn sigterm_closes_idle_connections_at_once() {
+    use std::io::{Read, Write};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(Upstream::start());
+    let mut gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let silent = std::net::TcpStream::connect(gate.addr).unwrap();
+    let used = |path: &str| {
+        let mut stream = std::net::TcpStream::connect(gate.addr).unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut first = [0u8; 12];
+        stream.read_exact(&mut first).unwrap();
+        assert_eq!(&first[9..], b"200", "{path}");
+        stream
+    };
+    let fast = used("/public/x");
+    let general = used("/_flowgate/static/flowgate.css");
+    let started = Instant::now();
+    gate.signal("TERM");
+    let status = gate
+        .wait_exit(Duration::from_secs(5))
+        .expect("flowgate exits");
+    assert!(status.success(), "{status:?}");
+    // shutdown_timeout is 10 s: these did not wait for it.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        gate.log().contains("all connections closed"),
+        "{}",
+        gate.log()
+    );
+    drop((silent, fast, general));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_applies_a_changed_route_and_refuses_a_broken_config() {
     let upstream = Upstream::start().await;
