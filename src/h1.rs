@@ -39,7 +39,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::app::App;
-use crate::proxy::{identity_headers, is_identity_header};
+use crate::proxy::{identity_headers, is_identity_header, HOP_BY_HOP};
 use crate::router::{host_key, AccessLine, Gateway};
 use crate::session::Identity;
 use crate::upstream::{closed_while_idle, InSlot, Target, UpstreamError};
@@ -1033,24 +1033,16 @@ fn session(gateway: &Gateway, verified: &mut Verified, headers: &[httparse::Head
 /// Request headers never passed on as they came: connection-level ones,
 /// and the forwarding headers flowgate writes itself.
 fn not_forwarded(name: &str) -> bool {
-    const NAMES: [&str; 12] = [
-        "host",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-    ];
-    NAMES
+    not_relayed(name)
+        || [
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "forwarded",
+        ]
         .iter()
-        .any(|known| known.len() == name.len() && known.eq_ignore_ascii_case(name))
-        || name.eq_ignore_ascii_case("forwarded")
+        .any(|known| known.eq_ignore_ascii_case(name))
 }
 
 /// Whether a `Connection` header of `headers` names `name`.
@@ -1225,21 +1217,12 @@ fn parse_response(bytes: &[u8], head_only: bool, close: bool, out: &mut Vec<u8>)
     })
 }
 
-/// Response headers that stay on the upstream connection.
+/// Headers that stay on their connection, either way (the general path's
+/// list: `proxy::HOP_BY_HOP`).
 fn not_relayed(name: &str) -> bool {
-    const NAMES: [&str; 8] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-    ];
-    NAMES
+    HOP_BY_HOP
         .iter()
-        .any(|known| known.len() == name.len() && known.eq_ignore_ascii_case(name))
+        .any(|known| known.as_str().eq_ignore_ascii_case(name))
 }
 
 fn itoa3(status: u16) -> [u8; 3] {
