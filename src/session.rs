@@ -263,25 +263,66 @@ impl Entry {
 /// await: every method is synchronous inside). Pre-auth records are bounded,
 /// since anyone can create them.
 pub struct MemoryStore {
-    map: RwLock<HashMap<String, Entry>>,
+    map: RwLock<Records>,
     max_pre_auth: usize,
+}
+
+/// The records, and how many of them are pre-auth: kept under the same
+/// lock, so that creating a pre-auth session never scans the map.
+#[derive(Default)]
+struct Records {
+    entries: HashMap<String, Entry>,
+    pre_auth: usize,
+}
+
+impl Records {
+    fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    fn insert(&mut self, id: String, entry: Entry) {
+        let added = is_pre_auth(&entry.session) as usize;
+        if let Some(old) = self.entries.insert(id, entry) {
+            self.pre_auth -= is_pre_auth(&old.session) as usize;
+        }
+        self.pre_auth += added;
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(old) = self.entries.remove(id) {
+            self.pre_auth -= is_pre_auth(&old.session) as usize;
+        }
+    }
+
+    /// Keep the records `keep` says yes to; how many went.
+    fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) -> usize {
+        let before = self.entries.len();
+        let mut pre_auth_gone = 0;
+        self.entries.retain(|_, entry| {
+            let kept = keep(entry);
+            pre_auth_gone += (!kept && is_pre_auth(&entry.session)) as usize;
+            kept
+        });
+        self.pre_auth -= pre_auth_gone;
+        before - self.entries.len()
+    }
 }
 
 impl MemoryStore {
     pub fn new(max_pre_auth: usize) -> MemoryStore {
         MemoryStore {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(Records::default()),
             max_pre_auth,
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Records> {
         self.map
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Records> {
         self.map
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -320,14 +361,11 @@ impl SessionStore for MemoryStore {
     async fn put(&self, id: &str, session: &Session, ttl: Duration) -> Result<(), StoreError> {
         let now = now_secs();
         let mut map = self.write();
-        if is_pre_auth(session) && !map.contains_key(id) {
-            let pre_auth = map.values().filter(|e| is_pre_auth(&e.session)).count();
-            if pre_auth >= self.max_pre_auth {
-                map.retain(|_, e| e.live(now));
-                let pre_auth = map.values().filter(|e| is_pre_auth(&e.session)).count();
-                if pre_auth >= self.max_pre_auth {
-                    return Err(StoreError::Full(pre_auth));
-                }
+        if is_pre_auth(session) && map.pre_auth >= self.max_pre_auth && map.get(id).is_none() {
+            // Full, unless some have expired: only then a scan.
+            map.retain(|e| e.live(now));
+            if map.pre_auth >= self.max_pre_auth {
+                return Err(StoreError::Full(map.pre_auth));
             }
         }
         map.insert(
@@ -371,23 +409,19 @@ impl SessionStore for MemoryStore {
 
     async fn delete_all_for_user(&self, username: &str) -> Result<usize, StoreError> {
         let mut map = self.write();
-        let before = map.len();
-        map.retain(|_, e| e.session.identity().is_none_or(|i| i.username != username));
-        Ok(before - map.len())
+        Ok(map.retain(|e| e.session.identity().is_none_or(|i| i.username != username)))
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         let now = now_secs();
-        let mut map = self.write();
-        let before = map.len();
-        map.retain(|_, e| e.live(now));
-        Ok(before - map.len())
+        Ok(self.write().retain(|e| e.live(now)))
     }
 
     async fn count_authenticated(&self) -> Result<usize, StoreError> {
         let now = now_secs();
         Ok(self
             .read()
+            .entries
             .values()
             .filter(|e| e.live(now) && e.session.identity().is_some())
             .count())
@@ -475,6 +509,45 @@ mod tests {
         assert_eq!(signer.verify(".xyz"), None);
         let other = CookieSigner::new(b"another secret entirely, also long");
         assert_eq!(other.verify(&value), None);
+    }
+
+    /// The pre-auth count follows every way a record comes and goes:
+    /// promotion at login, deletion, expiry.
+    #[tokio::test]
+    async fn pre_auth_records_are_counted_through_promotion_deletion_and_expiry() {
+        let store = MemoryStore::new(2);
+        let now = now_secs();
+        let ttl = Duration::from_secs(60);
+        let pre = || Session::pre_auth(now, ttl);
+        let full = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Full(2)));
+        store.put("p1", &pre(), ttl).await.unwrap();
+        store.put("p2", &pre(), ttl).await.unwrap();
+        assert!(full(store.put("p3", &pre(), ttl).await));
+        // p1 logs in: its record is no longer pre-auth.
+        let alice = Session::authenticated(identity("alice"), now, ttl);
+        store.put("p1", &alice, ttl).await.unwrap();
+        store.put("p3", &pre(), ttl).await.unwrap();
+        assert!(full(store.put("p4", &pre(), ttl).await));
+        store.delete("p3").await.unwrap();
+        store.put("p4", &pre(), ttl).await.unwrap();
+        // Expired ones make room when the store is full (p2 and p4 expire).
+        store.put("p5", &pre(), Duration::ZERO).await.unwrap_err();
+        let quick = Duration::from_secs(1);
+        store
+            .put("p2", &Session::pre_auth(now, quick), Duration::ZERO)
+            .await
+            .unwrap();
+        store
+            .put("p4", &Session::pre_auth(now, quick), Duration::ZERO)
+            .await
+            .unwrap();
+        store.put("p6", &pre(), ttl).await.unwrap();
+        store.put("p7", &pre(), ttl).await.unwrap();
+        assert!(full(store.put("p8", &pre(), ttl).await));
+        assert_eq!(store.read().pre_auth, 2);
+        assert_eq!(store.purge_expired().await.unwrap(), 0);
+        assert_eq!(store.delete_all_for_user("alice").await.unwrap(), 1);
+        assert_eq!(store.read().pre_auth, 2);
     }
 
     #[tokio::test]
