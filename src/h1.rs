@@ -16,10 +16,12 @@
 //! Anything else is the general path's (`router`, on hyper): a request
 //! with a body, an upgrade, `Expect`, HTTP/1.0 or h2c, flowgate's own paths,
 //! no session or a user the route refuses, an `https://` upstream, a session
-//! store that needs a round trip, a head hyper would refuse. The connection is then handed to hyper
-//! with the bytes read so far, and hyper serves the rest of it. Both lanes
-//! send the upstream the same request and the client the same answers
-//! (tests/http1_edges.rs runs its cases through both).
+//! store that needs a round trip, a head hyper would refuse. The connection
+//! is then handed to hyper with the bytes read so far: for that one request
+//! and a close (`Prepared::Once`), or for the rest of the connection
+//! (`Prepared::General`). Both lanes send the upstream the same request and
+//! the client the same answers (tests/http1_edges.rs runs its cases
+//! through both).
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -152,7 +154,7 @@ pub(crate) async fn serve(
                     let limit = gateway.config.server.max_header_bytes.max(8192);
                     if lane.input.is_full() || lane.input.len() >= limit {
                         tracing::debug!(peer = %lane.peer.addr, "long request head: the general path takes it");
-                        return Some(lane.hand_over(&gateway));
+                        return Some(lane.hand_over(&gateway, false));
                     }
                     if head_due.is_none() {
                         head_due = Some(Instant::now() + deadlines.header_read_timeout);
@@ -160,7 +162,11 @@ pub(crate) async fn serve(
                 }
                 Prepared::General(why) => {
                     tracing::debug!(peer = %lane.peer.addr, why, "connection goes to the general path");
-                    return Some(lane.hand_over(&gateway));
+                    return Some(lane.hand_over(&gateway, false));
+                }
+                Prepared::Once(why) => {
+                    tracing::debug!(peer = %lane.peer.addr, why, "one request for the general path, then close");
+                    return Some(lane.hand_over(&gateway, true));
                 }
             }
         }
@@ -250,8 +256,16 @@ impl Peer {
 enum Prepared {
     /// The head is not complete yet.
     Partial,
-    /// Not the fast lane's (why): hand the connection to hyper.
+    /// Not the fast lane's (why): hand the connection to hyper for good.
+    /// The rest of such a connection is likely of the same kind (HTTP/1.0,
+    /// h2c, an upgrade, a route to an `https://` upstream…).
     General(&'static str),
+    /// One request for the general path (a login page, a request body, no
+    /// session…): hyper answers it with `Connection: close`, and the
+    /// client's next connection starts on the fast lane again. (Behind a
+    /// reverse proxy that pools its connections to flowgate, this keeps the
+    /// pool from drifting onto the general path one login at a time.)
+    Once(&'static str),
     /// The upstream request head is written; send it.
     Forward(Plan),
 }
@@ -651,12 +665,13 @@ impl Lane {
         }
     }
 
-    fn hand_over(mut self, gateway: &Gateway) -> Prefixed {
+    fn hand_over(mut self, gateway: &Gateway, once: bool) -> Prefixed {
         gateway.metrics.fast_lane_handoffs.inc();
         self.end(gateway);
         Prefixed {
             read: std::mem::take(&mut self.input),
             inner: self.stream,
+            once,
         }
     }
 }
@@ -752,7 +767,7 @@ fn prepare(
         .strip_prefix(prefix)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     {
-        return Prepared::General("flowgate's own path");
+        return Prepared::Once("flowgate's own path");
     }
     // A trusted proxy's forwarding headers count (as on the general path:
     // `Gateway::context` and `proxy::set_forwarded`).
@@ -780,13 +795,14 @@ fn prepare(
             host = Some(header.value);
         } else if name.eq_ignore_ascii_case("content-length") {
             if header.value != b"0" {
-                return Prepared::General("request body");
+                return Prepared::Once("request body");
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("upgrade")
             || name.eq_ignore_ascii_case("expect")
         {
-            return Prepared::General("request body or upgrade");
+            return Prepared::Once("request body");
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            return Prepared::General("upgrade");
         } else if name.eq_ignore_ascii_case("connection") {
             for token in tokens(header.value) {
                 if token.eq_ignore_ascii_case(b"close") {
@@ -815,7 +831,7 @@ fn prepare(
     };
     let host = host_key(authority);
     let Some((index, route)) = gateway.route(&host, path) else {
-        return Prepared::General("no route");
+        return Prepared::Once("no route");
     };
     let Some(upstream) = gateway.targets[index].as_ref().filter(|t| !t.tls) else {
         return Prepared::General("https upstream");
@@ -830,11 +846,11 @@ fn prepare(
     };
     match &identity {
         Some(identity) if !crate::gate::allowed(route, identity) => {
-            return Prepared::General("user not allowed")
+            return Prepared::Once("user not allowed")
         }
         Some(_) => {}
         None if crate::gate::skips_auth(route, target) => {}
-        None => return Prepared::General("no session"),
+        None => return Prepared::Once("no session"),
     }
 
     // The upstream's request head.
@@ -1565,6 +1581,8 @@ impl Drop for Out {
 pub(crate) struct Prefixed {
     read: Input,
     inner: TcpStream,
+    /// Serve one request, then close (see `Prepared::Once`).
+    pub(crate) once: bool,
 }
 
 impl Prefixed {
@@ -1573,6 +1591,7 @@ impl Prefixed {
         Prefixed {
             read: Input::default(),
             inner,
+            once: false,
         }
     }
 }

@@ -49,6 +49,9 @@ pub struct Listener {
     closing: Closing,
     /// hyper's server settings, for connections on the general path.
     builder: auto::Builder<TokioExecutor>,
+    /// The same, HTTP/1.1 without keep-alive: for a connection the fast
+    /// lane hands over for one request.
+    builder_once: auto::Builder<TokioExecutor>,
 }
 
 #[derive(Clone, Copy)]
@@ -73,6 +76,11 @@ impl Listener {
             max_connections: server.max_connections,
             closing: Closing::default(),
             builder: builder(server),
+            builder_once: {
+                let mut once = builder(server);
+                once.http1().keep_alive(false);
+                once
+            },
             app,
         }
     }
@@ -182,7 +190,7 @@ impl Listener {
         match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
             Ok(Ok(stream)) => {
                 let connection = Connection { peer, tls: true };
-                self.serve_connection(stream, state, connection, permit)
+                self.serve_connection(&self.builder, stream, state, connection, permit)
                     .await
             }
             Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
@@ -196,9 +204,13 @@ impl Listener {
         connection: Connection,
         permit: OwnedSemaphorePermit,
     ) {
+        let builder = match stream.once {
+            true => &self.builder_once,
+            false => &self.builder,
+        };
         let state = Arc::new(ConnState::default());
         let stream = Watchdog::new(stream, state.clone(), self.limits);
-        self.serve_connection(stream, state, connection, permit)
+        self.serve_connection(builder, stream, state, connection, permit)
             .await
     }
 
@@ -206,6 +218,7 @@ impl Listener {
     /// each request through `Gateway::handle`.
     async fn serve_connection<S>(
         &self,
+        builder: &auto::Builder<TokioExecutor>,
         stream: S,
         state: Arc<ConnState>,
         connection: Connection,
@@ -241,9 +254,7 @@ impl Listener {
                 })
             })
         };
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let mut conn = std::pin::pin!(conn);
         let ended = tokio::select! {
             ended = conn.as_mut() => ended,

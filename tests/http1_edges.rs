@@ -104,17 +104,50 @@ fn the_fast_lane_serves_signed_in_requests_and_hands_over_the_rest() {
         client.send(rig.get("/two", &[]));
         assert_eq!(client.response("GET").status, 200);
         assert_eq!(counts(), (if fast { 2 } else { 0 }, 0), "fast lane {fast}");
-        // Not signed in: the general path answers (a 401 here), and keeps
-        // the connection from then on.
+        // Not signed in: the general path answers (a 401 here) and closes;
+        // the next connection is the fast lane's again.
         client.send(request("GET", "/three", &["Host: app.test"]));
-        assert_eq!(client.response("GET").status, 401);
+        let anonymous = client.response("GET");
+        assert_eq!(anonymous.status, 401);
+        continue_after_general(&rig, &mut client, &anonymous);
         client.send(rig.get("/four", &[]));
         assert_eq!(client.response("GET").status, 200);
         assert_eq!(
             counts(),
-            if fast { (2, 1) } else { (0, 0) },
+            if fast { (3, 1) } else { (0, 0) },
             "fast lane {fast}"
         );
+        // An upgrade, on the other hand, keeps its connection on the
+        // general path (it becomes a tunnel, or stays with hyper).
+        client.send(rig.get("/five", &["Connection: upgrade", "Upgrade: something"]));
+        let refused = client.response("GET");
+        client.send(rig.get("/six", &[]));
+        assert_eq!(client.response("GET").status, 200, "{}", refused.head);
+        assert_eq!(
+            counts(),
+            if fast { (3, 2) } else { (0, 0) },
+            "fast lane {fast}"
+        );
+    }
+}
+
+/// After an answer from the general path on a connection the fast lane
+/// handed over for one request: on the fast lane, that answer says
+/// `connection: close`, the connection ends, and the client opens a new one
+/// (which starts on the fast lane again); with the lane off, hyper keeps the
+/// connection alive.
+fn continue_after_general(rig: &Rig, client: &mut Client, answer: &Response) {
+    if LANE.get() {
+        assert_eq!(
+            answer.header("connection"),
+            Some("close"),
+            "{}",
+            answer.head
+        );
+        client.expect_closed();
+        *client = rig.client();
+    } else {
+        assert!(answer.header("connection").is_none(), "{}", answer.head);
     }
 }
 
@@ -174,6 +207,7 @@ fn one_connection_serves_authenticated_anonymous_and_authenticated_again() {
         Some(format!("/_flowgate/flow/{FLOW}/?next=%2Fsecond").as_str())
     );
     assert!(anonymous.body.is_empty(), "{:?}", anonymous.text());
+    continue_after_general(&rig, &mut client, &anonymous);
 
     client.send(rig.get("/third", &[]));
     let third = client.response("GET");
@@ -525,6 +559,7 @@ fn post_bodies_with_content_length_or_chunked_reach_the_upstream_intact() {
     let response = client.response("POST");
     assert_eq!(response.status, 200, "{}", response.head);
     assert_eq!(response.text(), format!("got {} bytes", payload.len()));
+    continue_after_general(&rig, &mut client, &response);
 
     let mut chunked_request = rig
         .request("POST", "/chunked", &["Transfer-Encoding: chunked"])
