@@ -51,6 +51,8 @@ use crate::upstream::{closed_while_idle, InSlot, Target, UpstreamError};
 const BUF: usize = 16 * 1024;
 /// Free read buffers kept per thread.
 const POOL: usize = 128;
+/// The read buffer for relaying a long response body.
+const RELAY_BUF: usize = 64 * 1024;
 /// Header fields parsed at most; a request head with more goes to hyper.
 const MAX_HEADERS: usize = 128;
 /// The largest response head taken from an upstream (hyper's client
@@ -506,6 +508,11 @@ impl Lane {
             _ => 0,
         };
         let mut first = true;
+        // A long body moves in bigger reads: fewer system calls per byte.
+        if left > BUF as u64 || matches!(head.framing, Framing::Chunked | Framing::Close) {
+            from_up.grow(RELAY_BUF);
+            from_up.grow(RELAY_BUF);
+        }
         loop {
             // Body bytes at hand: how many belong to this response, and
             // whether it is complete with them.
