@@ -93,6 +93,9 @@ pub struct ProxyConfig {
     pub response_timeout: Duration,
     /// `pool_idle_timeout`, default 90s: idle upstream connections close.
     pub pool_idle_timeout: Duration,
+    /// `tunnel_idle_timeout`, default 1h: a websocket (or other upgraded
+    /// connection) that carries nothing either way this long is closed.
+    pub tunnel_idle_timeout: Duration,
     /// `ca_file`: PEM roots for `https://` upstreams, instead of the bundled
     /// public roots.
     pub ca_file: Option<PathBuf>,

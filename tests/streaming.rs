@@ -195,6 +195,38 @@ async fn websocket_messages_echo_through_flowgate_with_the_users_identity() {
     gate.wait_for_log("tunnel closed", Duration::from_secs(5));
 }
 
+/// `proxy.tunnel_idle_timeout`: a websocket that carries nothing either way
+/// is closed; one that keeps talking stays open past it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_websocket_is_closed_after_the_tunnel_idle_timeout() {
+    let upstream = WsUpstream::start().await;
+    let config = basic_config(&upstream.url(), "[proxy]\ntunnel_idle_timeout = \"1s\"\n");
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let (_, cookie) = alice(&gate).await;
+    let mut busy = ws_connect(&gate, Some(&cookie)).await.unwrap();
+    assert_eq!(next_message(&mut busy).await, Message::text("hello alice"));
+    let mut quiet = ws_connect(&gate, Some(&cookie)).await.unwrap();
+    assert_eq!(next_message(&mut quiet).await, Message::text("hello alice"));
+    // 2.4 s of a message every 300 ms: never idle for a second.
+    for i in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let message = Message::text(format!("still here {i}"));
+        busy.send(message.clone()).await.unwrap();
+        assert_eq!(next_message(&mut busy).await, message);
+    }
+    // The quiet one went after a second of silence (no close frame: both
+    // connections are simply closed, as for a dead peer).
+    let ended = tokio::time::timeout(Duration::from_secs(5), quiet.next())
+        .await
+        .expect("the quiet websocket ends");
+    assert!(
+        !matches!(ended, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{ended:?}"
+    );
+    gate.wait_for_log("tunnel closed: idle", Duration::from_secs(5));
+    busy.close(None).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn anonymous_websocket_handshakes_are_refused_before_the_upstream() {
     let upstream = WsUpstream::start().await;

@@ -557,6 +557,12 @@ impl<'a> Reader<'a> {
             self.duration(&mut s, "response_timeout", Duration::from_secs(60), false);
         let pool_idle_timeout =
             self.duration(&mut s, "pool_idle_timeout", Duration::from_secs(90), false);
+        let tunnel_idle_timeout = self.duration(
+            &mut s,
+            "tunnel_idle_timeout",
+            Duration::from_secs(3600),
+            false,
+        );
         let ca_file = match self.string(&mut s, "ca_file") {
             Some((file, place)) => {
                 let path = resolve_against(self.path, Path::new(&file));
@@ -575,6 +581,7 @@ impl<'a> Reader<'a> {
             connect_timeout,
             response_timeout,
             pool_idle_timeout,
+            tunnel_idle_timeout,
             ca_file,
         }
     }
