@@ -1331,9 +1331,7 @@ impl Chunks {
                     _ => {}
                 },
                 SizeLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
+                    expect(b, b'\n')?;
                     if self.data == 0 {
                         self.state = TrailerStart;
                         relay = Some(i + 1);
@@ -1351,15 +1349,11 @@ impl Chunks {
                     continue;
                 }
                 DataCr => {
-                    if b != b'\r' {
-                        return Err(());
-                    }
+                    expect(b, b'\r')?;
                     self.state = DataLf;
                 }
                 DataLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
+                    expect(b, b'\n')?;
                     self.state = Size;
                 }
                 TrailerStart => match b {
@@ -1373,15 +1367,11 @@ impl Chunks {
                     }
                 }
                 TrailerLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
+                    expect(b, b'\n')?;
                     self.state = TrailerStart;
                 }
                 EndLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
+                    expect(b, b'\n')?;
                     return Ok(Scan {
                         relay: relay.unwrap_or(0),
                         used: i + 1,
@@ -1396,6 +1386,15 @@ impl Chunks {
             used: bytes.len(),
             done: false,
         })
+    }
+}
+
+/// The byte a chunked body must have here.
+fn expect(b: u8, want: u8) -> Result<(), ()> {
+    if b == want {
+        Ok(())
+    } else {
+        Err(())
     }
 }
 
