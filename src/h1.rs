@@ -637,18 +637,11 @@ impl Lane {
             // Readiness first: an idle connection takes a buffer only once
             // its next request is there.
             match stream.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    let mut buf = ReadBuf::new(input.space());
-                    match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
-                        Poll::Ready(Ok(())) => {
-                            let n = buf.filled().len();
-                            input.filled(n);
-                            return Poll::Ready(n > 0);
-                        }
-                        Poll::Ready(Err(_)) => return Poll::Ready(false),
-                        Poll::Pending => {}
-                    }
-                }
+                Poll::Ready(Ok(())) => match input.poll_fill(stream, cx) {
+                    Poll::Ready(Ok(n)) => return Poll::Ready(n > 0),
+                    Poll::Ready(Err(_)) => return Poll::Ready(false),
+                    Poll::Pending => {}
+                },
                 Poll::Ready(Err(_)) => return Poll::Ready(false),
                 Poll::Pending => {}
             }
@@ -691,37 +684,17 @@ async fn read_until(
     timer: &mut Pin<Box<Sleep>>,
     deadline: Instant,
 ) -> Result<usize, Option<std::io::Error>> {
-    poll_fn(|cx| {
-        let mut buf = ReadBuf::new(input.space());
-        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) => {
-                let n = buf.filled().len();
-                input.filled(n);
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(error)) => Poll::Ready(Err(Some(error))),
-            Poll::Pending if expired(timer, deadline, cx) => Poll::Ready(Err(None)),
-            Poll::Pending => Poll::Pending,
-        }
+    poll_fn(|cx| match input.poll_fill(stream, cx) {
+        Poll::Ready(read) => Poll::Ready(read.map_err(Some)),
+        Poll::Pending if expired(timer, deadline, cx) => Poll::Ready(Err(None)),
+        Poll::Pending => Poll::Pending,
     })
     .await
 }
 
 /// Read more body bytes (no deadline: hyper's client has none either).
 async fn read_some(stream: &mut TcpStream, input: &mut Input) -> std::io::Result<usize> {
-    poll_fn(|cx| {
-        let mut buf = ReadBuf::new(input.space());
-        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) => {
-                let n = buf.filled().len();
-                input.filled(n);
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
+    poll_fn(|cx| input.poll_fill(stream, cx)).await
 }
 
 /// Whether `deadline` has passed. The timer is moved only when the deadline
@@ -1503,8 +1476,22 @@ impl Input {
         &mut buf[self.end..]
     }
 
-    fn filled(&mut self, n: usize) {
-        self.end += n;
+    /// Read from `stream` into the free end: how many bytes came (0: closed).
+    fn poll_fill(
+        &mut self,
+        stream: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        let mut buf = ReadBuf::new(self.space());
+        match Pin::new(stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                self.end += n;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// Give the buffer back to the pool, if nothing is left in it.

@@ -192,14 +192,7 @@ async fn the_demo_prints_how_to_log_in_and_it_works() {
     assert_eq!(anonymous.status(), 302);
     let done = json_login(&client, &url, "demo", "demo-password-1", "/hello").await;
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
-    let echoed: serde_json::Value = client
-        .get(format!("{url}/hello"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echoed: serde_json::Value = get_json(&client, format!("{url}/hello")).await;
     assert_eq!(echoed["path"], "/hello");
     assert_eq!(echoed["headers"]["x-forwarded-user"], "demo", "{echoed}");
     let _ = child.kill();

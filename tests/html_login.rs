@@ -112,14 +112,7 @@ async fn browser_login_reaches_upstream_with_identity_headers() {
         "plain HTTP without a trusted proxy: no Secure: {cookie}"
     );
 
-    let echo: Value = client
-        .get(gate.url("/dashboard?tab=2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo: Value = get_json(&client, gate.url("/dashboard?tab=2")).await;
     assert_eq!(echo["path"], "/dashboard?tab=2");
     assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
     assert_eq!(echo["headers"]["x-forwarded-email"], "alice@example.test");

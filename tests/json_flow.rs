@@ -25,14 +25,7 @@ async fn json_flow_logs_in_and_the_cookie_opens_the_app() {
         .await
         .unwrap();
     assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
-    let me: Value = client
-        .get(gate.url("/_flowgate/api/v3/core/users/me/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = get_json(&client, gate.url("/_flowgate/api/v3/core/users/me/")).await;
     assert_eq!(me["user"]["username"], "alice");
     assert_eq!(me["user"]["email"], "alice@example.test");
     assert_eq!(me["user"]["groups"][0]["name"], "admins");

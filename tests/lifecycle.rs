@@ -202,14 +202,7 @@ async fn sessions_survive_a_reload() {
     .unwrap();
     gate.signal("HUP");
     gate.wait_for_log("configuration reloaded", Duration::from_secs(5));
-    let echo: Value = client
-        .get(gate.url("/still-in"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo: Value = get_json(&client, gate.url("/still-in")).await;
     assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
 }
 

@@ -145,14 +145,7 @@ async fn tampered_expired_or_unknown_cookies_are_just_anonymous() {
     let upstream = Upstream::start().await;
     let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
     let alice = logged_in(&gate).await;
-    let echo: Value = alice
-        .get(gate.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo: Value = get_json(&alice, gate.url("/")).await;
     assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
     for cookie in [
         "flowgate_session=garbage",
@@ -441,14 +434,7 @@ async fn identity_header_presets_use_their_own_names() {
         );
         let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
         let alice = logged_in(&gate).await;
-        let echo: Value = alice
-            .get(gate.url("/who"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let echo: Value = get_json(&alice, gate.url("/who")).await;
         for (name, value) in expected {
             assert_eq!(echo["headers"][name], value, "{preset}: {name} in {echo}");
         }

@@ -323,14 +323,7 @@ async fn login_over_tls_sets_secure_cookies_that_reach_the_app() {
         assert!(cookie.contains("; Secure"), "over TLS, yet: {cookie}");
     }
 
-    let echo: Value = alice
-        .get(https_url(&gate, "a.test", "/private"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo: Value = get_json(&alice, https_url(&gate, "a.test", "/private")).await;
     assert_eq!(echo["headers"]["x-forwarded-user"], "alice", "{echo}");
 }
 

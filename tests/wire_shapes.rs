@@ -141,14 +141,11 @@ async fn every_emitted_component_has_authentiks_shape() {
     assert_shaped_like(&done, "challenges/xak-flow-redirect.json");
     assert_eq!(done["to"], "/app");
 
-    let denied: Value = client
-        .get(gate.url("/_flowgate/api/v3/flows/executor/closed/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let denied: Value = get_json(
+        &client,
+        gate.url("/_flowgate/api/v3/flows/executor/closed/"),
+    )
+    .await;
     assert_shaped_like(&denied, "challenges/ak-stage-access-denied.json");
     assert_eq!(denied["error_message"], "Closed for maintenance.");
 

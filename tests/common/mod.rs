@@ -305,6 +305,12 @@ pub fn form_action(html: &str) -> Option<String> {
     Some(action.replace("&amp;", "&").replace("&#x2f;", "/"))
 }
 
+/// GET `url` with `client` and read the answer as JSON (the echo app's
+/// report of what reached it, an API answer).
+pub async fn get_json(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Log in through the JSON executor API with `client`; returns the final
 /// `xak-flow-redirect` body.
 pub async fn json_login(
