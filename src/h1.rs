@@ -41,7 +41,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::app::App;
-use crate::proxy::{identity_headers, is_identity_header, HOP_BY_HOP};
+use crate::proxy::{forwarded_element, identity_headers, is_identity_header, HOP_BY_HOP};
 use crate::router::{host_key, AccessLine, Gateway};
 use crate::session::Identity;
 use crate::upstream::{closed_while_idle, InSlot, Target, UpstreamError};
@@ -751,11 +751,10 @@ fn prepare(
     }
     // A trusted proxy's forwarding headers count (as on the general path:
     // `Gateway::context` and `proxy::set_forwarded`).
-    let trusted = !server.trusted_proxies.is_empty()
-        && server
-            .trusted_proxies
-            .iter()
-            .any(|net| net.contains(&peer.addr.ip()));
+    let trusted = server
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer.addr.ip()));
     let headers: &[httparse::Header<'_>] = request.headers;
     let cookie_name = gateway.config.session.cookie_name.as_bytes();
     let mut host = None;
@@ -866,7 +865,7 @@ fn prepare(
         let first = proto.split(|&b| b == b',').next().unwrap_or_default();
         first.trim_ascii().eq_ignore_ascii_case(b"https")
     });
-    let proto: &[u8] = if https { b"https" } else { b"http" };
+    let proto = if https { "https" } else { "http" };
     out.extend_from_slice(b"x-forwarded-for: ");
     if let Some(earlier) = previous.forwarded_for.value {
         out.extend_from_slice(earlier);
@@ -878,21 +877,10 @@ fn prepare(
         out.extend_from_slice(earlier);
         out.extend_from_slice(b", ");
     }
-    out.extend_from_slice(b"for=");
-    if peer.addr.is_ipv6() {
-        out.extend_from_slice(b"\"[");
-        out.extend_from_slice(peer.ip.as_bytes());
-        out.extend_from_slice(b"]\"");
-    } else {
-        out.extend_from_slice(peer.ip.as_bytes());
-    }
-    out.extend_from_slice(b";proto=");
-    out.extend_from_slice(proto);
-    out.extend_from_slice(b";host=\"");
-    out.extend(authority.bytes().filter(|&b| b != b'"'));
-    out.extend_from_slice(b"\"\r\n");
+    forwarded_element(out, &peer.ip, peer.addr.is_ipv6(), proto, authority);
+    out.extend_from_slice(b"\r\n");
     if !previous.proto.seen {
-        put_header(out, b"x-forwarded-proto", proto);
+        put_header(out, b"x-forwarded-proto", proto.as_bytes());
     }
     if !previous.host {
         put_header(out, b"x-forwarded-host", authority.as_bytes());

@@ -441,28 +441,19 @@ fn set_forwarded(headers: &mut HeaderMap, context: &Context, slot: &ConnSlot) {
         Some(previous) => owned_value(format!("{previous}, {peer}")),
         None => Some(peer_value.clone()),
     };
-    let host: std::borrow::Cow<'_, str> = match context.authority.contains('"') {
-        true => context.authority.replace('"', "").into(),
-        false => context.authority.as_str().into(),
-    };
-    let mut element = String::with_capacity(32 + peer.len() + host.len());
-    if context.peer.is_ipv6() {
-        element.push_str("for=\"[");
-        element.push_str(peer);
-        element.push_str("]\"");
-    } else {
-        element.push_str("for=");
-        element.push_str(peer);
+    let mut forwarded = Vec::with_capacity(64);
+    if let Some(previous) = previous(&http::header::FORWARDED) {
+        forwarded.extend_from_slice(previous.as_bytes());
+        forwarded.extend_from_slice(b", ");
     }
-    element.push_str(";proto=");
-    element.push_str(proto);
-    element.push_str(";host=\"");
-    element.push_str(&host);
-    element.push('"');
-    let forwarded = match previous(&http::header::FORWARDED) {
-        Some(previous) => owned_value(format!("{previous}, {element}")),
-        None => owned_value(element),
-    };
+    forwarded_element(
+        &mut forwarded,
+        peer,
+        context.peer.is_ipv6(),
+        proto,
+        &context.authority,
+    );
+    let forwarded = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)).ok();
     let keep_host = context.trusted && headers.contains_key(X_FORWARDED_HOST);
     let keep_proto = context.trusted && headers.contains_key(X_FORWARDED_PROTO);
     if let Some(xff) = xff {
@@ -489,6 +480,31 @@ fn set_forwarded(headers: &mut HeaderMap, context: &Context, slot: &ConnSlot) {
             headers.insert(X_FORWARDED_HOST, value);
         }
     }
+}
+
+/// One `Forwarded` element (RFC 7239): `for=` the peer (an IPv6 address
+/// quoted in brackets), `proto=`, and `host=` quoted, without any `"` of
+/// its own. Both request paths write it with this.
+pub(crate) fn forwarded_element(
+    out: &mut Vec<u8>,
+    peer: &str,
+    ipv6: bool,
+    proto: &str,
+    authority: &str,
+) {
+    if ipv6 {
+        out.extend_from_slice(b"for=\"[");
+        out.extend_from_slice(peer.as_bytes());
+        out.extend_from_slice(b"]\"");
+    } else {
+        out.extend_from_slice(b"for=");
+        out.extend_from_slice(peer.as_bytes());
+    }
+    out.extend_from_slice(b";proto=");
+    out.extend_from_slice(proto.as_bytes());
+    out.extend_from_slice(b";host=\"");
+    out.extend(authority.bytes().filter(|&b| b != b'"'));
+    out.push(b'"');
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
