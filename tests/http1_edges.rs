@@ -10,20 +10,16 @@
 //! framing-aware reader; the upstream is a scripted raw-TCP server that
 //! records every request head and body it receives and answers with exactly
 //! the bytes each test gives it. Every socket read has a timeout, so a hang
-//! fails instead of blocking. Helpers are at the bottom of the file.
+//! fails instead of blocking. That kit is `common::raw`.
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::raw::*;
 use common::*;
-
-/// The `Host` raw requests carry unless a test gives its own.
-const HOST: &str = "edge.test";
 
 // ---------------------------------------------------------------------------
 // 1–2: pipelining and keep-alive
@@ -86,11 +82,18 @@ fn gate_config(upstream: &str, extra: &str) -> String {
     )
 }
 
+/// `Rig::start`, on the lane of this test thread.
+fn lane_rig(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Rig {
+    let upstream = Scripted::start(handler);
+    let config = gate_config(&upstream.url(), "");
+    Rig::with(upstream, &config)
+}
+
 #[test]
 fn the_fast_lane_serves_signed_in_requests_and_hands_over_the_rest() {
     for fast in [true, false] {
         LANE.set(fast);
-        let rig = Rig::start(|_| Reply::keep(ok("fine")));
+        let rig = lane_rig(|_| Reply::keep(ok("fine")));
         // Signing in went through flowgate's own paths: the general path's.
         let (served_before, handed_before) = lane_counts(&rig.gate);
         assert_eq!(served_before, 0);
@@ -171,7 +174,7 @@ fn lane_counts(gate: &Flowgate) -> (u64, u64) {
 }
 
 fn two_pipelined_authenticated_gets_are_answered_in_order() {
-    let rig = Rig::start(|seen| Reply::keep(ok(&format!("body of {}", seen.target()))));
+    let rig = lane_rig(|seen| Reply::keep(ok(&format!("body of {}", seen.target()))));
     let mut client = rig.client();
     // Both requests in one write: flowgate must answer them one after the
     // other, in order, on the same connection.
@@ -189,7 +192,7 @@ fn two_pipelined_authenticated_gets_are_answered_in_order() {
 }
 
 fn one_connection_serves_authenticated_anonymous_and_authenticated_again() {
-    let rig = Rig::start(|seen| Reply::keep(ok(&format!("body of {}", seen.target()))));
+    let rig = lane_rig(|seen| Reply::keep(ok(&format!("body of {}", seen.target()))));
     let mut client = rig.client();
 
     client.send(rig.get("/first", &[]));
@@ -223,7 +226,7 @@ fn one_connection_serves_authenticated_anonymous_and_authenticated_again() {
 /// reload with a new session secret ends every session it signed, also on
 /// a connection that used it a moment before.
 fn a_cookie_that_held_on_a_connection_is_checked_again_when_it_or_the_secret_changes() {
-    let rig = Rig::start(|seen| Reply::keep(ok(&format!("body of {}", seen.target()))));
+    let rig = lane_rig(|seen| Reply::keep(ok(&format!("body of {}", seen.target()))));
     let mut client = rig.client();
     client.send(rig.get("/first", &[]));
     assert_eq!(client.response("GET").status, 200);
@@ -274,7 +277,7 @@ fn a_chunked_upstream_response_with_trailers_is_reframed_intact() {
         [format!("{:x}\r\n", big.len()).as_bytes(), &big, b"\r\n"].concat(),
         b"0\r\nX-Checksum: abc\r\n\r\n".to_vec(),
     ];
-    let rig = Rig::start(move |seen| match seen.target() {
+    let rig = lane_rig(move |seen| match seen.target() {
         "/chunked" => Reply::pieces(pieces.clone()),
         _ => Reply::keep(ok("next")),
     });
@@ -307,7 +310,7 @@ fn a_close_delimited_upstream_response_arrives_whole_and_delimited() {
     let body = pattern(64 * 1024);
     let rig = {
         let body = body.clone();
-        Rig::start(move |seen| match seen.target() {
+        lane_rig(move |seen| match seen.target() {
             // No Content-Length, no chunking: the body ends when the
             // upstream closes.
             "/stream" => Reply::pieces(vec![
@@ -340,7 +343,7 @@ fn a_close_delimited_upstream_response_arrives_whole_and_delimited() {
 }
 
 fn head_204_and_304_answers_carry_no_body_and_keep_the_connection() {
-    let rig = Rig::start(|seen| match (seen.method(), seen.target()) {
+    let rig = lane_rig(|seen| match (seen.method(), seen.target()) {
         // What a HEAD answer looks like: the length of the body it omits.
         ("HEAD", "/file") => Reply::keep(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1234\r\n\r\n".to_vec(),
@@ -413,7 +416,7 @@ fn head_204_and_304_answers_carry_no_body_and_keep_the_connection() {
 // ---------------------------------------------------------------------------
 
 fn an_upstream_closing_its_idle_connection_does_not_fail_the_next_request() {
-    let rig = Rig::start(|seen| {
+    let rig = lane_rig(|seen| {
         Reply::keep(ok(&format!("body of {}", seen.target())))
             .then(After::CloseWhenIdleFor(Duration::from_millis(100)))
     });
@@ -447,7 +450,7 @@ fn an_upstream_closing_its_idle_connection_does_not_fail_the_next_request() {
 // ---------------------------------------------------------------------------
 
 fn ambiguous_request_framing_is_refused_with_400_before_the_upstream() {
-    let rig = Rig::start(|_| Reply::keep(ok("reached")));
+    let rig = lane_rig(|_| Reply::keep(ok("reached")));
     let shapes = [
         (
             "two different Content-Length values",
@@ -499,7 +502,7 @@ fn ambiguous_request_framing_is_refused_with_400_before_the_upstream() {
 /// read as a request of its own: the `GET /smuggled` below must never reach
 /// the upstream. A rewrite that answers 400 instead changes this test.
 fn content_length_with_transfer_encoding_is_read_as_chunked_then_closed() {
-    let rig = Rig::start(|seen| Reply::keep(ok(&format!("got {} bytes", seen.body.len()))));
+    let rig = lane_rig(|seen| Reply::keep(ok(&format!("got {} bytes", seen.body.len()))));
     // Authenticated: were it read as a request, it would be forwarded.
     let smuggled = rig.get("/smuggled", &[]);
     let body = format!("0\r\n\r\n{smuggled}");
@@ -542,7 +545,7 @@ fn content_length_with_transfer_encoding_is_read_as_chunked_then_closed() {
 // ---------------------------------------------------------------------------
 
 fn post_bodies_with_content_length_or_chunked_reach_the_upstream_intact() {
-    let rig = Rig::start(|seen| Reply::keep(ok(&format!("got {} bytes", seen.body.len()))));
+    let rig = lane_rig(|seen| Reply::keep(ok(&format!("got {} bytes", seen.body.len()))));
     // Bytes a text-minded proxy might trip on: CRLF, NUL, non-UTF-8.
     let payload: Vec<u8> = b"hello\r\n\0\xff\xfeworld\r\n\r\n0\r\n\r\nend".to_vec();
     let mut client = rig.client();
@@ -578,7 +581,7 @@ fn post_bodies_with_content_length_or_chunked_reach_the_upstream_intact() {
 }
 
 fn connection_close_from_the_client_is_answered_and_the_socket_closed() {
-    let rig = Rig::start(|_| Reply::keep(ok("bye")));
+    let rig = lane_rig(|_| Reply::keep(ok("bye")));
     let mut client = rig.client();
     client.send(rig.get("/last", &["Connection: close"]));
     let response = client.response("GET");
@@ -598,7 +601,7 @@ fn connection_close_from_the_client_is_answered_and_the_socket_closed() {
 // ---------------------------------------------------------------------------
 
 fn response_hop_by_hop_headers_stay_behind_and_end_to_end_ones_pass() {
-    let rig = Rig::start(|_| {
+    let rig = lane_rig(|_| {
         Reply::keep(
             concat!(
                 "HTTP/1.1 200 OK\r\n",
@@ -629,7 +632,7 @@ fn response_hop_by_hop_headers_stay_behind_and_end_to_end_ones_pass() {
 }
 
 fn request_hop_by_hop_spoofed_identity_and_flowgates_cookies_never_reach_the_upstream() {
-    let rig = Rig::start(|_| Reply::keep(ok("seen")));
+    let rig = lane_rig(|_| Reply::keep(ok("seen")));
     let session = rig.cookie.clone();
     let host = "edge.test:8080";
     let hostile = [
@@ -818,7 +821,7 @@ fn a_trusted_proxys_forwarding_headers_are_extended_or_kept() {
 /// 103s on would change the first assertion (and should still end with the
 /// 200 and its body).
 fn early_hints_before_the_final_response_leave_the_client_with_the_200() {
-    let rig = Rig::start(|seen| match seen.target() {
+    let rig = lane_rig(|seen| match seen.target() {
         "/hints" => Reply::pieces(vec![
             b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n".to_vec(),
             ok("final"),
@@ -852,7 +855,7 @@ fn a_large_upstream_response_head_is_relayed_intact() {
     }
     head.push_str("\r\nlarge");
     assert!(head.len() > 64 * 1024, "{}", head.len());
-    let rig = Rig::start(move |_| Reply::keep(head.clone().into_bytes()));
+    let rig = lane_rig(move |_| Reply::keep(head.clone().into_bytes()));
     let mut client = rig.client();
     client.send(rig.get("/large", &[]));
     let response = client.response("GET");
@@ -986,634 +989,4 @@ fn an_upstream_gone_after_the_first_request_is_a_502_on_the_second() {
     client.send(rig.get("/third", &[]));
     assert_eq!(client.response("GET").status, 502);
     assert_eq!(targets(&rig.upstream.seen()), ["/first"]);
-}
-
-// ===========================================================================
-// Helpers
-// ===========================================================================
-
-/// A scripted upstream and a flowgate in front of it, with alice signed in.
-struct Rig {
-    gate: Flowgate,
-    upstream: Scripted,
-    /// `flowgate_session=…`, alone.
-    cookie: String,
-}
-
-impl Rig {
-    fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Rig {
-        let upstream = Scripted::start(handler);
-        let config = gate_config(&upstream.url(), "");
-        Rig::with(upstream, &config)
-    }
-
-    fn with(upstream: Scripted, config: &str) -> Rig {
-        let gate = Flowgate::start(config, &users_file(&[&ALICE]));
-        let cookie = session_cookie(&gate);
-        Rig {
-            gate,
-            upstream,
-            cookie,
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(self.gate.addr)
-    }
-
-    fn cookie_header(&self) -> String {
-        format!("Cookie: {}", self.cookie)
-    }
-
-    /// A request carrying alice's session.
-    fn request(&self, method: &str, path: &str, headers: &[&str]) -> String {
-        let cookie = self.cookie_header();
-        let mut all = vec![cookie.as_str()];
-        all.extend_from_slice(headers);
-        request(method, path, &all)
-    }
-
-    fn get(&self, path: &str, headers: &[&str]) -> String {
-        self.request("GET", path, headers)
-    }
-}
-
-/// Log alice in through the JSON API; her session cookie, alone.
-fn session_cookie(gate: &Flowgate) -> String {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let cookies = runtime.block_on(async {
-        let (_client, cookies) = signed_in(gate, &ALICE).await;
-        cookies
-    });
-    cookies
-        .split("; ")
-        .find(|c| c.starts_with("flowgate_session="))
-        .expect("a session cookie")
-        .to_owned()
-}
-
-/// A request head (and nothing else): `Host: edge.test` unless `headers`
-/// has a Host of its own.
-fn request(method: &str, path: &str, headers: &[&str]) -> String {
-    let mut text = format!("{method} {path} HTTP/1.1\r\n");
-    if !headers
-        .iter()
-        .any(|h| h.to_ascii_lowercase().starts_with("host:"))
-    {
-        text.push_str(&format!("Host: {HOST}\r\n"));
-    }
-    for header in headers {
-        text.push_str(header);
-        text.push_str("\r\n");
-    }
-    text.push_str("\r\n");
-    text
-}
-
-/// A 200 with a Content-Length.
-fn ok(body: &str) -> Vec<u8> {
-    ok_with(body, &[])
-}
-
-fn ok_with(body: &str, headers: &[&str]) -> Vec<u8> {
-    let mut text = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for header in headers {
-        text.push_str(header);
-        text.push_str("\r\n");
-    }
-    text.push_str("\r\n");
-    text.push_str(body);
-    text.into_bytes()
-}
-
-/// `pieces` as a chunked body, terminated.
-fn chunked(pieces: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for piece in pieces {
-        out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-        out.extend_from_slice(piece);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"0\r\n\r\n");
-    out
-}
-
-/// `len` printable bytes that do not repeat within short distances.
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[(i * 7 + i / 36) % 36])
-        .collect()
-}
-
-fn targets(seen: &[Seen]) -> Vec<String> {
-    seen.iter().map(|s| s.target().to_owned()).collect()
-}
-
-// --- the byte reader both sides share --------------------------------------
-
-/// A stream and what has been read from it but not consumed yet.
-struct Wire {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Wire {
-    fn new(stream: TcpStream) -> Wire {
-        Wire {
-            stream,
-            buf: Vec::new(),
-        }
-    }
-
-    /// Read more into the buffer; `Ok(0)` when the peer closed.
-    fn fill(&mut self) -> std::io::Result<usize> {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = self.stream.read(&mut chunk)?;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(n)
-    }
-
-    /// A message head up to and including its blank line; `None` if the
-    /// peer closed before sending any of it.
-    fn read_head(&mut self) -> std::io::Result<Option<String>> {
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                let head: Vec<u8> = self.buf.drain(..end + 4).collect();
-                return Ok(Some(String::from_utf8_lossy(&head).into_owned()));
-            }
-            if self.fill()? == 0 {
-                return match self.buf.is_empty() {
-                    true => Ok(None),
-                    false => Err(std::io::Error::new(
-                        ErrorKind::UnexpectedEof,
-                        format!("closed mid-head: {:?}", String::from_utf8_lossy(&self.buf)),
-                    )),
-                };
-            }
-        }
-    }
-
-    fn take(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
-        while self.buf.len() < n {
-            if self.fill()? == 0 {
-                return Err(std::io::Error::new(
-                    ErrorKind::UnexpectedEof,
-                    format!("closed with {} of {n} bytes", self.buf.len()),
-                ));
-            }
-        }
-        Ok(self.buf.drain(..n).collect())
-    }
-
-    /// One line without its CRLF.
-    fn line(&mut self) -> std::io::Result<String> {
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..end + 2).collect();
-                return Ok(String::from_utf8_lossy(&line[..end]).into_owned());
-            }
-            if self.fill()? == 0 {
-                return Err(ErrorKind::UnexpectedEof.into());
-            }
-        }
-    }
-
-    /// A chunked body: its bytes and its trailer fields.
-    fn chunked(&mut self) -> std::io::Result<(Vec<u8>, Fields)> {
-        let mut body = Vec::new();
-        loop {
-            let line = self.line()?;
-            let size = line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size, 16).map_err(|_| {
-                std::io::Error::new(ErrorKind::InvalidData, format!("chunk size {line:?}"))
-            })?;
-            if size == 0 {
-                let mut trailers = Vec::new();
-                loop {
-                    let line = self.line()?;
-                    if line.is_empty() {
-                        return Ok((body, trailers));
-                    }
-                    trailers.extend(parse_field(&line));
-                }
-            }
-            body.extend(self.take(size)?);
-            if self.take(2)? != b"\r\n" {
-                return Err(std::io::Error::new(
-                    ErrorKind::InvalidData,
-                    "chunk not followed by CRLF",
-                ));
-            }
-        }
-    }
-
-    fn until_close(&mut self) -> std::io::Result<Vec<u8>> {
-        loop {
-            match self.fill() {
-                Ok(0) => return Ok(std::mem::take(&mut self.buf)),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::ConnectionReset => {
-                    return Ok(std::mem::take(&mut self.buf))
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-/// Header fields as (lower-case name, value), in order.
-type Fields = Vec<(String, String)>;
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// `Name: value` as (lower-case name, trimmed value).
-fn parse_field(line: &str) -> Option<(String, String)> {
-    let (name, value) = line.split_once(':')?;
-    Some((name.to_ascii_lowercase(), value.trim().to_owned()))
-}
-
-fn fields(head: &str) -> Fields {
-    head.split("\r\n").skip(1).filter_map(parse_field).collect()
-}
-
-// --- the raw client ----------------------------------------------------------
-
-/// How a response's body was delimited.
-#[derive(Debug, PartialEq, Eq, Clone, Copy)]
-enum Framing {
-    /// No body by definition (HEAD, 1xx, 204, 304).
-    None,
-    Length(usize),
-    Chunked,
-    /// Until the connection closed.
-    Close,
-}
-
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    head: String,
-    headers: Fields,
-    body: Vec<u8>,
-    trailers: Fields,
-    framing: Framing,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn all(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// A raw HTTP/1.1 client connection to flowgate.
-struct Client {
-    wire: Wire,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).expect("connect to flowgate");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        Client {
-            wire: Wire::new(stream),
-        }
-    }
-
-    fn send(&mut self, bytes: impl AsRef<[u8]>) {
-        self.wire
-            .stream
-            .write_all(bytes.as_ref())
-            .expect("write to flowgate");
-    }
-
-    /// The next response on the connection (an interim 1xx counts as one),
-    /// read as a client that sent `method` frames it.
-    fn response(&mut self, method: &str) -> Response {
-        let head = match self.wire.read_head() {
-            Ok(Some(head)) => head,
-            Ok(None) => panic!("flowgate closed the connection instead of answering"),
-            Err(e) => panic!("no response head: {e}"),
-        };
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("not a status line: {head:?}"));
-        assert!(head.starts_with("HTTP/1.1 "), "{head}");
-        let headers = fields(&head);
-        let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
-        let framing = if method == "HEAD" || status < 200 || status == 204 || status == 304 {
-            Framing::None
-        } else if get("transfer-encoding")
-            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-        {
-            Framing::Chunked
-        } else if let Some(length) = get("content-length") {
-            Framing::Length(length.parse().expect("a numeric Content-Length"))
-        } else {
-            Framing::Close
-        };
-        let (body, trailers) = match framing {
-            Framing::None => (Vec::new(), Vec::new()),
-            Framing::Length(n) => (self.wire.take(n).expect("the whole body"), Vec::new()),
-            Framing::Chunked => self.wire.chunked().expect("a well-formed chunked body"),
-            Framing::Close => (
-                self.wire.until_close().expect("the body until close"),
-                Vec::new(),
-            ),
-        };
-        Response {
-            status,
-            head,
-            headers,
-            body,
-            trailers,
-            framing,
-        }
-    }
-
-    /// flowgate closes the connection, sending nothing more.
-    fn expect_closed(&mut self) {
-        let rest = self.wire.until_close().expect("the connection to close");
-        assert!(
-            rest.is_empty(),
-            "bytes after the response: {:?}",
-            String::from_utf8_lossy(&rest)
-        );
-    }
-
-    /// Nothing more arrives for `wait`: no stray body bytes, no close.
-    fn expect_quiet(&mut self, wait: Duration) {
-        assert!(
-            self.wire.buf.is_empty(),
-            "stray bytes: {:?}",
-            String::from_utf8_lossy(&self.wire.buf)
-        );
-        self.wire.stream.set_read_timeout(Some(wait)).unwrap();
-        let mut byte = [0u8; 1];
-        match self.wire.stream.peek(&mut byte) {
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Ok(0) => panic!("flowgate closed the connection"),
-            other => panic!("expected silence, got {other:?}"),
-        }
-        self.wire
-            .stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-    }
-}
-
-// --- the scripted upstream ---------------------------------------------------
-
-/// One request as the upstream received it.
-#[derive(Debug, Clone)]
-struct Seen {
-    /// Which upstream connection (0, 1, … in accept order).
-    conn: usize,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Seen {
-    fn method(&self) -> &str {
-        self.head.split(' ').next().unwrap_or("")
-    }
-
-    /// The request target, exactly as sent.
-    fn target(&self) -> &str {
-        self.head.split(' ').nth(1).unwrap_or("")
-    }
-
-    /// Header names as sent, lower-cased, in order.
-    fn names(&self) -> Vec<String> {
-        fields(&self.head).into_iter().map(|(n, _)| n).collect()
-    }
-
-    fn all(&self, name: &str) -> Vec<String> {
-        fields(&self.head)
-            .into_iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v)
-            .collect()
-    }
-}
-
-/// What the upstream does after writing a reply.
-#[derive(Debug, Clone, Copy)]
-enum After {
-    KeepAlive,
-    Close,
-    /// Keep the connection, but close it once idle this long.
-    CloseWhenIdleFor(Duration),
-    /// Write nothing (the reply is empty) and hold the connection open.
-    Hang,
-}
-
-/// The upstream's answer to one request: raw bytes, written in pieces a
-/// little apart (so they arrive as separate reads), then `after`.
-struct Reply {
-    pieces: Vec<Vec<u8>>,
-    after: After,
-}
-
-impl Reply {
-    fn keep(bytes: Vec<u8>) -> Reply {
-        Reply::pieces(vec![bytes])
-    }
-
-    fn pieces(pieces: Vec<Vec<u8>>) -> Reply {
-        Reply {
-            pieces,
-            after: After::KeepAlive,
-        }
-    }
-
-    fn hang() -> Reply {
-        Reply {
-            pieces: Vec::new(),
-            after: After::Hang,
-        }
-    }
-
-    fn then(self, after: After) -> Reply {
-        Reply { after, ..self }
-    }
-}
-
-type Handler = dyn Fn(&Seen) -> Reply + Send + Sync;
-
-/// A raw-TCP HTTP/1.1 upstream on 127.0.0.1 answering with scripted bytes.
-struct Scripted {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    stopped: Arc<AtomicBool>,
-    /// Set once the listener is gone (after `start_limited`'s last accept).
-    closed: Arc<AtomicBool>,
-}
-
-impl Scripted {
-    fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Scripted {
-        Scripted::start_limited(handler, usize::MAX)
-    }
-
-    /// Accept `max_connections`, then close the listening socket.
-    fn start_limited(
-        handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
-        max_connections: usize,
-    ) -> Scripted {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let stopped = Arc::new(AtomicBool::new(false));
-        let closed = Arc::new(AtomicBool::new(false));
-        let handler: Arc<Handler> = Arc::new(handler);
-        let accepted = AtomicUsize::new(0);
-        {
-            let (seen, stopped, closed) = (seen.clone(), stopped.clone(), closed.clone());
-            std::thread::spawn(move || {
-                while accepted.load(Ordering::SeqCst) < max_connections {
-                    let Ok((stream, _)) = listener.accept() else {
-                        break;
-                    };
-                    if stopped.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let conn = accepted.fetch_add(1, Ordering::SeqCst);
-                    let (handler, seen) = (handler.clone(), seen.clone());
-                    std::thread::spawn(move || serve_upstream(stream, conn, &*handler, &seen));
-                }
-                drop(listener);
-                closed.store(true, Ordering::SeqCst);
-            });
-        }
-        Scripted {
-            addr,
-            seen,
-            stopped,
-            closed,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// Wait until the listening socket is closed.
-    fn wait_closed(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.closed.load(Ordering::SeqCst) {
-            assert!(
-                Instant::now() < deadline,
-                "the upstream listener stays open"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Scripted {
-    fn drop(&mut self) {
-        // Wake the accept loop so that it ends.
-        self.stopped.store(true, Ordering::SeqCst);
-        if !self.closed.load(Ordering::SeqCst) {
-            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
-        }
-    }
-}
-
-/// Pause between the pieces of one reply.
-const PIECE_GAP: Duration = Duration::from_millis(15);
-
-fn serve_upstream(stream: TcpStream, conn: usize, handler: &Handler, seen: &Mutex<Vec<Seen>>) {
-    // Threads end when flowgate closes its side, or after this at the latest.
-    let patience = Duration::from_secs(20);
-    stream.set_read_timeout(Some(patience)).unwrap();
-    let mut wire = Wire::new(stream);
-    loop {
-        let Ok(Some(head)) = wire.read_head() else {
-            return;
-        };
-        let fields = fields(&head);
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.clone())
-        };
-        let body = if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-            match wire.chunked() {
-                Ok((body, _)) => body,
-                Err(_) => return,
-            }
-        } else if let Some(length) = get("content-length") {
-            match wire.take(length.parse().unwrap_or(0)) {
-                Ok(body) => body,
-                Err(_) => return,
-            }
-        } else {
-            Vec::new()
-        };
-        let request = Seen { conn, head, body };
-        seen.lock().unwrap().push(request.clone());
-        let reply = handler(&request);
-        for (i, piece) in reply.pieces.iter().enumerate() {
-            if i > 0 {
-                std::thread::sleep(PIECE_GAP);
-            }
-            if wire.stream.write_all(piece).is_err() {
-                return;
-            }
-        }
-        match reply.after {
-            After::KeepAlive => {}
-            After::Close => {
-                let _ = wire.stream.shutdown(Shutdown::Both);
-                return;
-            }
-            After::CloseWhenIdleFor(idle) => {
-                wire.stream.set_read_timeout(Some(idle)).unwrap();
-                let mut byte = [0u8; 1];
-                let next_request =
-                    !wire.buf.is_empty() || matches!(wire.stream.peek(&mut byte), Ok(n) if n > 0);
-                if !next_request {
-                    let _ = wire.stream.shutdown(Shutdown::Both);
-                    return;
-                }
-                wire.stream.set_read_timeout(Some(patience)).unwrap();
-            }
-            After::Hang => {
-                let _ = wire.until_close();
-                return;
-            }
-        }
-    }
 }

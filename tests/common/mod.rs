@@ -3,6 +3,9 @@
 //! client that keeps cookies. Every test talks to them over real sockets.
 #![allow(dead_code)]
 
+pub mod h2;
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
