@@ -1,7 +1,7 @@
-//! The per-request session check, `gate::identity`: find the session cookie
-//! among the request's cookies, check its HMAC, look the id up in the store
-//! and push its idle deadline. Every proxied request pays this before
-//! anything else.
+//! The per-request session check, `gate::signed_in`: find the session cookie
+//! among the request's cookies, check its HMAC, look the id up in the
+//! store, push its idle deadline and resolve its user in the directory.
+//! Every proxied request pays this before anything else.
 //!
 //!     cargo bench --bench session_check
 //!
@@ -19,10 +19,9 @@ use http::HeaderMap;
 
 use flowgate::app::Shared;
 use flowgate::engine::Throttle;
+use flowgate::identity::Identity;
 use flowgate::metrics::Metrics;
-use flowgate::session::{
-    now_secs, random_token, CookieSigner, Identity, MemoryStore, Session, SessionStore,
-};
+use flowgate::session::{now_secs, random_token, CookieSigner, MemoryStore, Session, SessionStore};
 use flowgate::Gateway;
 
 const SECRET: &str = "a bench secret that is long enough to sign cookies with";
@@ -55,7 +54,12 @@ fn headers(cookie: Option<&str>) -> HeaderMap {
 
 fn session_check(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temp dir");
-    std::fs::write(dir.path().join("users.toml"), "").expect("an empty users file");
+    // The session's user is resolved against the directory on every check.
+    std::fs::write(
+        dir.path().join("users.toml"),
+        "[[user]]\nusername = \"bench\"\n",
+    )
+    .expect("a users file");
     let src = format!(
         "[session]\nsecret = \"{SECRET}\"\n\n[[route]]\nupstream = \"http://127.0.0.1:9\"\n"
     );
@@ -126,11 +130,11 @@ fn session_check(c: &mut Criterion) {
     let mut group = c.benchmark_group("session_check");
     for (name, headers, signed_in) in &cases {
         // A bench that quietly measured the wrong branch would mislead.
-        let found = runtime.block_on(flowgate::gate::identity(&gateway, headers));
+        let found = runtime.block_on(flowgate::gate::signed_in(&gateway, headers));
         assert_eq!(found.is_some(), *signed_in, "{name}: unexpected outcome");
         group.bench_function(*name, |b| {
             b.to_async(&runtime)
-                .iter(|| flowgate::gate::identity(&gateway, black_box(headers)))
+                .iter(|| flowgate::gate::signed_in(&gateway, black_box(headers)))
         });
     }
     group.finish();

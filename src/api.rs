@@ -10,8 +10,9 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use crate::context::Context;
 use crate::flow::{Challenge, FlowError, FlowRequest, FlowState, Step};
-use crate::router::{Context, Gateway};
+use crate::gateway::Gateway;
 use crate::session::{now_secs, Session};
 use crate::{empty, full, Body};
 
@@ -280,8 +281,17 @@ async fn finish(
     match identity {
         Some(identity) => {
             let username = identity.username.clone();
-            match crate::gate::mint(gateway, context, identity, Some(session_id), &mut response)
-                .await
+            let slug = key.strip_prefix("api:").unwrap_or(key);
+            let completed = crate::gate::completed_after(&session, &identity, slug);
+            match crate::gate::mint(
+                gateway,
+                context,
+                identity,
+                completed,
+                Some(session_id),
+                &mut response,
+            )
+            .await
             {
                 Ok(new_session) => {
                     crate::gate::set_csrf_cookie(

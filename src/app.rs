@@ -10,8 +10,8 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Config, StoreKind};
 use crate::engine::Throttle;
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::router::Gateway;
 use crate::session::{MemoryStore, SessionStore};
 
 pub struct App {

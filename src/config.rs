@@ -99,6 +99,23 @@ pub struct ProxyConfig {
     /// `ca_file`: PEM roots for `https://` upstreams, instead of the bundled
     /// public roots.
     pub ca_file: Option<PathBuf>,
+    /// `escaped_slashes`, default `refuse`: a path with `%2F`, `%5C` or `\`
+    /// gets 400; `keep` sends it upstream as it came (for apps that need
+    /// them). Each route may say otherwise.
+    pub escaped_slashes: PathRule,
+    /// `path_parameters`, default `refuse`: a path with `;` parameters gets
+    /// 400; `keep` decides on the path without them (as Tomcat routes) and
+    /// sends them upstream. Each route may say otherwise.
+    pub path_parameters: PathRule,
+}
+
+/// What the gate does with a path it cannot make fully canonical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathRule {
+    /// 400, before any routing rule sees it.
+    Refuse,
+    /// Forward it; the route's upstream is trusted to read it safely.
+    Keep,
 }
 
 /// `[admin]`: health, readiness and metrics, on their own listener.
@@ -393,13 +410,22 @@ pub struct RouteConfig {
     pub upstream: http::Uri,
     /// `flow`: the login flow's slug, default the first authentication flow.
     pub flow: String,
-    /// `skip_auth`: regexes over the request path (and query) that pass anonymously.
+    /// `skip_auth`: regexes over the canonical request path (never the
+    /// query) that pass anonymously.
     pub skip_auth: Vec<Regex>,
     pub allow: Allow,
     /// `headers`: `default` | `authentik` | `oauth2-proxy`.
     pub headers: HeaderPreset,
     /// `preserve_host`, default true: send the client's `Host` upstream.
     pub preserve_host: bool,
+    /// `case_insensitive`, default false: the upstream reads paths without
+    /// regard to case (IIS and the like), so `path_prefix` and `skip_auth`
+    /// match that way too (`/ADMIN` is `/admin`).
+    pub case_insensitive: bool,
+    /// `escaped_slashes`, default `proxy.escaped_slashes`.
+    pub escaped_slashes: PathRule,
+    /// `path_parameters`, default `proxy.path_parameters`.
+    pub path_parameters: PathRule,
 }
 
 /// One problem in a configuration, placed as precisely as known.

@@ -1,7 +1,7 @@
 //! The user directory: who exists, their groups, and checking what they
 //! present (argon2id password hashes, TOTP codes). `Directory` is the seam;
 //! `FileDirectory` reads a TOML users file. The embedded engine is its only
-//! caller; `session::Identity` is what leaves it.
+//! caller; `identity::Identity` is what leaves it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::config::UserField;
-use crate::session::Identity;
+use crate::identity::Identity;
 
 /// The avatar of nobody in particular: a grey disc, as a data URI so that it
 /// needs no route.
@@ -176,6 +176,11 @@ pub struct FileDirectory {
     users: Vec<Arc<User>>,
     by_username: HashMap<String, usize>,
     by_email: HashMap<String, usize>,
+    /// Who each enabled user is now, by exact username: what a session's
+    /// frozen identity is resolved to on every decision (`gate::live`).
+    /// Built once per load, so each reload's identities carry fresh groups
+    /// and their header values are made once per reload, not per request.
+    identities: HashMap<String, Arc<Identity>>,
     dummy_hash: String,
     hashing: Arc<Semaphore>,
     /// Last accepted TOTP time step per (username, device): no code twice.
@@ -266,10 +271,16 @@ impl FileDirectory {
                 totp,
             }));
         }
+        let identities = users
+            .iter()
+            .filter(|u| !u.disabled)
+            .map(|u| (u.username.clone(), Arc::new(u.identity())))
+            .collect();
         Ok(FileDirectory {
             users,
             by_username,
             by_email,
+            identities,
             dummy_hash: dummy_hash(),
             hashing: Arc::new(Semaphore::new(hashing_permits())),
             totp_used: Mutex::new(HashMap::new()),
@@ -278,6 +289,12 @@ impl FileDirectory {
 
     pub fn len(&self) -> usize {
         self.users.len()
+    }
+
+    /// The identity of user `username` as of this load; `None` for a user
+    /// deleted or disabled since (their sessions end with this load).
+    pub fn current(&self, username: &str) -> Option<Arc<Identity>> {
+        self.identities.get(username).cloned()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -26,9 +26,10 @@ use crate::flow::{
     ErrorMap, FlowError, FlowExecutor, FlowInfo, FlowRequest, FlowState, Identification, Password,
     PendingUser, Step,
 };
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::redirect::RedirectPolicy;
-use crate::session::{now_secs, Identity};
+use crate::session::now_secs;
 
 /// authentik's messages, kept word for word: clients match on them.
 const INVALID_PASSWORD: &str = "Invalid password";

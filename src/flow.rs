@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::session::Identity;
+use crate::identity::Identity;
 
 /// `response_errors`: field name (or `non_field_errors`) to messages (§1.9).
 pub type ErrorMap = BTreeMap<String, Vec<ErrorDetail>>;

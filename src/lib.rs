@@ -2,26 +2,31 @@
 //! session goes to its upstream with the user's identity in headers; one
 //! without runs a login flow through an authentik-compatible executor.
 //!
-//! The request path is laid out in `router` (read it first); the seams are
+//! The request path is laid out in `router` (read it first); the decision
+//! is `gate::decide`, for every lane; the seams are
 //! `flow::FlowExecutor`, `session::SessionStore` and `directory::Directory`.
 
+mod access_log;
 pub mod admin;
 pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod demo;
 pub mod directory;
 pub mod engine;
 pub mod flow;
 pub mod gate;
-mod h1;
+pub mod gateway;
+pub mod identity;
 pub mod listener;
 pub mod login;
 pub mod metrics;
 pub mod pages;
 pub mod proxy;
 pub mod redirect;
+pub mod respond;
 pub mod router;
 pub mod session;
 pub mod tls;
@@ -33,7 +38,7 @@ use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-pub use router::Gateway;
+pub use gateway::Gateway;
 
 /// Every response body flowgate sends: an upstream's streamed body, or one of
 /// its own (pages, JSON) in one piece.

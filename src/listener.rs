@@ -29,8 +29,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
 use crate::config::Server;
-use crate::h1::{Closing, Deadlines, Prefixed};
-use crate::router::Connection;
+use crate::context::Connection;
+use crate::proxy::h1::{Closing, Deadlines, Prefixed};
 use crate::upstream::{ConnHold, ConnSlot};
 use crate::Body;
 
@@ -131,7 +131,7 @@ impl Listener {
                                     header_read_timeout: this.limits.header_read_timeout,
                                     keepalive_timeout: this.limits.keepalive_timeout,
                                 };
-                                let lane = crate::h1::serve(
+                                let lane = crate::proxy::h1::serve(
                                     &this.app,
                                     stream,
                                     peer,

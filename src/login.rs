@@ -13,9 +13,11 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
+use crate::context::Context;
 use crate::flow::{Challenge, Component, FlowError, FlowRequest, FlowState, Step};
+use crate::gateway::Gateway;
 use crate::pages::{ChallengePage, SignOutPage};
-use crate::router::{html_response, Context, Gateway};
+use crate::respond::html_response;
 use crate::session::{now_secs, Session};
 use crate::{empty, Body};
 
@@ -111,9 +113,11 @@ pub async fn page(
     };
     let session = crate::gate::session(gateway, request.headers()).await;
 
-    // Already signed in (say, another tab finished first): no second login.
+    // Already signed in through this flow (say, another tab finished
+    // first): no second login. Signed in through another flow only: this
+    // one runs as a step up, and its end mints a session that has both.
     if let Some((_, s)) = &session {
-        if s.identity.is_some() {
+        if s.identity.is_some() && s.completed.contains(&target.slug) {
             return see_other(&safe_next(gateway, &target));
         }
     }
@@ -334,7 +338,9 @@ async fn conclude(
         }
     };
     match step {
-        Step::Done { to } => return finish(gateway, context, target, id, &state, &to).await,
+        Step::Done { to } => {
+            return finish(gateway, context, target, id, session, &state, &to).await
+        }
         Step::Next => {
             // More silent stages than MAX_ROUNDS: let the browser come back.
             session.set_flow(&key, &target.slug, state, now_secs());
@@ -394,6 +400,7 @@ async fn finish(
     context: &Context,
     target: &Target,
     old_id: &str,
+    old: &Session,
     state: &FlowState,
     to: &str,
 ) -> Response<Body> {
@@ -406,9 +413,16 @@ async fn finish(
     match gateway.executor.identity(state).await {
         Ok(Some(identity)) => {
             let username = identity.username.clone();
-            if let Err(error) =
-                crate::gate::mint(gateway, context, identity, Some(old_id), &mut response).await
-            {
+            let completed = crate::gate::completed_after(old, &identity, &target.slug);
+            let minted = crate::gate::mint(
+                gateway,
+                context,
+                identity,
+                completed,
+                Some(old_id),
+                &mut response,
+            );
+            if let Err(error) = minted.await {
                 return busy(gateway, &error.to_string());
             }
             tracing::info!(user = %username, via = "page", "login succeeded");
@@ -460,7 +474,7 @@ fn busy(gateway: &Gateway, reason: &str) -> Response<Body> {
 }
 
 fn see_other(location: &str) -> Response<Body> {
-    crate::gate::redirect(StatusCode::SEE_OTHER, location)
+    crate::respond::redirect(StatusCode::SEE_OTHER, location)
 }
 
 fn tokens_match(sent: &str, expected: &str) -> bool {

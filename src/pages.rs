@@ -7,7 +7,7 @@
 //! and no template uses `|safe`. Links that come from the executor
 //! (`enroll_url`, `recovery_url`) pass `safe_href` first. The pages are
 //! served under `default-src 'none'; style-src 'self'; img-src 'self' data:;
-//! form-action 'self'` (`router::html_response`), so they hold no script, no
+//! form-action 'self'` (`respond::html_response`), so they hold no script, no
 //! inline style and no external asset: all styling is in `flowgate.css`,
 //! served at `{prefix}/static/flowgate.css`, and every form works without
 //! JavaScript.

@@ -21,72 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::flow::FlowState;
-
-/// Who a session belongs to: what the upstream is told in headers and what
-/// `users/me` answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub username: String,
-    pub name: String,
-    pub email: String,
-    pub groups: Vec<String>,
-    /// Stable opaque id (hex SHA-256), authentik's `uid`.
-    pub uid: String,
-    pub pk: u64,
-    #[serde(default)]
-    pub is_superuser: bool,
-    /// The identity as header values, made on the first proxied request and
-    /// shared by all the session's requests after it.
-    #[serde(skip)]
-    pub header_values: HeaderValues,
-}
-
-/// Lazily built header values of an identity. Not part of what an identity
-/// is: two identities compare equal whatever their caches hold.
-#[derive(Clone, Default)]
-pub struct HeaderValues(std::sync::OnceLock<IdentityValues>);
-
-/// `None` for a value that cannot be a header value (control characters).
-#[derive(Clone)]
-pub struct IdentityValues {
-    pub username: Option<http::HeaderValue>,
-    pub name: Option<http::HeaderValue>,
-    pub email: Option<http::HeaderValue>,
-    pub uid: Option<http::HeaderValue>,
-    /// Groups joined with `,` (most tools) and with `|` (authentik).
-    pub groups_comma: Option<http::HeaderValue>,
-    pub groups_pipe: Option<http::HeaderValue>,
-}
-
-impl Identity {
-    pub fn values(&self) -> &IdentityValues {
-        self.header_values.0.get_or_init(|| {
-            let value = |s: &str| http::HeaderValue::from_str(s).ok();
-            IdentityValues {
-                username: value(&self.username),
-                name: value(&self.name),
-                email: value(&self.email),
-                uid: value(&self.uid),
-                groups_comma: value(&self.groups.join(",")),
-                groups_pipe: value(&self.groups.join("|")),
-            }
-        })
-    }
-}
-
-impl PartialEq for HeaderValues {
-    fn eq(&self, _: &HeaderValues) -> bool {
-        true
-    }
-}
-
-impl Eq for HeaderValues {}
-
-impl std::fmt::Debug for HeaderValues {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HeaderValues")
-    }
-}
+use crate::identity::Identity;
 
 /// One flow in progress inside a pre-auth session. `key` is `page:<id>` for a
 /// login page (one per browser tab) or `api:<slug>` for the JSON API (one per
@@ -114,6 +49,10 @@ pub struct Session {
     /// Flows in progress (mostly in pre-auth sessions).
     #[serde(default)]
     pub flows: Vec<FlowSlot>,
+    /// Authenticated: the slugs of the flows this session has been through.
+    /// A route whose flow is not among them steps the user up through it.
+    #[serde(default)]
+    pub completed: Vec<String>,
 }
 
 /// How many flows one session holds at once; the least recently used goes first.
@@ -127,6 +66,7 @@ impl Session {
             csrf: random_token(),
             identity: None,
             flows: Vec::new(),
+            completed: Vec::new(),
         }
     }
 
@@ -137,6 +77,7 @@ impl Session {
             csrf: random_token(),
             identity: Some(Arc::new(identity)),
             flows: Vec::new(),
+            completed: Vec::new(),
         }
     }
 
@@ -211,33 +152,33 @@ pub trait SessionStore: Send + Sync {
     async fn delete_all_for_user(&self, username: &str) -> Result<usize, StoreError>;
     /// Number of live authenticated sessions (for metrics).
     async fn count_authenticated(&self) -> Result<usize, StoreError>;
-    /// The hot path: the identity of an authenticated, live session, its
-    /// idle deadline pushed to `idle` from now (never past the session's
-    /// own expiry). Pre-auth or missing sessions: `None`.
-    async fn identity(
+    /// The hot path: an authenticated, live session, its idle deadline
+    /// pushed to `idle` from now (never past the session's own expiry).
+    /// Pre-auth or missing sessions: `None`.
+    async fn authenticated(
         &self,
         id: &str,
         idle: Duration,
-    ) -> Result<Option<Arc<Identity>>, StoreError> {
+    ) -> Result<Option<Arc<Session>>, StoreError> {
         let Some(session) = self.get(id).await? else {
             return Ok(None);
         };
-        let Some(identity) = session.identity.clone() else {
+        if session.identity.is_none() {
             return Ok(None);
-        };
+        }
         let left = session.expires.saturating_sub(now_secs());
         self.touch(id, idle.min(Duration::from_secs(left))).await?;
-        Ok(Some(identity))
+        Ok(Some(Arc::new(session)))
     }
-    /// `identity`, answered without waiting, by stores that can (the
-    /// in-process one): the HTTP/1.1 fast lane (`h1`) asks this first.
-    /// `None`: this store needs a round trip; the request takes the full
-    /// path, which awaits `identity`.
-    fn identity_now(
+    /// `authenticated`, answered without waiting, by stores that can (the
+    /// in-process one): the HTTP/1.1 fast lane asks this first. `None`:
+    /// this store needs a round trip; the request takes the general path,
+    /// which awaits `authenticated`.
+    fn authenticated_now(
         &self,
         _id: &str,
         _idle: Duration,
-    ) -> Option<Result<Option<Arc<Identity>>, StoreError>> {
+    ) -> Option<Result<Option<Arc<Session>>, StoreError>> {
         None
     }
     /// Drop expired records; stores that expire by themselves (Redis TTLs)
@@ -330,16 +271,16 @@ impl MemoryStore {
 }
 
 impl MemoryStore {
-    /// The identity of a live authenticated session, its idle deadline
-    /// pushed out: one read-locked lookup.
-    fn lookup(&self, id: &str, idle: Duration) -> Option<Arc<Identity>> {
+    /// A live authenticated session, its idle deadline pushed out: one
+    /// read-locked lookup, no copy.
+    fn lookup(&self, id: &str, idle: Duration) -> Option<Arc<Session>> {
         let now = now_secs();
         let map = self.read();
         let entry = map.get(id).filter(|e| e.live(now))?;
-        let identity = entry.session.identity.as_ref()?;
+        entry.session.identity.as_ref()?;
         let deadline = (now + idle.as_secs()).min(entry.session.expires);
         entry.deadline.fetch_max(deadline, Ordering::Relaxed);
-        Some(identity.clone())
+        Some(entry.session.clone())
     }
 }
 
@@ -386,19 +327,19 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
-    async fn identity(
+    async fn authenticated(
         &self,
         id: &str,
         idle: Duration,
-    ) -> Result<Option<Arc<Identity>>, StoreError> {
+    ) -> Result<Option<Arc<Session>>, StoreError> {
         Ok(self.lookup(id, idle))
     }
 
-    fn identity_now(
+    fn authenticated_now(
         &self,
         id: &str,
         idle: Duration,
-    ) -> Option<Result<Option<Arc<Identity>>, StoreError>> {
+    ) -> Option<Result<Option<Arc<Session>>, StoreError>> {
         Some(Ok(self.lookup(id, idle)))
     }
 
@@ -617,7 +558,7 @@ mod tests {
         assert!(store.get("z").await.unwrap().is_none());
         // the hot path: authenticated only, and it pushes the idle deadline
         assert!(
-            store.identity("p1", ttl).await.unwrap().is_none(),
+            store.authenticated("p1", ttl).await.unwrap().is_none(),
             "pre-auth has no identity"
         );
         let short = Duration::from_secs(1);
@@ -629,8 +570,12 @@ mod tests {
             )
             .await
             .unwrap();
-        let bob = store.identity("b2", Duration::from_secs(30)).await.unwrap();
-        assert_eq!(bob.map(|i| i.username.clone()).as_deref(), Some("bob"));
+        let bob = store
+            .authenticated("b2", Duration::from_secs(30))
+            .await
+            .unwrap();
+        let name = bob.and_then(|s| s.identity.as_ref().map(|i| i.username.clone()));
+        assert_eq!(name.as_deref(), Some("bob"));
         let deadline = store
             .read()
             .get("b2")

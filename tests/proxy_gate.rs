@@ -213,8 +213,10 @@ async fn skip_auth_paths_pass_anonymously() {
 }
 
 /// `skip_auth = ["^/public(/|$)"]` opens `/public/…`, not whatever an
-/// upstream makes of `/public/../admin`. Raw requests: HTTP clients resolve
-/// dot segments before sending. On both request paths.
+/// upstream makes of `/public/../admin`: the gate decides on the canonical
+/// path (and the upstream gets that one), and refuses disguised slashes.
+/// Raw requests: HTTP clients resolve dot segments before sending. On both
+/// request paths.
 #[test]
 fn skip_auth_does_not_open_paths_that_climb_out_of_it() {
     use std::io::{Read, Write};
@@ -240,9 +242,11 @@ fn skip_auth_does_not_open_paths_that_climb_out_of_it() {
             answer[9..12].to_owned()
         };
         assert_eq!(status("/public/health"), "200", "fast lane {fast_lane}");
+        assert_eq!(status("/public/."), "200", "fast lane {fast_lane}");
+        // Canonical: `/public/health`, public; the query is not the path.
         assert_eq!(
             status("/public/./health?x=/.."),
-            "401",
+            "200",
             "fast lane {fast_lane}"
         );
         for climbing in [
@@ -252,9 +256,12 @@ fn skip_auth_does_not_open_paths_that_climb_out_of_it() {
             "/public/..%2fadmin",
             "/public/..;/admin",
             "/public/..%5cadmin",
-            "/public/.",
         ] {
-            assert_eq!(status(climbing), "401", "{climbing}, fast lane {fast_lane}");
+            let answer = status(climbing);
+            assert!(
+                answer == "401" || answer == "400",
+                "{climbing}: {answer}, fast lane {fast_lane}"
+            );
         }
     }
 }

@@ -749,7 +749,12 @@ async fn https_upstream_not_signed_by_ca_file_is_a_502_and_the_log_says_why() {
     let alice = client();
     let done = json_login(&alice, &gate.url(""), "alice", ALICE.password, "/").await;
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
-    let response = alice.get(gate.url("/private/page")).send().await.unwrap();
+    let response = alice
+        .get(gate.url("/private/page"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 502);
     let html = response.text().await.unwrap();
     assert!(html.contains("Bad gateway"), "{html}");

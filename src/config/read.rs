@@ -11,14 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use regex::Regex;
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use super::{
     resolve_against, AdminConfig, Allow, Config, ConfigError, ConfigErrors, CookieSecure,
     Designation, DirectoryConfig, ExecutorConfig, FlowAuthentication, FlowConfig, HeaderPreset,
-    HostPattern, LogConfig, LogFormat, NotConfiguredAction, ProxyConfig, RouteConfig, Secret,
-    Server, SessionConfig, StageConfig, StoreKind, TlsConfig, UserField,
+    HostPattern, LogConfig, LogFormat, NotConfiguredAction, PathRule, ProxyConfig, RouteConfig,
+    Secret, Server, SessionConfig, StageConfig, StoreKind, TlsConfig, UserField,
 };
 
 /// The slug of the flow used when a config declares none.
@@ -424,6 +423,22 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `refuse` | `keep`: what to do with a path the gate cannot make
+    /// fully canonical (`gate::canonical`).
+    fn path_rule(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+        default: PathRule,
+    ) -> PathRule {
+        self.choice(
+            section,
+            key,
+            &[("refuse", PathRule::Refuse), ("keep", PathRule::Keep)],
+            default,
+        )
+    }
+
     // ---- the sections ----
 
     fn config(&mut self, root: &dyn TableLike) -> Config {
@@ -455,7 +470,7 @@ impl<'a> Reader<'a> {
         let admin = self.admin(root);
         let stages = self.stages(root);
         let flows = self.flows(root, &stages);
-        let routes = self.routes(root, &flows);
+        let routes = self.routes(root, &flows, &proxy);
         self.finish(top);
         Config {
             path: self.path.to_path_buf(),
@@ -576,8 +591,12 @@ impl<'a> Reader<'a> {
             }
             None => None,
         };
+        let escaped_slashes = self.path_rule(&mut s, "escaped_slashes", PathRule::Refuse);
+        let path_parameters = self.path_rule(&mut s, "path_parameters", PathRule::Refuse);
         self.finish(s);
         ProxyConfig {
+            escaped_slashes,
+            path_parameters,
             connect_timeout,
             response_timeout,
             pool_idle_timeout,
@@ -1113,7 +1132,12 @@ impl<'a> Reader<'a> {
         flows
     }
 
-    fn routes(&mut self, root: &dyn TableLike, flows: &[FlowConfig]) -> Vec<RouteConfig> {
+    fn routes(
+        &mut self,
+        root: &dyn TableLike,
+        flows: &[FlowConfig],
+        proxy: &ProxyConfig,
+    ) -> Vec<RouteConfig> {
         let mut routes = Vec::new();
         let Some((key, item)) = root.get_key_value("route") else {
             self.error(
@@ -1150,6 +1174,16 @@ impl<'a> Reader<'a> {
                 Some((prefix, place)) => {
                     if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
                         self.error_at(&place, "must be a path starting with `/` (no query)");
+                    } else if let Ok(canonical) = crate::gate::Canonical::of(&prefix) {
+                        if canonical.path != prefix {
+                            self.error_at(
+                                &place,
+                                format!(
+                                    "requests are matched on their canonical path: write \"{}\"",
+                                    canonical.path
+                                ),
+                            );
+                        }
                     }
                     prefix
                 }
@@ -1189,10 +1223,14 @@ impl<'a> Reader<'a> {
                     }
                 },
             };
+            let case_insensitive = self.bool(&mut s, "case_insensitive", false);
             let mut skip_auth = Vec::new();
             if let Some((items, _)) = self.strings(&mut s, "skip_auth") {
                 for (pattern, place) in items {
-                    match Regex::new(&pattern) {
+                    let built = regex::RegexBuilder::new(&pattern)
+                        .case_insensitive(case_insensitive)
+                        .build();
+                    match built {
                         Ok(re) => skip_auth.push(re),
                         Err(e) => self.error_at(
                             &place,
@@ -1213,6 +1251,8 @@ impl<'a> Reader<'a> {
                 HeaderPreset::Default,
             );
             let preserve_host = self.bool(&mut s, "preserve_host", true);
+            let escaped_slashes = self.path_rule(&mut s, "escaped_slashes", proxy.escaped_slashes);
+            let path_parameters = self.path_rule(&mut s, "path_parameters", proxy.path_parameters);
             self.finish(s);
 
             if let Some(upstream) = upstream {
@@ -1239,6 +1279,9 @@ impl<'a> Reader<'a> {
                     allow,
                     headers,
                     preserve_host,
+                    case_insensitive,
+                    escaped_slashes,
+                    path_parameters,
                 });
             }
         }

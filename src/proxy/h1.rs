@@ -29,21 +29,22 @@ use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::StatusCode;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
+use super::headers;
+use crate::access_log::AccessLine;
 use crate::app::App;
-use crate::proxy::{forwarded_element, identity_headers, is_identity_header, HOP_BY_HOP};
-use crate::router::{host_key, AccessLine, Gateway};
-use crate::session::Identity;
+use crate::context::host_key;
+use crate::gate::{Canonical, SignedIn, Verdict};
+use crate::gateway::Gateway;
+use crate::respond::Audience;
 use crate::upstream::{closed_while_idle, InSlot, Target, UpstreamError};
 
 /// Read buffers. A request head must fit in one (a longer one goes to
@@ -282,6 +283,8 @@ struct Plan {
     close: bool,
     /// May be sent again if a kept upstream socket turns out closed.
     idempotent: bool,
+    /// Who a 502 or 504 would be for.
+    audience: Audience,
     started: std::time::Instant,
     /// Only when the access log is on.
     log: Option<Box<LogFields>>,
@@ -583,25 +586,14 @@ impl Lane {
         let series = &gateway.route_metrics[plan.route];
         series.upstream_errors.inc();
         tracing::warn!(upstream = %route.upstream, %error, "upstream request failed");
-        let (status, title, message) = match error {
-            UpstreamError::Timeout => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "Gateway timeout",
-                "The application behind flowgate took too long to answer. Try again in a moment.",
-            ),
-            _ => (
-                StatusCode::BAD_GATEWAY,
-                "Bad gateway",
-                "The application behind flowgate did not answer. Try again in a moment.",
-            ),
-        };
+        let answer = gateway.upstream_failed(plan.audience, &error);
+        let status = answer.status().as_u16();
         let elapsed = plan.started.elapsed();
-        series.observe(status.as_u16(), elapsed);
+        series.observe(status, elapsed);
         if let Some(log) = &plan.log {
-            self.log(plan, log, status.as_u16(), elapsed);
+            self.log(plan, log, status, elapsed);
         }
-        let page = gateway.page(status, title, message, None);
-        let bytes = serialize(page, plan.close).await;
+        let bytes = serialize(answer, plan.close).await;
         let keep = self.stream.write_all(&bytes).await.is_ok() && !plan.close;
         keep.then(std::time::Instant::now)
     }
@@ -714,7 +706,9 @@ fn expired(timer: &mut Pin<Box<Sleep>>, deadline: Instant, cx: &mut Context<'_>)
 }
 
 /// Parse a request head and, if the fast lane serves it, write the upstream
-/// request head into `out`.
+/// request head into `out`. What the request may do is the gate's
+/// (`gate::decide`); this only reads bytes, and hands to the general path
+/// what it does not frame itself.
 fn prepare(
     gateway: &Gateway,
     peer: &Peer,
@@ -741,34 +735,19 @@ fn prepare(
     {
         return Prepared::General("request target");
     }
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
-    let prefix = server.prefix.as_str();
-    if path
-        .strip_prefix(prefix)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-    {
-        return Prepared::Once("flowgate's own path");
-    }
-    // A trusted proxy's forwarding headers count (as on the general path:
-    // `Gateway::context` and `proxy::set_forwarded`).
-    let trusted = server
-        .trusted_proxies
-        .iter()
-        .any(|net| net.contains(&peer.addr.ip()));
+    let trusted = gateway.trusts(peer.addr.ip());
     let headers: &[httparse::Header<'_>] = request.headers;
     let cookie_name = gateway.config.session.cookie_name.as_bytes();
     let mut host = None;
     let mut hosts = 0;
     let mut close = false;
-    let mut named = false;
     let mut ours = false;
-    // From a trusted proxy: the first value of each forwarding header.
-    let mut previous = Previous::default();
+    let mut accept = None;
+    let mut fetch_mode = None;
+    let mut requested_with = false;
+    let mut claimed_proto = None;
     for header in headers {
         let name = header.name;
-        if trusted {
-            previous.note(name, header.value);
-        }
         if name.eq_ignore_ascii_case("host") {
             hosts += 1;
             host = Some(header.value);
@@ -783,13 +762,11 @@ fn prepare(
         } else if name.eq_ignore_ascii_case("upgrade") {
             return Prepared::General("upgrade");
         } else if name.eq_ignore_ascii_case("connection") {
-            for token in tokens(header.value) {
+            for token in headers::tokens(header.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {
                     return Prepared::General("upgrade");
-                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
-                    named = true;
                 }
             }
         } else if name.eq_ignore_ascii_case("cookie") {
@@ -797,6 +774,14 @@ fn prepare(
                 return Prepared::General("cookie bytes");
             }
             ours |= contains(header.value, cookie_name);
+        } else if name.eq_ignore_ascii_case("accept") {
+            accept.get_or_insert(header.value);
+        } else if name.eq_ignore_ascii_case("sec-fetch-mode") {
+            fetch_mode.get_or_insert(header.value);
+        } else if name.eq_ignore_ascii_case("x-requested-with") {
+            requested_with = true;
+        } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
+            claimed_proto.get_or_insert(header.value);
         }
     }
     let authority = match host {
@@ -808,109 +793,91 @@ fn prepare(
         }
         _ => return Prepared::General("host"),
     };
-    let host = host_key(authority);
-    let Some((index, route)) = gateway.route(&host, path) else {
-        return Prepared::Once("no route");
+    let Ok(path) = Canonical::of(target) else {
+        return Prepared::Once("malformed path");
     };
-    let Some(upstream) = gateway.targets[index].as_ref().filter(|t| !t.tls) else {
-        return Prepared::General("https upstream");
-    };
-    let identity = match ours {
+    let signed_in = match ours {
         true => match session(gateway, verified, headers) {
-            Lookup::Found(identity) => Some(identity),
+            Lookup::Found(signed_in) => Some(signed_in),
             Lookup::Anonymous => None,
             Lookup::General => return Prepared::General("session store"),
         },
         false => None,
     };
-    match &identity {
-        Some(identity) if !crate::gate::allowed(route, identity) => {
-            return Prepared::Once("user not allowed")
+    let client_ip = match trusted {
+        true => {
+            let hops: Vec<&str> = headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+                .filter_map(|h| std::str::from_utf8(h.value).ok())
+                .collect();
+            gateway.client_behind(peer.addr.ip(), &hops)
         }
-        Some(_) => {}
-        None if crate::gate::skips_auth(route, target) => {}
-        None => return Prepared::Once("no session"),
-    }
+        false => peer.addr.ip(),
+    };
+    let host = host_key(authority);
+    let https = crate::context::https(false, trusted, claimed_proto);
+    let facts = crate::gate::Request {
+        method,
+        host: &host,
+        path: &path,
+        navigation: crate::gate::is_navigation(method, requested_with, fetch_mode, accept),
+        client_ip,
+        https,
+    };
+    let verdict = crate::gate::decide(
+        &gateway.config.routes,
+        &server.prefix,
+        &facts,
+        signed_in.as_ref(),
+    );
+    let (index, identity) = match verdict {
+        Verdict::Forward { route, identity } => (route, identity),
+        Verdict::Reserved => return Prepared::Once("flowgate's own path"),
+        Verdict::NoRoute => return Prepared::Once("no route"),
+        Verdict::Refused(_) => return Prepared::Once("path refused"),
+        Verdict::Forbidden { .. } => return Prepared::Once("user not allowed"),
+        Verdict::SignIn { .. } | Verdict::Unauthorized { .. } | Verdict::StepUp { .. } => {
+            return Prepared::Once("no session")
+        }
+    };
+    let route = &gateway.config.routes[index];
+    let Some(upstream) = gateway.targets[index].as_ref().filter(|t| !t.tls) else {
+        return Prepared::General("https upstream");
+    };
 
-    // The upstream's request head.
+    // The upstream's request head: the canonical target, the rewritten fields.
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(route.upstream.path().trim_end_matches('/').as_bytes());
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(match route.preserve_host {
-        true => authority.as_bytes(),
-        false => upstream.authority.as_str().as_bytes(),
-    });
-    out.extend_from_slice(b"\r\n");
-    for header in headers {
-        let name = header.name;
-        // A trusted proxy's X-Forwarded-Proto and -Host stay as they are.
-        let kept = trusted
-            && ((previous.proto.seen && name.eq_ignore_ascii_case("x-forwarded-proto"))
-                || (previous.host && name.eq_ignore_ascii_case("x-forwarded-host")));
-        if (not_forwarded(name) && !kept)
-            || (ours && name.eq_ignore_ascii_case("cookie"))
-            || is_identity_header(name)
-            || (named && listed(headers, name))
-        {
-            continue;
-        }
-        put_header(out, name.as_bytes(), header.value);
+    out.extend_from_slice(path.path.as_bytes());
+    if let Some(query) = path.query {
+        out.push(b'?');
+        out.extend_from_slice(query.as_bytes());
     }
-    if ours {
-        other_cookies(out, headers, cookie_name);
-    }
-    let https = previous.proto.value.is_some_and(|proto| {
-        let first = proto.split(|&b| b == b',').next().unwrap_or_default();
-        first.trim_ascii().eq_ignore_ascii_case(b"https")
-    });
-    let proto = if https { "https" } else { "http" };
-    out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(earlier) = previous.forwarded_for.value {
-        out.extend_from_slice(earlier);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(peer.ip.as_bytes());
-    out.extend_from_slice(b"\r\nforwarded: ");
-    if let Some(earlier) = previous.forwarded.value {
-        out.extend_from_slice(earlier);
-        out.extend_from_slice(b", ");
-    }
-    forwarded_element(out, &peer.ip, peer.addr.is_ipv6(), proto, authority);
-    out.extend_from_slice(b"\r\n");
-    if !previous.proto.seen {
-        put_header(out, b"x-forwarded-proto", proto.as_bytes());
-    }
-    if !previous.host {
-        put_header(out, b"x-forwarded-host", authority.as_bytes());
-    }
-    if let Some(identity) = &identity {
-        let values = identity.values();
-        for (name, field) in identity_headers(route.headers) {
-            if let Some(value) = field.of(values) {
-                put_header(out, name.as_str().as_bytes(), value.as_bytes());
-            }
-        }
-    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let outgoing = headers::Outgoing {
+        peer: peer.addr.ip(),
+        peer_text: &peer.ip,
+        trusted,
+        https,
+        client_ip,
+        authority,
+        host: match route.preserve_host {
+            true => authority,
+            false => upstream.authority.as_str(),
+        },
+        cookie_name: &gateway.config.session.cookie_name,
+        identity: identity.as_deref().map(|i| (i, route.headers)),
+    };
+    headers::rewrite(|| headers.iter(), &outgoing, out);
     out.extend_from_slice(b"\r\n");
 
     let log = gateway.config.log.access.then(|| {
-        let client = match trusted {
-            true => {
-                let hops: Vec<&str> = headers
-                    .iter()
-                    .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
-                    .filter_map(|h| std::str::from_utf8(h.value).ok())
-                    .collect();
-                gateway.client_behind(peer.addr.ip(), &hops)
-            }
-            false => peer.addr.ip(),
-        };
         Box::new(LogFields {
-            client,
+            client: client_ip,
             method: method.to_owned(),
-            path: path.to_owned(),
+            path: target.split_once('?').map_or(target, |(p, _)| p).to_owned(),
             host: host.into_owned(),
             user: identity.as_ref().map(|i| i.username.clone()),
         })
@@ -924,61 +891,20 @@ fn prepare(
             method,
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
         ),
+        audience: Audience::of(accept),
         started: std::time::Instant::now(),
         log,
     })
 }
 
-/// What a trusted proxy says in its forwarding headers: the first value of
-/// each, as `HeaderMap::get` finds it on the general path.
-#[derive(Default)]
-struct Previous<'h> {
-    forwarded_for: First<'h>,
-    forwarded: First<'h>,
-    proto: First<'h>,
-    /// An `X-Forwarded-Host` came (kept as it is).
-    host: bool,
-}
-
-/// The first value of a header; `None` inside if it was not visible ASCII
-/// (what `HeaderValue::to_str` refuses).
-#[derive(Default)]
-struct First<'h> {
-    seen: bool,
-    value: Option<&'h [u8]>,
-}
-
-impl<'h> First<'h> {
-    fn note(&mut self, value: &'h [u8]) {
-        if !self.seen {
-            self.seen = true;
-            self.value = value.iter().all(|&b| visible(b)).then_some(value);
-        }
-    }
-}
-
-impl<'h> Previous<'h> {
-    fn note(&mut self, name: &str, value: &'h [u8]) {
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            self.forwarded_for.note(value);
-        } else if name.eq_ignore_ascii_case("forwarded") {
-            self.forwarded.note(value);
-        } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
-            self.proto.note(value);
-        } else if name.eq_ignore_ascii_case("x-forwarded-host") {
-            self.host = true;
-        }
-    }
-}
-
 enum Lookup {
-    Found(Arc<Identity>),
+    Found(SignedIn),
     Anonymous,
     /// The store cannot answer without a round trip.
     General,
 }
 
-/// The session the request's cookie names, as `gate::identity` finds it.
+/// The session the request's cookie names, as `gate::signed_in` finds it.
 fn session(gateway: &Gateway, verified: &mut Verified, headers: &[httparse::Header<'_>]) -> Lookup {
     let name = gateway.config.session.cookie_name.as_str();
     let idle = gateway.config.session.idle_timeout;
@@ -1000,85 +926,22 @@ fn session(gateway: &Gateway, verified: &mut Verified, headers: &[httparse::Head
             let Some(id) = verified.id(gateway, value.trim().trim_matches('"')) else {
                 continue;
             };
-            match gateway.sessions.identity_now(id, idle) {
+            match gateway.sessions.authenticated_now(id, idle) {
                 None => return Lookup::General,
-                Some(Ok(Some(identity))) => return Lookup::Found(identity),
+                Some(Ok(Some(session))) => {
+                    if let Some(signed_in) = crate::gate::live(gateway, session) {
+                        return Lookup::Found(signed_in);
+                    }
+                }
                 Some(Ok(None)) => {}
                 Some(Err(error)) => {
-                    tracing::warn!(%error, "session store lookup failed; treating the request as anonymous");
+                    crate::gate::store_failed(&error);
                     return Lookup::Anonymous;
                 }
             }
         }
     }
     Lookup::Anonymous
-}
-
-/// Request headers never passed on as they came: connection-level ones,
-/// and the forwarding headers flowgate writes itself.
-fn not_forwarded(name: &str) -> bool {
-    not_relayed(name)
-        || [
-            "host",
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "forwarded",
-        ]
-        .iter()
-        .any(|known| known.eq_ignore_ascii_case(name))
-}
-
-/// Whether a `Connection` header of `headers` names `name`.
-fn listed(headers: &[httparse::Header<'_>], name: &str) -> bool {
-    headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| tokens(h.value))
-        .any(|token| token.eq_ignore_ascii_case(name.as_bytes()))
-}
-
-/// The comma-separated tokens of a header value, trimmed.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(|t| t.trim_ascii())
-        .filter(|t| !t.is_empty())
-}
-
-/// One `Cookie` header with every cookie but flowgate's own (the session's
-/// and its `_csrf` companion); none if nothing is left.
-fn other_cookies(out: &mut Vec<u8>, headers: &[httparse::Header<'_>], name: &[u8]) {
-    let start = out.len();
-    out.extend_from_slice(b"cookie: ");
-    let empty = out.len();
-    for header in headers {
-        if !header.name.eq_ignore_ascii_case("cookie") {
-            continue;
-        }
-        for pair in header.value.split(|&b| b == b';') {
-            let pair = pair.trim_ascii();
-            if pair.is_empty() {
-                continue;
-            }
-            let key = pair
-                .iter()
-                .position(|&b| b == b'=')
-                .map_or(pair, |at| pair[..at].trim_ascii());
-            if key == name || key.strip_prefix(name) == Some(b"_csrf") {
-                continue;
-            }
-            if out.len() > empty {
-                out.extend_from_slice(b"; ");
-            }
-            out.extend_from_slice(pair);
-        }
-    }
-    if out.len() == empty {
-        out.truncate(start);
-    } else {
-        out.extend_from_slice(b"\r\n");
-    }
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -1149,10 +1012,10 @@ fn parse_response(bytes: &[u8], head_only: bool, close: bool, out: &mut Vec<u8>)
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = tokens(header.value).last();
+            let last = headers::tokens(header.value).last();
             chunked = Some(last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")));
         } else if name.eq_ignore_ascii_case("connection") {
-            for token in tokens(header.value) {
+            for token in headers::tokens(header.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     upstream_close = true;
                 } else if !token.eq_ignore_ascii_case(b"keep-alive") {
@@ -1178,8 +1041,8 @@ fn parse_response(bytes: &[u8], head_only: bool, close: bool, out: &mut Vec<u8>)
     out.extend_from_slice(b"\r\n");
     for header in headers {
         let name = header.name;
-        if not_relayed(name)
-            || (named && listed(headers, name))
+        if headers::is_hop_by_hop(name)
+            || (named && headers::listed(headers.iter(), name))
             || (chunked.is_some() && name.eq_ignore_ascii_case("content-length"))
         {
             continue;
@@ -1199,14 +1062,6 @@ fn parse_response(bytes: &[u8], head_only: bool, close: bool, out: &mut Vec<u8>)
         framing,
         upstream_close,
     })
-}
-
-/// Headers that stay on their connection, either way (the general path's
-/// list: `proxy::HOP_BY_HOP`).
-fn not_relayed(name: &str) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|known| known.as_str().eq_ignore_ascii_case(name))
 }
 
 fn itoa3(status: u16) -> [u8; 3] {
@@ -1768,7 +1623,11 @@ mod tests {
     async fn prepared_upstream_heads_stay_clean_whatever_comes_in() {
         use rand::{Rng, SeedableRng};
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("users.toml"), "").unwrap();
+        std::fs::write(
+            dir.path().join("users.toml"),
+            "[[user]]\nusername = \"alice\"\n",
+        )
+        .unwrap();
         let path = dir.path().join("flowgate.toml");
         let text = "[session]\nsecret = \"unit-secret-unit-secret-unit-secret-0123\"\n\
             [directory]\nusers_file = \"users.toml\"\n\
@@ -1776,7 +1635,7 @@ mod tests {
         let config = crate::config::from_str(text, &path, &|_| None).unwrap();
         let app = crate::app::App::new(config, None).unwrap();
         let gateway = app.gateway();
-        let identity = crate::session::Identity {
+        let identity = crate::identity::Identity {
             username: "alice".into(),
             name: "Alice".into(),
             email: "alice@example.test".into(),
@@ -1787,8 +1646,9 @@ mod tests {
             header_values: Default::default(),
         };
         let now = crate::session::now_secs();
-        let session =
+        let mut session =
             crate::session::Session::authenticated(identity, now, Duration::from_secs(600));
+        session.completed = vec![gateway.config.routes[0].flow.clone()];
         gateway
             .sessions
             .put("sid", &session, Duration::from_secs(600))
@@ -1888,25 +1748,5 @@ mod tests {
             panic!("not parsed");
         };
         assert!(parsed.framing == Framing::Empty);
-    }
-
-    #[test]
-    fn cookies_other_than_flowgates_are_kept_in_one_header() {
-        let mut storage = [httparse::EMPTY_HEADER; 4];
-        let mut request = httparse::Request::new(&mut storage);
-        let head =
-            b"GET / HTTP/1.1\r\nCookie: a=1; fg=xyz\r\nCookie: fg_csrf=t; b=2; fgx=3\r\n\r\n";
-        request.parse(head).unwrap();
-        let mut out = Vec::new();
-        other_cookies(&mut out, request.headers, b"fg");
-        assert_eq!(out, b"cookie: a=1; b=2; fgx=3\r\n");
-        let mut storage = [httparse::EMPTY_HEADER; 4];
-        let mut request = httparse::Request::new(&mut storage);
-        request
-            .parse(b"GET / HTTP/1.1\r\nCookie: fg=xyz\r\n\r\n")
-            .unwrap();
-        let mut out = Vec::new();
-        other_cookies(&mut out, request.headers, b"fg");
-        assert!(out.is_empty());
     }
 }

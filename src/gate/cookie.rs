@@ -1,0 +1,177 @@
+//! The session cookie: reading it (every `flowgate_session` value in the
+//! request, any of which may be ours), minting one at login (new id, old
+//! record deleted), pre-auth sessions for logins in progress, and clearing.
+
+use std::time::Duration;
+
+use cookie::{Cookie, SameSite};
+use http::header::{HeaderValue, COOKIE, SET_COOKIE};
+use http::{HeaderMap, Response};
+
+use crate::context::Context;
+use crate::gateway::Gateway;
+use crate::identity::Identity;
+use crate::session::{now_secs, Session, StoreError};
+use crate::Body;
+
+/// Every value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie_values<'h>(
+    headers: &'h HeaderMap,
+    name: &'h str,
+) -> impl Iterator<Item = &'h str> + 'h {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(move |pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k.trim() == name).then(|| v.trim().trim_matches('"'))
+        })
+}
+
+pub(crate) fn idle_ttl(gateway: &Gateway, session: &Session) -> Duration {
+    let left = session.expires.saturating_sub(now_secs());
+    gateway
+        .config
+        .session
+        .idle_timeout
+        .min(Duration::from_secs(left))
+}
+
+/// Log a user in: a new session under a new id (never the pre-auth one, nor
+/// the one stepped up from), the old record gone, the cookie on `response`.
+/// `completed` is every flow the new session has been through.
+pub async fn mint(
+    gateway: &Gateway,
+    context: &Context,
+    identity: Identity,
+    completed: Vec<String>,
+    old_id: Option<&str>,
+    response: &mut Response<Body>,
+) -> Result<Session, StoreError> {
+    gateway.metrics.logins_succeeded.inc();
+    let lifetime = gateway.config.session.lifetime;
+    let mut session = Session::authenticated(identity, now_secs(), lifetime);
+    session.completed = completed;
+    let id = crate::session::random_token();
+    gateway
+        .sessions
+        .put(
+            &id,
+            &session,
+            gateway.config.session.idle_timeout.min(lifetime),
+        )
+        .await?;
+    if let Some(old) = old_id {
+        let _ = gateway.sessions.delete(old).await;
+    }
+    set_cookie(gateway, context, &id, Some(lifetime), response);
+    Ok(session)
+}
+
+/// Start a pre-auth session for an anonymous visitor.
+pub async fn start_pre_auth(
+    gateway: &Gateway,
+    context: &Context,
+    response_headers: &mut HeaderMap,
+) -> Result<(String, Session), StoreError> {
+    let ttl = gateway.config.session.pre_auth_ttl;
+    let session = Session::pre_auth(now_secs(), ttl);
+    let id = crate::session::random_token();
+    gateway.sessions.put(&id, &session, ttl).await?;
+    if let Some(value) = cookie_header(gateway, context, &id, None) {
+        response_headers.append(SET_COOKIE, value);
+    }
+    Ok((id, session))
+}
+
+/// Save a session back (after its flows changed).
+pub async fn save(gateway: &Gateway, id: &str, session: &Session) -> Result<(), StoreError> {
+    let ttl = if session.identity.is_some() {
+        idle_ttl(gateway, session)
+    } else {
+        Duration::from_secs(session.expires.saturating_sub(now_secs()))
+    };
+    gateway.sessions.put(id, session, ttl).await
+}
+
+pub fn set_cookie(
+    gateway: &Gateway,
+    context: &Context,
+    id: &str,
+    max_age: Option<Duration>,
+    response: &mut Response<Body>,
+) {
+    if let Some(value) = cookie_header(gateway, context, id, max_age) {
+        response.headers_mut().append(SET_COOKIE, value);
+    }
+}
+
+fn cookie_header(
+    gateway: &Gateway,
+    context: &Context,
+    id: &str,
+    max_age: Option<Duration>,
+) -> Option<HeaderValue> {
+    let session = &gateway.config.session;
+    let mut cookie = Cookie::build((session.cookie_name.clone(), gateway.signer.sign(id)))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .secure(gateway.secure_cookies(context));
+    if let Some(domain) = &session.cookie_domain {
+        cookie = cookie.domain(domain.clone());
+    }
+    if let Some(age) = max_age {
+        cookie = cookie.max_age(cookie::time::Duration::seconds(age.as_secs() as i64));
+    }
+    HeaderValue::from_str(&cookie.build().to_string()).ok()
+}
+
+pub fn clear_cookie(gateway: &Gateway, context: &Context, response: &mut Response<Body>) {
+    let session = &gateway.config.session;
+    let mut cookie = Cookie::build((session.cookie_name.clone(), ""))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .secure(gateway.secure_cookies(context))
+        .max_age(cookie::time::Duration::ZERO);
+    if let Some(domain) = &session.cookie_domain {
+        cookie = cookie.domain(domain.clone());
+    }
+    append_cookie(response, cookie);
+    // The JSON API's CSRF companion goes with it.
+    let csrf = Cookie::build((csrf_cookie_name(gateway), ""))
+        .path("/")
+        .same_site(SameSite::Lax)
+        .secure(gateway.secure_cookies(context))
+        .max_age(cookie::time::Duration::ZERO);
+    append_cookie(response, csrf);
+}
+
+/// The JSON API's CSRF cookie: the session cookie's name + `_csrf`, readable
+/// by scripts (it is their copy of the token to send back as a header).
+/// `proxy::strip_cookie` keeps it from upstreams.
+pub fn csrf_cookie_name(gateway: &Gateway) -> String {
+    format!("{}_csrf", gateway.config.session.cookie_name)
+}
+
+pub fn set_csrf_cookie(
+    gateway: &Gateway,
+    context: &Context,
+    token: &str,
+    response: &mut Response<Body>,
+) {
+    let cookie = Cookie::build((csrf_cookie_name(gateway), token.to_owned()))
+        .path("/")
+        .same_site(SameSite::Lax)
+        .secure(gateway.secure_cookies(context));
+    append_cookie(response, cookie);
+}
+
+fn append_cookie(response: &mut Response<Body>, cookie: cookie::CookieBuilder<'_>) {
+    if let Ok(value) = HeaderValue::from_str(&cookie.build().to_string()) {
+        response.headers_mut().append(SET_COOKIE, value);
+    }
+}

@@ -1,0 +1,487 @@
+//! The decision: one pure function from what a request is (its canonical
+//! path, host, method, whether it is a page load) and who sends it (the
+//! authenticated session, resolved against the live directory) to what
+//! happens to it. Every front end builds a `Request` and calls `decide`:
+//! the general path (`router`), the fast lane (`proxy::h1`), and later
+//! forward auth. None of them keeps a rule of its own.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::config::{PathRule, RouteConfig};
+use crate::gate::Canonical;
+use crate::identity::Identity;
+use crate::session::Session;
+
+/// What the gate knows about a request when it decides.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// Lower-case, without port.
+    pub host: &'a str,
+    pub path: &'a Canonical<'a>,
+    /// A top-level page load, which can follow a redirect to a login page.
+    pub navigation: bool,
+    pub client_ip: IpAddr,
+    pub https: bool,
+}
+
+/// An authenticated session, with its user as the directory has them now.
+#[derive(Debug, Clone)]
+pub struct SignedIn {
+    pub session: Arc<Session>,
+    /// The live identity: groups and names as of the last directory load.
+    pub identity: Arc<Identity>,
+}
+
+impl SignedIn {
+    /// Whether this session has been through `flow`.
+    pub fn completed(&self, flow: &str) -> bool {
+        self.session.completed.iter().any(|done| done == flow)
+    }
+}
+
+/// What happens to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict<'r> {
+    /// Under the reserved prefix: one of flowgate's own endpoints.
+    Reserved,
+    /// No canonical form the route accepts: 400, with the reason.
+    Refused(&'static str),
+    /// No route for this host and path: 404.
+    NoRoute,
+    /// Send upstream: with the user's identity, or anonymously (`skip_auth`).
+    Forward {
+        route: usize,
+        identity: Option<Arc<Identity>>,
+    },
+    /// A page load without a session: to this route's flow, then back.
+    SignIn { route: usize, flow: &'r str },
+    /// A page load from a session that has not been through this route's
+    /// flow: through it (a step up), then back.
+    StepUp {
+        route: usize,
+        flow: &'r str,
+        identity: Arc<Identity>,
+    },
+    /// Anything else that needs a (stronger) session: 401 naming the flow.
+    Unauthorized {
+        route: usize,
+        flow: &'r str,
+        step_up: bool,
+    },
+    /// Signed in, but not someone this route lets in.
+    Forbidden {
+        route: usize,
+        identity: Arc<Identity>,
+    },
+}
+
+impl Verdict<'_> {
+    pub fn route(&self) -> Option<usize> {
+        match self {
+            Verdict::Forward { route, .. }
+            | Verdict::SignIn { route, .. }
+            | Verdict::StepUp { route, .. }
+            | Verdict::Unauthorized { route, .. }
+            | Verdict::Forbidden { route, .. } => Some(*route),
+            Verdict::Reserved | Verdict::Refused(_) | Verdict::NoRoute => None,
+        }
+    }
+}
+
+/// Decide on `request` from `session`, with `routes` and the reserved
+/// `prefix` of the running config.
+pub fn decide<'r>(
+    routes: &'r [RouteConfig],
+    prefix: &str,
+    request: &Request<'_>,
+    session: Option<&SignedIn>,
+) -> Verdict<'r> {
+    let path = request.path.without_parameters();
+    if is_reserved(&path, prefix) {
+        return Verdict::Reserved;
+    }
+    let Some((index, route)) = route(routes, request.host, &path) else {
+        return Verdict::NoRoute;
+    };
+    if request.path.escaped_slash && route.escaped_slashes == PathRule::Refuse {
+        return Verdict::Refused(
+            "the path has an encoded slash or a backslash (see proxy.escaped_slashes)",
+        );
+    }
+    if request.path.parameters && route.path_parameters == PathRule::Refuse {
+        return Verdict::Refused("the path has `;` parameters (see proxy.path_parameters)");
+    }
+    let public = route.skip_auth.iter().any(|re| re.is_match(&path));
+    let flow = route.flow.as_str();
+    match session {
+        Some(signed) if allowed(route, &signed.identity) && signed.completed(flow) => {
+            Verdict::Forward {
+                route: index,
+                identity: Some(signed.identity.clone()),
+            }
+        }
+        _ if public => Verdict::Forward {
+            route: index,
+            identity: None,
+        },
+        Some(signed) if !allowed(route, &signed.identity) => Verdict::Forbidden {
+            route: index,
+            identity: signed.identity.clone(),
+        },
+        Some(signed) if request.navigation => Verdict::StepUp {
+            route: index,
+            flow,
+            identity: signed.identity.clone(),
+        },
+        Some(_) => Verdict::Unauthorized {
+            route: index,
+            flow,
+            step_up: true,
+        },
+        None if request.navigation => Verdict::SignIn { route: index, flow },
+        None => Verdict::Unauthorized {
+            route: index,
+            flow,
+            step_up: false,
+        },
+    }
+}
+
+/// Whether `path` is the reserved prefix or under it.
+pub fn is_reserved(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The route for `host` and `path`: the longest `path_prefix` among routes
+/// whose host matches (the first of equals).
+pub fn route<'r>(
+    routes: &'r [RouteConfig],
+    host: &str,
+    path: &str,
+) -> Option<(usize, &'r RouteConfig)> {
+    routes
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| {
+            r.host.matches(host) && has_prefix(path, &r.path_prefix, r.case_insensitive)
+        })
+        .max_by_key(|(i, r)| (r.path_prefix.len(), std::cmp::Reverse(*i)))
+}
+
+/// `prefix` as whole segments of `path` (`/app` holds `/app/x`, not
+/// `/application`).
+fn has_prefix(path: &str, prefix: &str, case_insensitive: bool) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    let Some(head) = path.get(..prefix.len()) else {
+        return false;
+    };
+    let same = match case_insensitive {
+        true => head.eq_ignore_ascii_case(prefix),
+        false => head == prefix,
+    };
+    let rest = &path[prefix.len()..];
+    same && (rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'))
+}
+
+/// Whether the route's `allow` lets this user in.
+pub fn allowed(route: &RouteConfig, identity: &Identity) -> bool {
+    let allow = &route.allow;
+    if allow.groups.is_empty() && allow.users.is_empty() {
+        return true;
+    }
+    allow
+        .users
+        .iter()
+        .any(|u| u.eq_ignore_ascii_case(&identity.username))
+        || allow
+            .groups
+            .iter()
+            .any(|g| identity.groups.iter().any(|have| have == g))
+}
+
+/// A top-level page load (PROTOCOL.md §7, complaints 6–9): GET or HEAD, not
+/// marked as XHR, and `Sec-Fetch-Mode: navigate`, or without that header
+/// an `Accept` that takes HTML. Fetches and API clients get a 401 instead
+/// of a redirect into a page.
+pub fn is_navigation(
+    method: &str,
+    requested_with: bool,
+    fetch_mode: Option<&[u8]>,
+    accept: Option<&[u8]>,
+) -> bool {
+    if !(method == "GET" || method == "HEAD") || requested_with {
+        return false;
+    }
+    match fetch_mode {
+        Some(mode) => mode == b"navigate",
+        None => accept.is_some_and(accepts_html),
+    }
+}
+
+/// Whether an `Accept` value takes HTML.
+pub fn accepts_html(accept: &[u8]) -> bool {
+    accept.windows(9).any(|w| w == b"text/html")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Allow, HeaderPreset, HostPattern};
+
+    fn route(prefix: &str, groups: &[&str], flow: &str, skip: &[&str]) -> RouteConfig {
+        RouteConfig {
+            host: HostPattern::parse("*"),
+            path_prefix: prefix.into(),
+            upstream: "http://127.0.0.1:9".parse().unwrap(),
+            flow: flow.into(),
+            skip_auth: skip.iter().map(|s| regex::Regex::new(s).unwrap()).collect(),
+            allow: Allow {
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                users: vec![],
+            },
+            headers: HeaderPreset::Default,
+            preserve_host: true,
+            case_insensitive: false,
+            escaped_slashes: PathRule::Refuse,
+            path_parameters: PathRule::Refuse,
+        }
+    }
+
+    fn table() -> Vec<RouteConfig> {
+        vec![
+            route("/", &[], "password", &[r"\.css$", "^/health$"]),
+            route("/admin", &["admins"], "password", &[]),
+            route("/vault", &[], "totp", &[]),
+        ]
+    }
+
+    fn user(name: &str, groups: &[&str], completed: &[&str]) -> SignedIn {
+        let identity = Identity {
+            username: name.into(),
+            name: name.into(),
+            email: format!("{name}@example.test"),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            uid: "u".into(),
+            pk: 1,
+            is_superuser: false,
+            header_values: Default::default(),
+        };
+        let mut session =
+            Session::authenticated(identity.clone(), 0, std::time::Duration::from_secs(60));
+        session.completed = completed.iter().map(|c| c.to_string()).collect();
+        SignedIn {
+            session: Arc::new(session),
+            identity: Arc::new(identity),
+        }
+    }
+
+    fn decided<'r>(
+        routes: &'r [RouteConfig],
+        target: &str,
+        navigation: bool,
+        session: Option<&SignedIn>,
+    ) -> Verdict<'r> {
+        let path = Canonical::of(target).unwrap();
+        let request = Request {
+            method: if navigation { "GET" } else { "POST" },
+            host: "app.test",
+            path: &path,
+            navigation,
+            client_ip: "127.0.0.1".parse().unwrap(),
+            https: false,
+        };
+        decide(routes, "/_flowgate", &request, session)
+    }
+
+    #[test]
+    fn anonymous_browsers_sign_in_and_api_clients_get_401() {
+        let routes = table();
+        assert_eq!(
+            decided(&routes, "/x", true, None),
+            Verdict::SignIn {
+                route: 0,
+                flow: "password"
+            }
+        );
+        assert_eq!(
+            decided(&routes, "/x", false, None),
+            Verdict::Unauthorized {
+                route: 0,
+                flow: "password",
+                step_up: false
+            }
+        );
+    }
+
+    #[test]
+    fn skip_auth_opens_paths_not_queries() {
+        let routes = table();
+        let anonymous = Verdict::Forward {
+            route: 0,
+            identity: None,
+        };
+        assert_eq!(decided(&routes, "/site.css", false, None), anonymous);
+        assert_eq!(decided(&routes, "/health", false, None), anonymous);
+        assert_eq!(decided(&routes, "/health?x", false, None), anonymous);
+        assert!(matches!(
+            decided(&routes, "/api/users?x=.css", false, None),
+            Verdict::Unauthorized { .. }
+        ));
+        // A public pattern of the root route does not reach into /admin.
+        assert!(matches!(
+            decided(&routes, "/admin/site.css", false, None),
+            Verdict::Unauthorized { route: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn groups_decide_on_the_canonical_path() {
+        let routes = table();
+        let bob = user("bob", &["staff"], &["password"]);
+        let alice = user("alice", &["admins"], &["password"]);
+        for target in [
+            "/admin/",
+            "/%61dmin/",
+            "//admin/",
+            "/./admin/",
+            "/x/../admin/",
+        ] {
+            assert!(
+                matches!(
+                    decided(&routes, target, true, Some(&bob)),
+                    Verdict::Forbidden { route: 1, .. }
+                ),
+                "{target}"
+            );
+            assert!(matches!(
+                decided(&routes, target, true, Some(&alice)),
+                Verdict::Forward {
+                    route: 1,
+                    identity: Some(_)
+                }
+            ));
+        }
+        assert!(matches!(
+            decided(&routes, "/elsewhere", true, Some(&bob)),
+            Verdict::Forward {
+                route: 0,
+                identity: Some(_)
+            }
+        ));
+    }
+
+    #[test]
+    fn a_session_without_the_routes_flow_steps_up() {
+        let routes = table();
+        let bob = user("bob", &[], &["password"]);
+        assert!(matches!(
+            decided(&routes, "/vault/x", true, Some(&bob)),
+            Verdict::StepUp {
+                route: 2,
+                flow: "totp",
+                ..
+            }
+        ));
+        assert_eq!(
+            decided(&routes, "/vault/x", false, Some(&bob)),
+            Verdict::Unauthorized {
+                route: 2,
+                flow: "totp",
+                step_up: true
+            }
+        );
+        let stepped = user("bob", &[], &["password", "totp"]);
+        assert!(matches!(
+            decided(&routes, "/vault/x", true, Some(&stepped)),
+            Verdict::Forward { route: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn reserved_paths_are_found_in_every_spelling() {
+        let routes = table();
+        for target in [
+            "/_flowgate/flow/x/",
+            "//_flowgate/sign_out",
+            "/%5Fflowgate/",
+            "/x/../_flowgate",
+        ] {
+            assert_eq!(
+                decided(&routes, target, true, None),
+                Verdict::Reserved,
+                "{target}"
+            );
+        }
+        assert!(matches!(
+            decided(&routes, "/_flowgatex", true, None),
+            Verdict::SignIn { .. }
+        ));
+    }
+
+    #[test]
+    fn disguised_slashes_and_parameters_are_refused_unless_the_route_keeps_them() {
+        let mut routes = table();
+        for target in ["/admin%2Fx", "/admin%5Cx", "/admin\\x", "/admin;x=1/"] {
+            assert!(
+                matches!(decided(&routes, target, true, None), Verdict::Refused(_)),
+                "{target}"
+            );
+        }
+        routes[1].escaped_slashes = PathRule::Keep;
+        routes[1].path_parameters = PathRule::Keep;
+        routes[0].escaped_slashes = PathRule::Keep;
+        // Kept, and decided on the path without parameters: the admin route.
+        assert!(matches!(
+            decided(&routes, "/admin;x=1/", true, None),
+            Verdict::SignIn { route: 1, .. }
+        ));
+        assert!(matches!(
+            decided(&routes, "/admin%2Fx", true, None),
+            Verdict::SignIn { route: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn case_insensitive_routes_match_any_case() {
+        let mut routes = table();
+        let bob = user("bob", &[], &["password"]);
+        assert!(matches!(
+            decided(&routes, "/ADMIN/", true, Some(&bob)),
+            Verdict::Forward { route: 0, .. }
+        ));
+        routes[1].case_insensitive = true;
+        assert!(matches!(
+            decided(&routes, "/ADMIN/", true, Some(&bob)),
+            Verdict::Forbidden { route: 1, .. }
+        ));
+        assert!(matches!(
+            decided(&routes, "/Admin", true, Some(&bob)),
+            Verdict::Forbidden { route: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn navigation_is_a_page_load() {
+        assert!(is_navigation("GET", false, Some(b"navigate"), None));
+        assert!(is_navigation("HEAD", false, None, Some(b"text/html,*/*")));
+        assert!(!is_navigation(
+            "GET",
+            false,
+            Some(b"cors"),
+            Some(b"text/html")
+        ));
+        assert!(!is_navigation("GET", true, None, Some(b"text/html")));
+        assert!(!is_navigation("POST", false, Some(b"navigate"), None));
+        assert!(!is_navigation(
+            "GET",
+            false,
+            None,
+            Some(b"application/json")
+        ));
+    }
+}

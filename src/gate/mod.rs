@@ -1,0 +1,129 @@
+//! The gate: which session a request carries, who that is now, and what
+//! that means for the request. `canonical` makes the path the gate decides
+//! on (and the upstream receives), `decide` is the one decision every front
+//! end calls, `cookie` reads, mints and clears the session cookie.
+
+mod canonical;
+mod cookie;
+mod decide;
+
+use std::sync::Arc;
+
+use http::HeaderMap;
+
+pub use canonical::{Canonical, Malformed};
+pub use cookie::{
+    clear_cookie, cookie_values, csrf_cookie_name, mint, save, set_cookie, set_csrf_cookie,
+    start_pre_auth,
+};
+pub use decide::{
+    accepts_html, allowed, decide, is_navigation, is_reserved, route, Request, SignedIn, Verdict,
+};
+
+use crate::gateway::Gateway;
+use crate::identity::Identity;
+use crate::session::{Session, StoreError};
+
+/// The session named by the request's cookie, whole (for the login pages,
+/// which read and write its flows), if its signature holds and the store
+/// still has it. Anything else (tampered, expired, unknown, garbage) is
+/// simply no session. An authenticated session whose user the directory
+/// no longer has, or has disabled, is none either.
+pub async fn session(gateway: &Gateway, headers: &HeaderMap) -> Option<(String, Session)> {
+    let name = gateway.config.session.cookie_name.as_str();
+    for value in cookie_values(headers, name) {
+        let Some(id) = gateway.signer.verify(value) else {
+            continue;
+        };
+        match gateway.sessions.get(id).await {
+            Ok(Some(mut session)) => {
+                if let Some(identity) = &session.identity {
+                    match gateway.directory.current(&identity.username) {
+                        Some(live) => session.identity = Some(live),
+                        None => continue,
+                    }
+                    // Idle timeout: activity keeps an authenticated session alive.
+                    let _ = gateway
+                        .sessions
+                        .touch(id, cookie::idle_ttl(gateway, &session))
+                        .await;
+                }
+                return Some((id.to_owned(), session));
+            }
+            Ok(None) => continue,
+            Err(error) => {
+                store_failed(&error);
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// The request path's check: the authenticated session the cookie names,
+/// its idle deadline refreshed, with its user as the directory has them
+/// now. One read-locked lookup, no copy of the session.
+pub async fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<SignedIn> {
+    let name = gateway.config.session.cookie_name.as_str();
+    let idle = gateway.config.session.idle_timeout;
+    for value in cookie_values(headers, name) {
+        let Some(id) = gateway.signer.verify(value) else {
+            continue;
+        };
+        match gateway.sessions.authenticated(id, idle).await {
+            Ok(Some(session)) => match live(gateway, session) {
+                Some(signed) => return Some(signed),
+                None => continue,
+            },
+            Ok(None) => continue,
+            Err(error) => {
+                store_failed(&error);
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// What a session-store answer means now: the session
+/// with its user as the directory has them, or nobody (a user deleted or
+/// disabled since they signed in). Groups and names come from the
+/// directory too, so a change in the users file applies at its reload.
+pub fn live(gateway: &Gateway, session: Arc<Session>) -> Option<SignedIn> {
+    let frozen = session.identity.as_ref()?;
+    let identity = gateway.directory.current(&frozen.username)?;
+    Some(SignedIn { session, identity })
+}
+
+/// The flows a session minted at the end of `flow` has been through: the
+/// old session's as well when the same user stepped up, only `flow` when
+/// someone else signed in (or nobody was).
+pub fn completed_after(old: &Session, identity: &Identity, flow: &str) -> Vec<String> {
+    let mut completed = match &old.identity {
+        Some(before) if before.username == identity.username => old.completed.clone(),
+        _ => Vec::new(),
+    };
+    if !completed.iter().any(|done| done == flow) {
+        completed.push(flow.to_owned());
+    }
+    completed
+}
+
+pub(crate) fn store_failed(error: &StoreError) {
+    tracing::warn!(%error, "session store lookup failed; treating the request as anonymous");
+}
+
+/// A query value, `application/x-www-form-urlencoded`.
+pub fn encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Where a browser signs in at `flow` and comes back to `target`.
+pub fn login_url(prefix: &str, flow: &str, target: &str) -> String {
+    format!("{prefix}/flow/{flow}/?next={}", encode(target))
+}
+
+/// Where a script runs `flow` as JSON.
+pub fn executor_url(prefix: &str, flow: &str) -> String {
+    format!("{prefix}/api/v3/flows/executor/{flow}/")
+}
