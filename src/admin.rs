@@ -13,21 +13,25 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::app::App;
-use crate::listener::{text, Listener};
+use crate::respond::text;
 use crate::Body;
 
-pub async fn serve(listener: TcpListener, app: Arc<App>, front: Arc<Listener>) {
+/// How many client connections the main listener has open, asked per
+/// `/metrics` scrape.
+pub type OpenConnections = Arc<dyn Fn() -> usize + Send + Sync>;
+
+pub async fn serve(listener: TcpListener, app: Arc<App>, open: OpenConnections) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let app = app.clone();
-        let front = front.clone();
+        let open = open.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let app = app.clone();
-                let front = front.clone();
-                async move { Ok::<_, Infallible>(answer(&app, &front, request).await) }
+                let open = open.clone();
+                async move { Ok::<_, Infallible>(answer(&app, &*open, request).await) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -36,7 +40,11 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, front: Arc<Listener>) {
     }
 }
 
-async fn answer(app: &App, front: &Listener, request: Request<Incoming>) -> Response<Body> {
+async fn answer(
+    app: &App,
+    open: &(dyn Fn() -> usize + Send + Sync),
+    request: Request<Incoming>,
+) -> Response<Body> {
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
@@ -53,7 +61,7 @@ async fn answer(app: &App, front: &Listener, request: Request<Incoming>) -> Resp
         }
         "/metrics" => {
             let sessions = app.gateway().sessions.count_authenticated().await.ok();
-            let body = app.metrics.render(sessions, front.open_connections());
+            let body = app.metrics.render(sessions, open());
             let mut response = Response::new(crate::full(body));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use http::{Response, StatusCode};
+use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -509,7 +509,9 @@ pub async fn serve(app: Arc<App>) -> Result<(), String> {
             .map_err(|e| format!("cannot listen on {admin} (admin.listen): {e}"))?;
         let at = admin.local_addr().map_err(|e| e.to_string())?;
         tracing::info!("admin listening on {at} (/healthz, /readyz, /metrics)");
-        tokio::spawn(crate::admin::serve(admin, app.clone(), front.clone()));
+        let open = front.clone();
+        let open_connections = Arc::new(move || open.open_connections());
+        tokio::spawn(crate::admin::serve(admin, app.clone(), open_connections));
     }
     tokio::spawn(crate::app::watch(app.clone(), tls));
     let scheme = if front.tls.is_some() { "https" } else { "http" };
@@ -531,16 +533,4 @@ async fn purge_sessions(app: Arc<App>) {
             Err(error) => tracing::warn!(%error, "could not purge expired sessions"),
         }
     }
-}
-
-/// An error page for a connection the gateway never saw a request on is
-/// hyper's business; this is the plain-text 503 for the admin listener.
-pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut response = Response::new(crate::full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }

@@ -20,6 +20,7 @@ pub use decide::{
     accepts_html, allowed, decide, is_navigation, is_reserved, route, Request, SignedIn, Verdict,
 };
 
+use crate::directory::FileDirectory;
 use crate::gateway::Gateway;
 use crate::identity::Identity;
 use crate::session::{Session, StoreError};
@@ -90,8 +91,12 @@ pub async fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<SignedI
 /// disabled since they signed in). Groups and names come from the
 /// directory too, so a change in the users file applies at its reload.
 pub fn live(gateway: &Gateway, session: Arc<Session>) -> Option<SignedIn> {
+    resolve(&gateway.directory, session)
+}
+
+fn resolve(directory: &FileDirectory, session: Arc<Session>) -> Option<SignedIn> {
     let frozen = session.identity.as_ref()?;
-    let identity = gateway.directory.current(&frozen.username)?;
+    let identity = directory.current(&frozen.username)?;
     Some(SignedIn { session, identity })
 }
 
@@ -126,4 +131,79 @@ pub fn login_url(prefix: &str, flow: &str, target: &str) -> String {
 /// Where a script runs `flow` as JSON.
 pub fn executor_url(prefix: &str, flow: &str) -> String {
     format!("{prefix}/api/v3/flows/executor/{flow}/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Allow, HeaderPreset, HostPattern, PathRule, RouteConfig};
+
+    fn session_of(username: &str, groups: &[&str]) -> Arc<Session> {
+        let identity = Identity {
+            username: username.into(),
+            name: username.into(),
+            email: String::new(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            uid: "u".into(),
+            pk: 1,
+            is_superuser: false,
+            header_values: Default::default(),
+        };
+        let mut session = Session::authenticated(identity, 0, std::time::Duration::from_secs(60));
+        session.completed = vec!["f".into()];
+        Arc::new(session)
+    }
+
+    /// The session was minted when alice was an admin and bob existed; the
+    /// directory now says otherwise, and the decision follows it.
+    #[test]
+    fn sessions_are_decided_on_the_directory_as_it_is_now() {
+        let directory = FileDirectory::parse(
+            "[[user]]\nusername = \"alice\"\ngroups = []\n\n\
+             [[user]]\nusername = \"carol\"\ndisabled = true\n",
+            "users.toml",
+        )
+        .unwrap();
+        let routes = [RouteConfig {
+            host: HostPattern::Any,
+            path_prefix: "/".into(),
+            upstream: "http://127.0.0.1:9".parse().unwrap(),
+            flow: "f".into(),
+            skip_auth: vec![],
+            allow: Allow {
+                groups: vec!["admins".into()],
+                users: vec![],
+            },
+            headers: HeaderPreset::Default,
+            preserve_host: true,
+            case_insensitive: false,
+            escaped_slashes: PathRule::Refuse,
+            path_parameters: PathRule::Refuse,
+        }];
+        let path = Canonical::of("/").unwrap();
+        let request = Request {
+            method: "GET",
+            host: "app.test",
+            path: &path,
+            navigation: true,
+            client_ip: "127.0.0.1".parse().unwrap(),
+            https: false,
+        };
+        let verdict = |session: Arc<Session>| {
+            let signed = resolve(&directory, session);
+            match decide(&routes, "/_flowgate", &request, signed.as_ref()) {
+                Verdict::Forward { .. } => "forward",
+                Verdict::Forbidden { .. } => "forbidden",
+                Verdict::SignIn { .. } => "sign in",
+                other => panic!("{other:?}"),
+            }
+        };
+        // Out of the group since: refused, though the session says admins.
+        assert_eq!(verdict(session_of("alice", &["admins"])), "forbidden");
+        // Disabled, and deleted: nobody, so a sign-in.
+        assert_eq!(verdict(session_of("carol", &["admins"])), "sign in");
+        assert_eq!(verdict(session_of("bob", &["admins"])), "sign in");
+        let live = resolve(&directory, session_of("alice", &["admins"])).unwrap();
+        assert!(live.identity.groups.is_empty());
+    }
 }
