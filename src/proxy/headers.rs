@@ -251,15 +251,17 @@ where
     sink.put(&HOST, |v| v.extend_from_slice(out.host.as_bytes()));
     for field in fields() {
         let name = field.name();
-        let dropped = is_hop_by_hop(name)
-            || ["host", "x-forwarded-for", "forwarded"]
-                .iter()
-                .any(|n| n.eq_ignore_ascii_case(name))
-            || is_identity_header(name)
-            || TARGET_OVERRIDES.iter().any(|n| same_name(name, n))
-            || (!out.trusted && CLIENT_CLAIMS.iter().any(|n| same_name(name, n)))
-            || (survey.ours && name.eq_ignore_ascii_case("cookie"))
-            || (survey.names_fields && listed(fields(), name));
+        // A field `Connection` names may start with any letter.
+        let dropped = (survey.names_fields || may_drop(name))
+            && (is_hop_by_hop(name)
+                || ["host", "x-forwarded-for", "forwarded"]
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(name))
+                || is_identity_header(name)
+                || TARGET_OVERRIDES.iter().any(|n| same_name(name, n))
+                || (!out.trusted && CLIENT_CLAIMS.iter().any(|n| same_name(name, n)))
+                || (survey.ours && name.eq_ignore_ascii_case("cookie"))
+                || (survey.names_fields && listed(fields(), name)));
         if !dropped {
             sink.keep(&field);
         }
@@ -367,6 +369,35 @@ fn other_cookies<'h, F: Field<'h>>(out: &mut Vec<u8>, fields: impl Iterator<Item
     }
 }
 
+/// Whether one of the lists above could drop a field named `name`, by its
+/// first letter: most fields (`accept`, `sec-fetch-*`…) are kept without a
+/// walk through every list.
+fn may_drop(name: &str) -> bool {
+    static FIRST: std::sync::LazyLock<[bool; 256]> = std::sync::LazyLock::new(|| {
+        let mut first = [false; 256];
+        let lists: [&[&str]; 5] = [
+            &HOP_BY_HOP,
+            &IDENTITY_NAMES,
+            &IDENTITY_PREFIXES,
+            &CLIENT_CLAIMS,
+            &TARGET_OVERRIDES,
+        ];
+        for name in lists.iter().flat_map(|list| list.iter()).chain(&[
+            "host",
+            "x-forwarded-for",
+            "forwarded",
+            "cookie",
+            "connection",
+        ]) {
+            let b = name.as_bytes()[0];
+            first[b as usize] = true;
+            first[b.to_ascii_uppercase() as usize] = true;
+        }
+        first
+    });
+    name.as_bytes().first().is_some_and(|&b| FIRST[b as usize])
+}
+
 /// Whether `name` stays on its connection (either way).
 pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP
@@ -442,8 +473,9 @@ mod tests {
         X-Forwarded-Proto: https\r\n\
         X-Forwarded-Host: trusted.example\r\n\
         Forwarded: for=10.9.9.9\r\n\
-        Connection: keep-alive, X-Hop\r\n\
+        Connection: keep-alive, X-Hop, Accept-Language\r\n\
         X-Hop: 1\r\n\
+        Accept-Language: en\r\n\
         Keep-Alive: timeout=5\r\n\
         TE: trailers\r\n\
         Accept: text/html\r\n\
@@ -588,6 +620,7 @@ mod tests {
             "x_authentik_groups",
             "remote-user",
             "x-hop",
+            "accept-language",
             "te",
             "keep-alive",
             "connection",
