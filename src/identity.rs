@@ -45,6 +45,21 @@ pub struct IdentityValues {
 }
 
 impl Identity {
+    /// A user for unit tests: `name`, in `groups`.
+    #[cfg(test)]
+    pub(crate) fn test(name: &str, groups: &[&str]) -> Identity {
+        Identity {
+            username: name.into(),
+            name: name.into(),
+            email: format!("{name}@example.test"),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            uid: "u".into(),
+            pk: 1,
+            is_superuser: false,
+            header_values: Default::default(),
+        }
+    }
+
     pub fn values(&self) -> &IdentityValues {
         self.header_values.0.get_or_init(|| {
             let value = |s: &str| http::HeaderValue::from_str(s).ok();

@@ -426,16 +426,7 @@ mod tests {
     use super::*;
 
     fn identity(name: &str) -> Identity {
-        Identity {
-            username: name.into(),
-            name: name.into(),
-            email: format!("{name}@example.test"),
-            groups: vec![],
-            uid: "u".into(),
-            pk: 1,
-            is_superuser: false,
-            header_values: Default::default(),
-        }
+        Identity::test(name, &[])
     }
 
     #[test]

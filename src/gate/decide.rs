@@ -261,16 +261,7 @@ mod tests {
     }
 
     fn user(name: &str, groups: &[&str], completed: &[&str]) -> SignedIn {
-        let identity = Identity {
-            username: name.into(),
-            name: name.into(),
-            email: format!("{name}@example.test"),
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-            uid: "u".into(),
-            pk: 1,
-            is_superuser: false,
-            header_values: Default::default(),
-        };
+        let identity = Identity::test(name, groups);
         let mut session =
             Session::authenticated(identity.clone(), 0, std::time::Duration::from_secs(60));
         session.completed = completed.iter().map(|c| c.to_string()).collect();

@@ -139,16 +139,7 @@ mod tests {
     use crate::config::{Allow, HeaderPreset, HostPattern, PathRule, RouteConfig};
 
     fn session_of(username: &str, groups: &[&str]) -> Arc<Session> {
-        let identity = Identity {
-            username: username.into(),
-            name: username.into(),
-            email: String::new(),
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-            uid: "u".into(),
-            pk: 1,
-            is_superuser: false,
-            header_values: Default::default(),
-        };
+        let identity = Identity::test(username, groups);
         let mut session = Session::authenticated(identity, 0, std::time::Duration::from_secs(60));
         session.completed = vec!["f".into()];
         Arc::new(session)
