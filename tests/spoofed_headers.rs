@@ -487,18 +487,15 @@ fn an_x_original_url_for_a_refused_route_is_served_as_the_request_line_says(via:
     }
 }
 
-/// BUG (src/proxy/headers.rs, `rewrite`): FAILS until fixed, on every path.
-/// `X-Forwarded-For` is dropped by exact name (`eq_ignore_ascii_case`), not
-/// by `same_name`, and is not in `CLIENT_CLAIMS`; so `X_Forwarded_For:
-/// 6.6.6.6` from an untrusted peer reaches the upstream next to flowgate's
-/// own `x-forwarded-for: 127.0.0.1`, and a CGI-style server (which reads
-/// both as `HTTP_X_FORWARDED_FOR`) may believe it. Every other claim is
-/// removed in this spelling (the test above).
+/// `X_Forwarded_For: 6.6.6.6` from an untrusted peer must not reach the
+/// upstream beside flowgate's own `x-forwarded-for`: a CGI-style server
+/// reads both as `HTTP_X_FORWARDED_FOR` and may believe it. (It once did:
+/// the rewrite dropped this one name by exact spelling.)
 fn an_untrusted_x_forwarded_for_spelled_with_underscores_never_reaches_the_upstream(via: Via) {
     let rig = rig(via, false);
     for (signed_in, target) in [(true, "/spoof"), (false, "/public/spoof")] {
         for spelling in [Spelling::Under, Spelling::MixedUnder] {
-            let context = format!("BUG: {via:?}, signed in {signed_in}, {spelling:?}");
+            let context = format!("{via:?}, signed in {signed_in}, {spelling:?}");
             let headers = spelled(&["x-forwarded-for"], spelling, SPOOFED_IP);
             let request = forward(&rig, via, target, signed_in, &headers);
             assert_no_value_holds(&request, SPOOFED_IP, &context);

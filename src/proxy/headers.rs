@@ -256,7 +256,7 @@ where
             && (is_hop_by_hop(name)
                 || ["host", "x-forwarded-for", "forwarded"]
                     .iter()
-                    .any(|n| n.eq_ignore_ascii_case(name))
+                    .any(|n| same_name(name, n))
                 || is_identity_header(name)
                 || TARGET_OVERRIDES.iter().any(|n| same_name(name, n))
                 || (!out.trusted && CLIENT_CLAIMS.iter().any(|n| same_name(name, n)))
@@ -470,6 +470,7 @@ mod tests {
         X-Forwarded-Uri: /admin\r\n\
         X-Forwarded-Prefix: /evil\r\n\
         X-Forwarded-For: 10.9.9.9\r\n\
+        X_Forwarded_For: 6.6.6.6\r\n\
         X-Forwarded-Proto: https\r\n\
         X-Forwarded-Host: trusted.example\r\n\
         Forwarded: for=10.9.9.9\r\n\
