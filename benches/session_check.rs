@@ -75,6 +75,7 @@ fn session_check(c: &mut Criterion) {
         fallback_secret: random_token().into_bytes(),
         metrics: Arc::new(Metrics::new()),
         throttle: Arc::new(Throttle::default()),
+        used_codes: Arc::default(),
     };
     let gateway = Gateway::new(config, &shared).expect("the gateway builds");
     let signer = CookieSigner::new(SECRET.as_bytes());

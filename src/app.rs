@@ -34,6 +34,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Failed logins per name and address.
     pub throttle: Arc<Throttle>,
+    /// TOTP codes already used: good once, whatever reloads come between.
+    pub used_codes: crate::directory::UsedCodes,
 }
 
 impl App {
@@ -53,6 +55,7 @@ impl App {
             fallback_secret: crate::session::random_token().into_bytes(),
             metrics: metrics.clone(),
             throttle: Arc::default(),
+            used_codes: Arc::default(),
         };
         let gateway = Gateway::new(config, &shared)?;
         Ok(Arc::new(App {
@@ -77,8 +80,9 @@ impl App {
 
     /// Read the config file (and the users file it names) again and swap
     /// the gateway. On any problem the running gateway stays and the
-    /// reason is returned (and logged by the caller).
-    pub fn reload(&self) -> Result<(), String> {
+    /// reason is returned (and logged by the caller). On success, the users
+    /// whose sessions must end (`FileDirectory::ended_in`).
+    pub fn reload(&self) -> Result<Vec<String>, String> {
         let Some(path) = &self.config_path else {
             return Err("this gateway was not started from a config file".into());
         };
@@ -96,9 +100,31 @@ impl App {
             );
         }
         let gateway = Gateway::new(config, &self.shared)?;
+        let ended = old.directory.ended_in(&gateway.directory);
         self.current.store(Arc::new(gateway));
         self.metrics.reloads.inc();
-        Ok(())
+        Ok(ended)
+    }
+
+    /// End every session of `users` (disabled or deleted in the users file
+    /// just loaded). Until this is done their
+    /// sessions already count for nothing (`gate::live`); this makes sure
+    /// they stay that way if the user comes back.
+    pub async fn end_sessions(&self, users: &[String]) {
+        let sessions = self.gateway().sessions.clone();
+        for user in users {
+            match sessions.delete_all_for_user(user).await {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(
+                    user = %user,
+                    count,
+                    "sessions ended: the user is disabled or deleted"
+                ),
+                Err(error) => {
+                    tracing::warn!(user = %user, %error, "could not end the user's sessions")
+                }
+            }
+        }
     }
 }
 
@@ -175,7 +201,10 @@ pub async fn watch(app: Arc<App>, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>
                 .unwrap_or_else(|e| Err(e.to_string()))
         };
         match reloaded {
-            Ok(()) => tracing::info!("configuration reloaded ({why})"),
+            Ok(ended) => {
+                tracing::info!("configuration reloaded ({why})");
+                app.end_sessions(&ended).await;
+            }
             Err(error) => {
                 app.metrics.reload_failures.inc();
                 tracing::error!(

@@ -172,6 +172,11 @@ struct UserEntry {
     totp: Vec<String>,
 }
 
+/// TOTP time steps already used, per (username, device). Outlives the
+/// directory it was made with: a reload must not make a used code good again
+/// (RFC 6238 §5.2).
+pub type UsedCodes = Arc<Mutex<HashMap<(String, String), u64>>>;
+
 pub struct FileDirectory {
     users: Vec<Arc<User>>,
     by_username: HashMap<String, usize>,
@@ -183,8 +188,9 @@ pub struct FileDirectory {
     identities: HashMap<String, Arc<Identity>>,
     dummy_hash: String,
     hashing: Arc<Semaphore>,
-    /// Last accepted TOTP time step per (username, device): no code twice.
-    totp_used: Mutex<HashMap<(String, String), u64>>,
+    /// Last accepted TOTP time step per (username, device): no code twice,
+    /// also across reloads (`sharing_used_codes`).
+    totp_used: UsedCodes,
 }
 
 /// Password checks allowed at once: argon2 uses ~19 MiB and a core's worth of
@@ -283,7 +289,7 @@ impl FileDirectory {
             identities,
             dummy_hash: dummy_hash(),
             hashing: Arc::new(Semaphore::new(hashing_permits())),
-            totp_used: Mutex::new(HashMap::new()),
+            totp_used: UsedCodes::default(),
         })
     }
 
@@ -295,6 +301,32 @@ impl FileDirectory {
     /// deleted or disabled since (their sessions end with this load).
     pub fn current(&self, username: &str) -> Option<Arc<Identity>> {
         self.identities.get(username).cloned()
+    }
+
+    /// Remember used TOTP codes in `used` (the process's), not in a memory
+    /// of this load's own.
+    pub fn sharing_used_codes(mut self, used: UsedCodes) -> FileDirectory {
+        self.totp_used = used;
+        self
+    }
+
+    /// The users whose sessions must end now that `newer` replaces this
+    /// directory: enabled here, and deleted or disabled there. (Ended, not
+    /// only ignored while they are gone: a name made again later is
+    /// another account, and an account enabled again starts afresh.)
+    pub fn ended_in(&self, newer: &FileDirectory) -> Vec<String> {
+        self.users
+            .iter()
+            .filter(|old| !old.disabled)
+            .filter(|old| {
+                let now = newer
+                    .by_username
+                    .get(&old.username.to_lowercase())
+                    .map(|&i| &newer.users[i]);
+                !now.is_some_and(|now| !now.disabled && now.username == old.username)
+            })
+            .map(|old| old.username.clone())
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -47,7 +47,11 @@ impl Gateway {
     /// since, unreadable CA roots).
     pub fn new(config: Config, shared: &Shared) -> Result<Gateway, String> {
         let users = config.directory.users_file.clone();
-        let directory = Arc::new(FileDirectory::load(&users).map_err(|e| e.to_string())?);
+        let directory = Arc::new(
+            FileDirectory::load(&users)
+                .map_err(|e| e.to_string())?
+                .sharing_used_codes(shared.used_codes.clone()),
+        );
         if directory.is_empty() {
             tracing::warn!(file = %users.display(), "the users file has no users: nobody can log in");
         }

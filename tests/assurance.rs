@@ -520,14 +520,11 @@ async fn a_browser_steps_up_through_the_html_pages() {
     assert_eq!(status_with_only(&rig, HOST_B, &before).await.0, 401);
 }
 
-// --- known bugs in src/ (failing on purpose until fixed) ----------------------
+// --- regressions: once broken, kept as tests -----------------------------------
 
-/// KNOWN BUG (src/directory.rs, `FileDirectory::parse`: `totp_used` starts
-/// empty in every directory load, and `Gateway::new` loads a new directory
-/// on every reload): any reload (SIGHUP, or any change to the config or the
-/// users file) forgets which TOTP codes were used, so a code seen once is
-/// good a second time within its 30-90 s window. RFC 6238 section 5.2: the
-/// verifier must not accept an OTP again after it was accepted once.
+/// A reload loads a new directory; the memory of used TOTP codes must
+/// outlive it, or a code seen once is good again within its window (RFC
+/// 6238 section 5.2: an OTP is accepted once). It once did not.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_totp_code_is_good_once_even_across_a_reload() {
     let rig = Rig::start();
@@ -560,16 +557,14 @@ async fn a_totp_code_is_good_once_even_across_a_reload() {
         .await;
     assert!(
         after_reload["response_errors"]["code"].is_array(),
-        "BUG: a reload made a used TOTP code good again: {after_reload}"
+        "a reload made a used TOTP code good again: {after_reload}"
     );
 }
 
-/// KNOWN BUG (src/gate/cookie.rs, `set_csrf_cookie`: the CSRF cookie gets
-/// no `Domain`, while the session cookie gets `session.cookie_domain`; and
-/// src/api.rs `executor` sets it only at the end of a login): a session
-/// signed in on A is sent to B, but B has no `flowgate_session_csrf`
-/// cookie, so a JSON client on B has no token to put in `X-authentik-CSRF`
-/// and cannot step up there as documented (README, "Logging in without a
+/// The CSRF cookie goes wherever the session cookie goes
+/// (`session.cookie_domain`): else a session signed in on A reaches B
+/// without its `flowgate_session_csrf`, and a JSON client on B has no token
+/// to put in `X-authentik-CSRF` and cannot step up there as documented (README, "Logging in without a
 /// browser"). The tests above take the token from A's cookie instead.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_csrf_cookie_reaches_every_host_the_session_cookie_reaches() {
@@ -591,7 +586,7 @@ async fn the_csrf_cookie_reaches_every_host_the_session_cookie_reaches() {
     let csrf = rig.cookie(HOST_B, "flowgate_session_csrf");
     assert!(
         csrf.is_some(),
-        "BUG: the session cookie reaches {HOST_B}, its CSRF cookie does not"
+        "the session cookie reaches {HOST_B}, its CSRF cookie does not"
     );
     let done = rig
         .run_flow(HOST_B, TOTP_FLOW, &totp_now(), csrf.as_deref())

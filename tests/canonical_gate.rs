@@ -544,6 +544,9 @@ const SPELLINGS: &[Spelling] = &[
     refused("/x/..%5Cadmin/secret"),
     // `;` parameters: refused on a route that does not keep them.
     refused("/admin;x=1/secret"),
+    // An escaped `;` counts as a parameter: some servers decode it first.
+    refused("/admin%3Bx=1/secret"),
+    refused("/admin%3bx=1/secret"),
     refused("/admin;/secret"),
     refused("/x/..;/admin/secret"),
     refused("/.;/admin/secret"),

@@ -323,16 +323,13 @@ async fn a_user_taken_out_of_the_file_is_out_on_any_route_and_a_group_change_is_
     }
 }
 
-// --- known bug in src/ (failing on purpose until fixed) -----------------------
+// --- a regression: once broken, kept as a test ---------------------------------
 
-/// KNOWN BUG (src/gate/mod.rs, `live`, with src/directory.rs, `current`):
-/// a session whose user the directory no longer has (disabled or deleted)
-/// is only skipped while that lasts, never ended, although `current`'s doc
-/// says "their sessions end with this load". Re-enable the user, or create
-/// a new account under the same name, and the old sessions open again: an
-/// account disabled to lock out whoever stole its session lets them back
-/// in when it is re-enabled, and a new `carol` shares her name with the
-/// sessions of the one deleted before her.
+/// A session whose user a reload disabled or deleted is ended, not only
+/// ignored while that lasts: re-enable the user, or create a new account
+/// under the same name, and the old sessions stay closed (an account
+/// disabled to lock out whoever stole its session must not let them back
+/// in when it is re-enabled). Once, they opened again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_ended_by_a_reload_stays_ended_when_the_user_comes_back() {
     let upstream = Upstream::start().await;
@@ -368,7 +365,7 @@ async fn a_session_ended_by_a_reload_stays_ended_when_the_user_comes_back() {
             assert_eq!(
                 got.status,
                 401,
-                "BUG: {lane}: {}'s session from before the reload that ended it \
+                "{lane}: {}'s session from before the reload that ended it \
                  opens again (as {}): {}",
                 who.name,
                 header(&got, "x-forwarded-email"),

@@ -20,8 +20,8 @@ pub struct Canonical<'a> {
     /// The path has a `%2F` or `%5C` escape, or a raw `\`: a slash the
     /// upstream may or may not see as one.
     pub escaped_slash: bool,
-    /// The path has `;` parameters (`/admin;jsessionid=…`), which some
-    /// servers strip before routing.
+    /// The path has `;` parameters (`/admin;jsessionid=…`, or an escaped
+    /// `%3B`), which some servers strip before routing.
     pub parameters: bool,
 }
 
@@ -100,7 +100,7 @@ impl<'a> Canonical<'a> {
                 parameters,
             });
         }
-        let decoded = decode_unreserved(path, &mut escaped_slash)?;
+        let decoded = decode_unreserved(path, &mut escaped_slash, &mut parameters)?;
         Ok(Canonical {
             path: Cow::Owned(remove_dot_segments(&decoded)),
             query,
@@ -135,8 +135,14 @@ impl<'a> Canonical<'a> {
 }
 
 /// Decode escapes of unreserved characters; write the others in upper-case
-/// hex. Escaped slashes and backslashes stay escaped (and are flagged).
-fn decode_unreserved(path: &str, escaped_slash: &mut bool) -> Result<String, Malformed> {
+/// hex. Escaped slashes and backslashes stay escaped (and are flagged), and
+/// so does an escaped `;` (flagged as a parameter: some servers decode it
+/// before they cut parameters off).
+fn decode_unreserved(
+    path: &str,
+    escaped_slash: &mut bool,
+    parameters: &mut bool,
+) -> Result<String, Malformed> {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
@@ -158,6 +164,10 @@ fn decode_unreserved(path: &str, escaped_slash: &mut bool) -> Result<String, Mal
             0..=0x1f | 0x7f => return Err(Malformed::Control),
             b'/' | b'\\' => {
                 *escaped_slash = true;
+                push_escape(&mut out, value);
+            }
+            b';' => {
+                *parameters = true;
                 push_escape(&mut out, value);
             }
             _ if unreserved(value) => out.push(value as char),
@@ -289,6 +299,7 @@ mod tests {
             assert!(canonical.escaped_slash, "{disguised}");
         }
         assert_eq!(path("/admin%2findex.html"), "/admin%2Findex.html");
+        assert!(Canonical::of("/admin%3bx=1/page").unwrap().parameters);
         let parameters = Canonical::of("/admin;x=1/page").unwrap();
         assert!(parameters.parameters && !parameters.escaped_slash);
         assert_eq!(parameters.without_parameters(), "/admin/page");

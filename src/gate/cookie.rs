@@ -142,11 +142,14 @@ pub fn clear_cookie(gateway: &Gateway, context: &Context, response: &mut Respons
     }
     append_cookie(response, cookie);
     // The JSON API's CSRF companion goes with it.
-    let csrf = Cookie::build((csrf_cookie_name(gateway), ""))
+    let mut csrf = Cookie::build((csrf_cookie_name(gateway), ""))
         .path("/")
         .same_site(SameSite::Lax)
         .secure(gateway.secure_cookies(context))
         .max_age(cookie::time::Duration::ZERO);
+    if let Some(domain) = &session.cookie_domain {
+        csrf = csrf.domain(domain.clone());
+    }
     append_cookie(response, csrf);
 }
 
@@ -163,10 +166,15 @@ pub fn set_csrf_cookie(
     token: &str,
     response: &mut Response<Body>,
 ) {
-    let cookie = Cookie::build((csrf_cookie_name(gateway), token.to_owned()))
+    // Wherever the session cookie goes (every host of `cookie_domain`), its
+    // CSRF token must be readable too.
+    let mut cookie = Cookie::build((csrf_cookie_name(gateway), token.to_owned()))
         .path("/")
         .same_site(SameSite::Lax)
         .secure(gateway.secure_cookies(context));
+    if let Some(domain) = &gateway.config.session.cookie_domain {
+        cookie = cookie.domain(domain.clone());
+    }
     append_cookie(response, cookie);
 }
 
