@@ -273,21 +273,22 @@ async fn finish(
     to: &str,
     response_headers: http::HeaderMap,
 ) -> Response<Body> {
-    let identity = match gateway.executor.identity(&state).await {
-        Ok(identity) => identity,
+    let login = match gateway.executor.login(&state).await {
+        Ok(login) => login,
         Err(error) => return with_headers(flow_error(&error.to_string()), response_headers),
     };
     let mut response = executor_response(StatusCode::OK, &Challenge::redirect(to).to_json());
-    match identity {
-        Some(identity) => {
-            let username = identity.username.clone();
+    match login {
+        Some(login) => {
+            let username = login.identity.username.clone();
             let slug = key.strip_prefix("api:").unwrap_or(key);
-            let completed = crate::gate::completed_after(&session, &identity, slug);
+            let assurance = crate::gate::assurance_after(&session, &login, slug);
+            let second_factor = assurance.second_factor;
             match crate::gate::mint(
                 gateway,
                 context,
-                identity,
-                completed,
+                login.identity,
+                assurance,
                 Some(session_id),
                 &mut response,
             )
@@ -300,7 +301,7 @@ async fn finish(
                         &new_session.csrf,
                         &mut response,
                     );
-                    tracing::info!(user = %username, via = "api", "login succeeded");
+                    tracing::info!(user = %username, flow = %slug, second_factor, via = "api", "login succeeded");
                 }
                 Err(error) => {
                     return with_headers(unavailable(&error.to_string()), response_headers)

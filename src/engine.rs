@@ -23,10 +23,9 @@ use crate::config::{
 use crate::directory::{avatar_for, Directory, User, DEFAULT_AVATAR};
 use crate::flow::{
     field_error, AccessDenied, AuthenticatorValidate, Challenge, Component, DeviceChallenge,
-    ErrorMap, FlowError, FlowExecutor, FlowInfo, FlowRequest, FlowState, Identification, Password,
-    PendingUser, Step,
+    ErrorMap, FlowError, FlowExecutor, FlowInfo, FlowRequest, FlowState, Identification, Login,
+    Password, PendingUser, Step,
 };
-use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::redirect::RedirectPolicy;
 use crate::session::now_secs;
@@ -60,6 +59,9 @@ struct Plan {
     /// Set by the user-login stage: this user is logged in when the plan ends.
     #[serde(default)]
     login: Option<String>,
+    /// A TOTP code of the user's was checked.
+    #[serde(default)]
+    second_factor: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -69,6 +71,9 @@ struct EngineState {
     /// After `Step::Done`: who logged in.
     #[serde(default)]
     logged_in: Option<String>,
+    /// After `Step::Done`: with a second factor.
+    #[serde(default)]
+    second_factor: bool,
 }
 
 impl EngineState {
@@ -270,6 +275,7 @@ impl Engine {
         let next = request.next().unwrap_or_else(|| "/".to_owned());
         match self.redirects.check(&next) {
             Some(to) => {
+                state.second_factor = plan.login.is_some() && plan.second_factor;
                 state.logged_in = plan.login;
                 Step::Done { to: to.to_owned() }
             }
@@ -497,6 +503,7 @@ impl Engine {
                     return Outcome::Invalid(field_error("code", THROTTLED, "throttled"));
                 }
                 if self.directory.verify_totp(&user, &code, now_secs()) {
+                    plan.second_factor = true;
                     Outcome::Pass
                 } else {
                     self.failed(&identifier, request.client_ip);
@@ -599,15 +606,19 @@ impl FlowExecutor for Engine {
         Ok(step)
     }
 
-    async fn identity(&self, state: &FlowState) -> Result<Option<Identity>, FlowError> {
-        let Some(username) = EngineState::read(state).logged_in else {
+    async fn login(&self, state: &FlowState) -> Result<Option<Login>, FlowError> {
+        let state = EngineState::read(state);
+        let Some(username) = state.logged_in else {
             return Ok(None);
         };
         Ok(self
             .directory
             .find(&username, &[UserField::Username])
             .filter(|u| !u.disabled)
-            .map(|u| u.identity()))
+            .map(|u| Login {
+                identity: u.identity(),
+                second_factor: state.second_factor,
+            }))
     }
 }
 
@@ -776,8 +787,9 @@ mod tests {
             ],
             "mfa passes silently for a user without TOTP, then login on GET"
         );
-        let identity = engine.identity(&state).await.unwrap().unwrap();
-        assert_eq!(identity.username, "alice");
+        let login = engine.login(&state).await.unwrap().unwrap();
+        assert_eq!(login.identity.username, "alice");
+        assert!(!login.second_factor, "alice has no TOTP device");
     }
 
     #[tokio::test]
@@ -815,6 +827,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(done, Step::Done { to: "/".into() });
+        let login = engine.login(&state).await.unwrap().unwrap();
+        assert!(login.second_factor, "the code was checked");
     }
 
     #[tokio::test]
@@ -831,7 +845,7 @@ mod tests {
             ["ak-stage-password", "ak-stage-access-denied"]
         );
         assert!(state.is_empty(), "the plan is gone");
-        assert!(engine.identity(&state).await.unwrap().is_none());
+        assert!(engine.login(&state).await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -892,7 +906,7 @@ mod tests {
         let (seen, state) = run(&engine, "login", "next=%2F%2Fevil.example", &posts).await;
         assert_eq!(seen.last().unwrap(), "ak-stage-access-denied");
         assert!(
-            engine.identity(&state).await.unwrap().is_none(),
+            engine.login(&state).await.unwrap().is_none(),
             "denied: nobody logged in"
         );
     }
@@ -902,16 +916,7 @@ mod tests {
         let mut f = flow("anon", &["identification"]);
         f.authentication = FlowAuthentication::RequireUnauthenticated;
         let engine = engine(vec![f], BTreeMap::new());
-        let identity = Identity {
-            username: "alice".into(),
-            name: "alice".into(),
-            email: String::new(),
-            groups: vec![],
-            uid: String::new(),
-            pk: 1,
-            is_superuser: false,
-            header_values: Default::default(),
-        };
+        let identity = crate::identity::Identity::test("alice", &[]);
         let mut state = FlowState::default();
         let req = FlowRequest {
             slug: "anon",
@@ -968,7 +973,7 @@ mod tests {
         )
         .await;
         assert_eq!(seen, ["ak-stage-identification", "next", "done /"]);
-        assert!(engine.identity(&state).await.unwrap().is_some());
+        assert!(engine.login(&state).await.unwrap().is_some());
         let (seen, _) = run(&engine, "closed", "", &[]).await;
         assert_eq!(seen, ["ak-stage-access-denied"]);
         let mut state = FlowState::default();

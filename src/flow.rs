@@ -418,5 +418,13 @@ pub trait FlowExecutor: Send + Sync {
 
     /// After `Step::Done`: who logged in, or `None` when the flow logged no
     /// one in (e.g. a flow without a login stage).
-    async fn identity(&self, state: &FlowState) -> Result<Option<Identity>, FlowError>;
+    async fn login(&self, state: &FlowState) -> Result<Option<Login>, FlowError>;
+}
+
+/// Who a finished flow logged in, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    pub identity: Identity,
+    /// A second factor (a TOTP code) was checked on the way.
+    pub second_factor: bool,
 }

@@ -410,22 +410,23 @@ async fn finish(
         .map(str::to_owned)
         .unwrap_or_else(|| safe_next(gateway, target));
     let mut response = see_other(&to);
-    match gateway.executor.identity(state).await {
-        Ok(Some(identity)) => {
-            let username = identity.username.clone();
-            let completed = crate::gate::completed_after(old, &identity, &target.slug);
+    match gateway.executor.login(state).await {
+        Ok(Some(login)) => {
+            let username = login.identity.username.clone();
+            let assurance = crate::gate::assurance_after(old, &login, &target.slug);
+            let second_factor = assurance.second_factor;
             let minted = crate::gate::mint(
                 gateway,
                 context,
-                identity,
-                completed,
+                login.identity,
+                assurance,
                 Some(old_id),
                 &mut response,
             );
             if let Err(error) = minted.await {
                 return busy(gateway, &error.to_string());
             }
-            tracing::info!(user = %username, via = "page", "login succeeded");
+            tracing::info!(user = %username, flow = %target.slug, second_factor, via = "page", "login succeeded");
         }
         Ok(None) => {}
         Err(error) => return busy(gateway, &error.to_string()),

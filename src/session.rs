@@ -53,6 +53,9 @@ pub struct Session {
     /// A route whose flow is not among them steps the user up through it.
     #[serde(default)]
     pub completed: Vec<String>,
+    /// Authenticated: one of those flows checked a second factor.
+    #[serde(default)]
+    pub second_factor: bool,
 }
 
 /// How many flows one session holds at once; the least recently used goes first.
@@ -67,6 +70,7 @@ impl Session {
             identity: None,
             flows: Vec::new(),
             completed: Vec::new(),
+            second_factor: false,
         }
     }
 
@@ -78,6 +82,7 @@ impl Session {
             identity: Some(Arc::new(identity)),
             flows: Vec::new(),
             completed: Vec::new(),
+            second_factor: false,
         }
     }
 

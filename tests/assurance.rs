@@ -329,6 +329,45 @@ impl Rig {
 }
 
 /// What B's upstream received for `target`: its `X-Forwarded-User`.
+/// Waits (briefly) for the log line of a login through `flow`, and checks
+/// whether it says a second factor was used.
+fn login_logged(rig: &Rig, flow: &str, second_factor: bool) {
+    let wanted = format!("flow={flow} second_factor={second_factor}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let log = without_colours(&rig.gate.log());
+        let found = log.lines().any(|l| {
+            l.contains("login succeeded") && l.contains(&wanted) && l.contains("user=tina")
+        });
+        if found {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no login line with `{wanted}`:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The log as text, without the ANSI colour codes the text format has.
+fn without_colours(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn forwarded_user(upstream: &Scripted, target: &str) -> Vec<String> {
     upstream
         .seen()
@@ -383,6 +422,10 @@ async fn a_password_session_steps_up_to_the_totp_route_through_the_json_executor
         .run_flow(HOST_B, TOTP_FLOW, &totp_now(), Some(&csrf))
         .await;
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+
+    // The session records how it got here: both flows, and a second factor.
+    login_logged(&rig, PASSWORD_FLOW, false);
+    login_logged(&rig, TOTP_FLOW, true);
 
     let after = rig.session_cookie(HOST_B);
     assert_ne!(after, before, "the step up mints a new session id");

@@ -39,21 +39,29 @@ pub(crate) fn idle_ttl(gateway: &Gateway, session: &Session) -> Duration {
         .min(Duration::from_secs(left))
 }
 
+/// What a new session has been through (`gate::assurance_after`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assurance {
+    /// Every flow's slug.
+    pub completed: Vec<String>,
+    pub second_factor: bool,
+}
+
 /// Log a user in: a new session under a new id (never the pre-auth one, nor
 /// the one stepped up from), the old record gone, the cookie on `response`.
-/// `completed` is every flow the new session has been through.
 pub async fn mint(
     gateway: &Gateway,
     context: &Context,
     identity: Identity,
-    completed: Vec<String>,
+    assurance: Assurance,
     old_id: Option<&str>,
     response: &mut Response<Body>,
 ) -> Result<Session, StoreError> {
     gateway.metrics.logins_succeeded.inc();
     let lifetime = gateway.config.session.lifetime;
     let mut session = Session::authenticated(identity, now_secs(), lifetime);
-    session.completed = completed;
+    session.completed = assurance.completed;
+    session.second_factor = assurance.second_factor;
     let id = crate::session::random_token();
     gateway
         .sessions

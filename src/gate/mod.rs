@@ -14,15 +14,15 @@ use http::HeaderMap;
 pub use canonical::{Canonical, Malformed};
 pub use cookie::{
     clear_cookie, cookie_values, csrf_cookie_name, mint, save, set_cookie, set_csrf_cookie,
-    start_pre_auth,
+    start_pre_auth, Assurance,
 };
 pub use decide::{
     accepts_html, allowed, decide, is_navigation, is_reserved, route, Request, SignedIn, Verdict,
 };
 
 use crate::directory::FileDirectory;
+use crate::flow::Login;
 use crate::gateway::Gateway;
-use crate::identity::Identity;
 use crate::session::{Session, StoreError};
 
 /// The session named by the request's cookie, whole (for the login pages,
@@ -100,18 +100,25 @@ fn resolve(directory: &FileDirectory, session: Arc<Session>) -> Option<SignedIn>
     Some(SignedIn { session, identity })
 }
 
-/// The flows a session minted at the end of `flow` has been through: the
-/// old session's as well when the same user stepped up, only `flow` when
-/// someone else signed in (or nobody was).
-pub fn completed_after(old: &Session, identity: &Identity, flow: &str) -> Vec<String> {
-    let mut completed = match &old.identity {
-        Some(before) if before.username == identity.username => old.completed.clone(),
-        _ => Vec::new(),
+/// What a session minted at the end of `flow` has been through: the old
+/// session's flows and second factor as well when the same user stepped
+/// up, only this login's when someone else signed in (or nobody was).
+pub fn assurance_after(old: &Session, login: &Login, flow: &str) -> Assurance {
+    let same = old
+        .identity
+        .as_ref()
+        .is_some_and(|before| before.username == login.identity.username);
+    let mut completed = match same {
+        true => old.completed.clone(),
+        false => Vec::new(),
     };
     if !completed.iter().any(|done| done == flow) {
         completed.push(flow.to_owned());
     }
-    completed
+    Assurance {
+        completed,
+        second_factor: login.second_factor || (same && old.second_factor),
+    }
 }
 
 pub(crate) fn store_failed(error: &StoreError) {
@@ -137,6 +144,7 @@ pub fn executor_url(prefix: &str, flow: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::{Allow, HeaderPreset, HostPattern, PathRule, RouteConfig};
+    use crate::identity::Identity;
 
     fn session_of(username: &str, groups: &[&str]) -> Arc<Session> {
         let identity = Identity::test(username, groups);
