@@ -279,6 +279,24 @@ async fn finish(
     };
     let mut response = executor_response(StatusCode::OK, &Challenge::redirect(to).to_json());
     match login {
+        Some(login) if crate::gate::someone_else(&session, &login).is_some() => {
+            let signed_in = crate::gate::someone_else(&session, &login)
+                .unwrap_or_default()
+                .to_owned();
+            tracing::warn!(user = %signed_in, as_user = %login.identity.username, flow = %key, "step up refused: finished as another user");
+            session.set_flow(key, "", FlowState::default(), now_secs());
+            let _ = crate::gate::save(gateway, session_id, &session).await;
+            let denied = Challenge::access_denied(
+                None,
+                format!(
+                    "You are signed in as {signed_in}. To go on as someone else, sign out first."
+                ),
+            );
+            with_headers(
+                executor_response(StatusCode::OK, &denied.to_json()),
+                response_headers,
+            )
+        }
         Some(login) => {
             let username = login.identity.username.clone();
             let slug = key.strip_prefix("api:").unwrap_or(key);

@@ -380,6 +380,16 @@ impl HostPattern {
         }
     }
 
+    /// How specific the pattern is: an exact host over any suffix, a longer
+    /// suffix over a shorter one, anything over `*`.
+    pub fn specificity(&self) -> usize {
+        match self {
+            HostPattern::Any => 0,
+            HostPattern::Suffix(suffix) => 1 + suffix.len(),
+            HostPattern::Exact(_) => usize::MAX,
+        }
+    }
+
     /// `host` must be lower-case and without port.
     pub fn matches(&self, host: &str) -> bool {
         match self {

@@ -40,11 +40,18 @@ impl Context {
         let trusted = gateway.trusts(connection.peer.ip());
         let headers = request.headers();
         let claimed_proto = headers.get("x-forwarded-proto").map(|v| v.as_bytes());
-        let authority = headers
-            .get(HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()))
+        // The target's own authority first (absolute form, HTTP/2's
+        // `:authority`: RFC 9112 §3.2.2), else `Host`.
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                headers
+                    .get(HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
             .unwrap_or_default();
         let client_ip = match trusted {
             true => {
@@ -65,6 +72,46 @@ impl Context {
             client_ip,
             authority,
         }
+    }
+}
+
+/// Why the host a request names cannot be trusted to route it, if it
+/// cannot: more than one `Host`, none on HTTP/1.1, or one that is not a
+/// host with an optional port (RFC 9112 §3.2).
+pub fn host_problem<B>(request: &Request<B>) -> Option<&'static str> {
+    let mut hosts = request.headers().get_all(HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Some("the request has more than one Host header");
+    }
+    if let Some(authority) = request.uri().authority() {
+        return (!valid_authority(authority.as_str())).then_some("the request names no valid host");
+    }
+    match first {
+        Some(host) => match host.to_str() {
+            Ok(host) if valid_authority(host) => None,
+            _ => Some("the Host header is not a host name"),
+        },
+        None if request.version() == http::Version::HTTP_11 => {
+            Some("the request has no Host header")
+        }
+        None => None,
+    }
+}
+
+/// `host` or `host:port`, the port a number that fits one.
+pub(crate) fn valid_authority(authority: &str) -> bool {
+    let Ok(parsed) = authority.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    if authority.contains('@') || parsed.host().is_empty() {
+        return false;
+    }
+    let after_host = &authority[parsed.host().len()..];
+    match after_host.strip_prefix(':') {
+        None => after_host.is_empty(),
+        Some("") => true,
+        Some(port) => port.len() <= 5 && port.parse::<u16>().is_ok(),
     }
 }
 
@@ -116,6 +163,39 @@ mod tests {
         assert_eq!(host_without_port("app.example."), "app.example");
         assert_eq!(host_without_port("[::1]:8080"), "::1");
         assert_eq!(host_without_port("127.0.0.1"), "127.0.0.1");
+    }
+
+    #[test]
+    fn hosts_are_checked_before_they_route_anything() {
+        let request = |uri: &str, hosts: &[&str], version| {
+            let mut builder = Request::builder().uri(uri).version(version);
+            for host in hosts {
+                builder = builder.header(HOST, *host);
+            }
+            builder.body(()).unwrap()
+        };
+        let v11 = http::Version::HTTP_11;
+        assert_eq!(host_problem(&request("/", &["app.test"], v11)), None);
+        assert_eq!(host_problem(&request("/", &["app.test:8443"], v11)), None);
+        assert_eq!(host_problem(&request("/", &["[::1]:80"], v11)), None);
+        assert_eq!(
+            host_problem(&request("http://app.test/", &["other"], v11)),
+            None
+        );
+        for bad in [
+            &["a", "b"][..],
+            &[],
+            &["other:abc"],
+            &["h:99999"],
+            &["u@h"],
+            &[""],
+        ] {
+            assert!(host_problem(&request("/", bad, v11)).is_some(), "{bad:?}");
+        }
+        assert_eq!(
+            host_problem(&request("/", &[], http::Version::HTTP_10)),
+            None
+        );
     }
 
     #[test]

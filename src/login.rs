@@ -412,6 +412,15 @@ async fn finish(
     let mut response = see_other(&to);
     match gateway.executor.login(state).await {
         Ok(Some(login)) => {
+            if let Some(signed_in) = crate::gate::someone_else(old, &login) {
+                tracing::warn!(user = %signed_in, as_user = %login.identity.username, flow = %target.slug, "step up refused: finished as another user");
+                return gateway.page(
+                    StatusCode::FORBIDDEN,
+                    "Wrong account",
+                    &format!("You are signed in as {signed_in}. To go on as someone else, sign out first."),
+                    Some((&format!("{}/sign_out", gateway.config.server.prefix), "Sign out")),
+                );
+            }
             let username = login.identity.username.clone();
             let assurance = crate::gate::assurance_after(old, &login, &target.slug);
             let second_factor = assurance.second_factor;

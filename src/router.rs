@@ -3,10 +3,10 @@
 //! lane (`proxy::h1`) takes the same steps for the requests it serves.
 //!
 //! ```text
-//! accept (listener) ─► context ─► canonical path ─► session ─► decide ─┬─ forward (proxy) ─► respond ─► log
-//!                                      │ malformed: 400                ├─ reserved: login page, executor API, sign-out, static
-//!                                                                      ├─ sign in / step up: 302 to the flow (pages) or 401 (API)
-//!                                                                      └─ 400 (path the route refuses), 403, 404
+//! accept (listener) ─► context ─► host, canonical path ─► session ─► decide ─┬─ forward (proxy) ─► respond ─► log
+//!                                      │ malformed: 400                      ├─ reserved: login page, executor API, sign-out, static
+//!                                                                            ├─ sign in / step up: 302 to the flow (pages) or 401 (API)
+//!                                                                            └─ 400 (path the route refuses), 403, 404
 //! ```
 //!
 //! Each step is one function in its own module; this file only decides the
@@ -74,6 +74,9 @@ impl Gateway {
     ) -> (Response<Body>, Option<Arc<Identity>>, Option<usize>) {
         let headers = request.headers();
         let audience = Audience::of(headers.get(ACCEPT).map(|v| v.as_bytes()));
+        if let Some(problem) = crate::context::host_problem(&request) {
+            return (self.bad_request(audience, problem), None, None);
+        }
         let path = match Canonical::path(request.uri().path(), request.uri().query()) {
             Ok(path) => path,
             Err(malformed) => return (self.bad_request(audience, malformed.reason()), None, None),

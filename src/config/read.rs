@@ -1172,20 +1172,14 @@ impl<'a> Reader<'a> {
             let host = HostPattern::parse(&host_text);
             let path_prefix = match self.string(&mut s, "path_prefix") {
                 Some((prefix, place)) => {
-                    if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
-                        self.error_at(&place, "must be a path starting with `/` (no query)");
-                    } else if let Ok(canonical) = crate::gate::Canonical::of(&prefix) {
-                        if canonical.path != prefix {
-                            self.error_at(
-                                &place,
-                                format!(
-                                    "requests are matched on their canonical path: write \"{}\"",
-                                    canonical.path
-                                ),
-                            );
-                        }
+                    if let Err(why) = prefix_problem(&prefix) {
+                        self.error_at(&place, why);
                     }
-                    prefix
+                    // `/admin/` covers `/admin` too: many apps serve both alike.
+                    match prefix.len() > 1 && prefix.ends_with('/') {
+                        true => prefix.trim_end_matches('/').to_owned(),
+                        false => prefix,
+                    }
                 }
                 None => "/".to_owned(),
             };
@@ -1464,6 +1458,34 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// Why `prefix` could never match a request, if it could not: requests are
+/// routed on their canonical path (`gate::Canonical`), so a prefix must be
+/// one.
+fn prefix_problem(prefix: &str) -> Result<(), String> {
+    if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
+        return Err("must be a path starting with `/` (no query)".into());
+    }
+    match crate::gate::Canonical::of(prefix) {
+        Err(crate::gate::Malformed::Byte) => {
+            let encoded = percent_encoding::utf8_percent_encode(prefix, percent_encoding::CONTROLS);
+            Err(format!(
+                "requests carry this path percent-encoded: write \"{encoded}\""
+            ))
+        }
+        Err(malformed) => Err(format!("no request can match it: {}", malformed.reason())),
+        Ok(canonical) if canonical.escaped_slash || canonical.parameters => Err(
+            "requests are routed on their path without `;` parameters and refused with \
+             `%2F`, `%5C` or `\\`: a prefix with them never matches"
+                .into(),
+        ),
+        Ok(canonical) if canonical.path != prefix => Err(format!(
+            "requests are matched on their canonical path: write \"{}\"",
+            canonical.path
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1708,5 +1730,41 @@ upstream = \"http://127.0.0.1:1/base\"
         assert!(errors[1]
             .message
             .contains("same host and path_prefix as route[0]"));
+    }
+
+    #[test]
+    fn path_prefixes_are_canonical_paths_a_request_can_match() {
+        assert_eq!(prefix_problem("/admin"), Ok(()));
+        assert_eq!(prefix_problem("/admin/"), Ok(()));
+        assert_eq!(prefix_problem("/caf%C3%A9"), Ok(()));
+        let said = |p: &str| prefix_problem(p).unwrap_err();
+        assert!(
+            said("/caf\u{e9}").contains("\"/caf%C3%A9\""),
+            "{}",
+            said("/caf\u{e9}")
+        );
+        assert!(said("/caf%c3%a9").contains("\"/caf%C3%A9\""));
+        assert!(said("/a//b").contains("\"/a/b\""));
+        assert!(said("/a/../b").contains("\"/b\""));
+        assert!(said("/%61dmin").contains("\"/admin\""));
+        assert!(said("/a%zz").contains("broken"));
+        assert!(said("/a;b").contains("never matches"));
+        assert!(said("/a%2Fb").contains("never matches"));
+        assert!(said("admin").contains("starting with"));
+    }
+
+    #[test]
+    fn a_trailing_slash_on_a_prefix_covers_the_bare_path() {
+        let config = from_str(
+            "[session]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
+             [[route]]\npath_prefix = \"/admin/\"\nupstream = \"http://127.0.0.1:1\"\n",
+            Path::new("/tmp/flowgate.toml"),
+            &|_| None,
+        );
+        let config = match config {
+            Ok(config) => config,
+            Err(errors) => panic!("{errors}"),
+        };
+        assert_eq!(config.routes[0].path_prefix, "/admin");
     }
 }

@@ -23,6 +23,10 @@ pub struct Canonical<'a> {
     /// The path has `;` parameters (`/admin;jsessionid=…`, or an escaped
     /// `%3B`), which some servers strip before routing.
     pub parameters: bool,
+    /// A Windows server (IIS) would read the path as another one: a segment
+    /// ends in a dot or a space (`/admin./`, `/admin%20/`), which it strips,
+    /// or an escape is not UTF-8 (overlong `%C0%AF`).
+    pub windows_alias: bool,
 }
 
 /// Why a request target has no canonical form.
@@ -61,15 +65,7 @@ impl<'a> Canonical<'a> {
 
     /// Make `path` canonical; `query` rides along untouched.
     pub fn path(path: &'a str, query: Option<&'a str>) -> Result<Canonical<'a>, Malformed> {
-        if path == "*" {
-            // `OPTIONS *`: about the server, not a resource.
-            return Ok(Canonical {
-                path: Cow::Borrowed(path),
-                query,
-                escaped_slash: false,
-                parameters: false,
-            });
-        }
+        // `*` (`OPTIONS *`) is about flowgate itself, no app's to answer.
         if !path.starts_with('/') {
             return Err(Malformed::NotAPath);
         }
@@ -98,11 +94,16 @@ impl<'a> Canonical<'a> {
                 query,
                 escaped_slash,
                 parameters,
+                // No escapes, and a dot after a slash is not clean: only a
+                // dot ending a named segment is left to look for.
+                windows_alias: path.contains("./") || path.ends_with('.'),
             });
         }
         let decoded = decode_unreserved(path, &mut escaped_slash, &mut parameters)?;
+        let path = remove_dot_segments(&decoded);
         Ok(Canonical {
-            path: Cow::Owned(remove_dot_segments(&decoded)),
+            windows_alias: windows_alias(&path),
+            path: Cow::Owned(path),
             query,
             escaped_slash,
             parameters,
@@ -176,6 +177,17 @@ fn decode_unreserved(
         i += 3;
     }
     Ok(out)
+}
+
+/// `Canonical::windows_alias` of a canonical path.
+fn windows_alias(path: &str) -> bool {
+    let odd_end = path
+        .split('/')
+        .any(|segment| segment.ends_with('.') || segment.ends_with("%20"));
+    odd_end || {
+        let bytes: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+        std::str::from_utf8(&bytes).is_err()
+    }
 }
 
 fn push_escape(out: &mut String, value: u8) {
@@ -315,6 +327,19 @@ mod tests {
 
     #[test]
     fn what_has_no_canonical_form_is_refused() {
+        for alias in [
+            "/admin./",
+            "/admin.",
+            "/a/admin%20/x",
+            "/a%2e/x",
+            "/%C0%AFadmin",
+            "/a/b%FF",
+        ] {
+            assert!(Canonical::of(alias).unwrap().windows_alias, "{alias}");
+        }
+        for plain in ["/admin/", "/a.b/c", "/caf%C3%A9", "/a%20b/"] {
+            assert!(!Canonical::of(plain).unwrap().windows_alias, "{plain}");
+        }
         for (target, why) in [
             ("/admin%00", Malformed::Control),
             ("/admin%0a", Malformed::Control),
@@ -327,6 +352,7 @@ mod tests {
             ("/caf\u{e9}", Malformed::Byte),
             ("/a#b", Malformed::Byte),
             ("admin", Malformed::NotAPath),
+            ("*", Malformed::NotAPath),
             ("", Malformed::NotAPath),
         ] {
             assert_eq!(Canonical::of(target), Err(why), "{target:?}");

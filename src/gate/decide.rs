@@ -113,6 +113,20 @@ pub fn decide<'r>(
     if request.path.parameters && route.path_parameters == PathRule::Refuse {
         return Verdict::Refused("the path has `;` parameters (see proxy.path_parameters)");
     }
+    // `/admin./` is not under `/admin`, but IIS serves it as `/admin`: on
+    // a host with such an upstream, a path it reads as another is refused,
+    // whichever route it would take.
+    let windows_host = || {
+        routes
+            .iter()
+            .any(|r| r.case_insensitive && r.host.matches(request.host))
+    };
+    if request.path.windows_alias && windows_host() {
+        return Verdict::Refused(
+            "a path segment ends in a dot or a space, or an escape is not UTF-8: \
+             a case-insensitive (Windows) upstream reads it as another name",
+        );
+    }
     let public = route.skip_auth.iter().any(|re| re.is_match(&path));
     let flow = route.flow.as_str();
     match session {
@@ -155,8 +169,11 @@ pub fn is_reserved(path: &str, prefix: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-/// The route for `host` and `path`: the longest `path_prefix` among routes
-/// whose host matches (the first of equals).
+/// The route for `host` and `path`: among routes whose host and prefix
+/// match, those of the most specific host pattern (an exact host, then the
+/// longest `*.` suffix, then `*`), and of those the longest `path_prefix`
+/// (the first of equals). A host's own routes are never shadowed by a
+/// catch-all, wherever it stands in the file.
 pub fn route<'r>(
     routes: &'r [RouteConfig],
     host: &str,
@@ -168,7 +185,13 @@ pub fn route<'r>(
         .filter(|(_, r)| {
             r.host.matches(host) && has_prefix(path, &r.path_prefix, r.case_insensitive)
         })
-        .max_by_key(|(i, r)| (r.path_prefix.len(), std::cmp::Reverse(*i)))
+        .max_by_key(|(i, r)| {
+            (
+                r.host.specificity(),
+                r.path_prefix.len(),
+                std::cmp::Reverse(*i),
+            )
+        })
 }
 
 /// `prefix` as whole segments of `path` (`/app` holds `/app/x`, not
@@ -454,6 +477,35 @@ mod tests {
             decided(&routes, "/Admin", true, Some(&bob)),
             Verdict::Forbidden { route: 1, .. }
         ));
+        // What IIS strips or misreads is refused on such a route.
+        for alias in ["/admin./", "/ADMIN%20/x", "/admin/%C0%AF"] {
+            assert!(
+                matches!(
+                    decided(&routes, alias, true, Some(&bob)),
+                    Verdict::Refused(_)
+                ),
+                "{alias}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_hosts_own_routes_win_over_catch_alls_listed_before_them() {
+        let mut open = route("/", &[], "password", &[]);
+        open.path_prefix = "/".into();
+        let mut any_long = route("/zz/deep", &[], "password", &[]);
+        any_long.host = HostPattern::parse("*");
+        let mut admin = route("/", &["admins"], "password", &[]);
+        admin.host = HostPattern::parse("admin.test");
+        let mut wildcard = route("/", &["ops"], "password", &[]);
+        wildcard.host = HostPattern::parse("*.test");
+        let routes = vec![open, any_long, wildcard, admin];
+        let pick = |host: &str, path: &str| super::route(&routes, host, path).map(|(i, _)| i);
+        assert_eq!(pick("admin.test", "/zz"), Some(3));
+        assert_eq!(pick("admin.test", "/zz/deep/x"), Some(3));
+        assert_eq!(pick("other.test", "/zz"), Some(2));
+        assert_eq!(pick("elsewhere", "/zz/deep"), Some(1));
+        assert_eq!(pick("elsewhere", "/zz"), Some(0));
     }
 
     #[test]

@@ -100,9 +100,19 @@ fn resolve(directory: &FileDirectory, session: Arc<Session>) -> Option<SignedIn>
     Some(SignedIn { session, identity })
 }
 
+/// A step up is finished by the user who started it: when `old` is
+/// already signed in as someone other than `login`, that someone. (To
+/// change user, sign out first.)
+pub fn someone_else<'s>(old: &'s Session, login: &Login) -> Option<&'s str> {
+    old.identity
+        .as_ref()
+        .filter(|before| before.username != login.identity.username)
+        .map(|before| before.username.as_str())
+}
+
 /// What a session minted at the end of `flow` has been through: the old
-/// session's flows and second factor as well when the same user stepped
-/// up, only this login's when someone else signed in (or nobody was).
+/// session's flows and second factor as well when its user stepped up,
+/// only this login's when nobody was signed in.
 pub fn assurance_after(old: &Session, login: &Login, flow: &str) -> Assurance {
     let same = old
         .identity

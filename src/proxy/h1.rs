@@ -785,10 +785,10 @@ fn prepare(
         }
     }
     let authority = match host {
-        Some(host) if hosts == 1 && !host.is_empty() && host.iter().all(|&b| visible(b)) => {
+        Some(host) if hosts == 1 && host.iter().all(|&b| visible(b)) => {
             match std::str::from_utf8(host) {
-                Ok(authority) => authority,
-                Err(_) => return Prepared::General("host"),
+                Ok(authority) if crate::context::valid_authority(authority) => authority,
+                _ => return Prepared::General("host"),
             }
         }
         _ => return Prepared::General("host"),

@@ -30,19 +30,32 @@ pub(crate) const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
 ];
 
-/// Identity header families of every preset flowgate knows and of its peers
-/// (authentik, oauth2-proxy, Authelia): a client may send any of them, in any
-/// case and with `_` for `-`, hoping the upstream believes it.
-const IDENTITY_PREFIXES: [&str; 2] = ["x-authentik-", "x-auth-request-"];
-const IDENTITY_NAMES: [&str; 8] = [
+/// Identity header families of every preset flowgate knows, of its peers
+/// (authentik, oauth2-proxy, Authelia) and of the auth-proxy modes of apps
+/// people put behind them (Grafana's `X-WEBAUTH-USER`, the `X-Remote-User`
+/// of many others): a client may send any of them, in any case and with `_`
+/// for `-`, hoping the upstream believes it.
+const IDENTITY_PREFIXES: [&str; 3] = ["x-authentik-", "x-auth-request-", "x-webauth-"];
+const IDENTITY_NAMES: [&str; 19] = [
     "x-forwarded-user",
     "x-forwarded-email",
     "x-forwarded-groups",
     "x-forwarded-preferred-username",
+    "x-forwarded-access-token",
     "remote-user",
     "remote-groups",
     "remote-email",
     "remote-name",
+    "x-remote-user",
+    "x-remote-email",
+    "x-remote-groups",
+    "x-remote-name",
+    "x-authenticated-user",
+    "x-authenticated-email",
+    "x-authenticated-groups",
+    "x-auth-user",
+    "x-user",
+    "x-email",
 ];
 
 /// What apps and frameworks believe about the client's address, scheme or
@@ -640,6 +653,9 @@ mod tests {
             "X-Auth-Request-Email",
             "remote-user",
             "Remote_Groups",
+            "X-WEBAUTH-USER",
+            "x_remote_user",
+            "X-Forwarded-Access-Token",
         ] {
             assert!(is_identity_header(name), "{name}");
         }
