@@ -34,6 +34,15 @@ const TINA: TestUser = TestUser {
     extra: "",
 };
 
+/// Another account, with a password only: who a step up must not turn into.
+const OTTO: TestUser = TestUser {
+    username: "otto",
+    password: "otto-Other-Pw1!",
+    email: "otto@example.test",
+    groups: &["staff"],
+    extra: "",
+};
+
 // --- TOTP, computed here and not with flowgate's own code -------------------
 
 /// RFC 6238 TOTP with HMAC-SHA1 (RFC 4226 dynamic truncation), 6 digits.
@@ -171,7 +180,7 @@ impl Rig {
     fn start() -> Rig {
         let upstream_a = Scripted::start(answer);
         let upstream_b = Scripted::start(answer);
-        let users = users_file(&[&TINA]).replace(
+        let users = users_file(&[&TINA, &OTTO]).replace(
             "email = \"tina@example.test\"",
             &format!(
                 "email = \"tina@example.test\"\ntotp = [\"{}\"]",
@@ -249,6 +258,20 @@ impl Rig {
         code: &str,
         csrf: Option<&str>,
     ) -> Value {
+        self.run_flow_as(client, &TINA, host, slug, code, csrf)
+            .await
+    }
+
+    /// `run_flow_with`, identifying as `user`.
+    async fn run_flow_as(
+        &self,
+        client: &reqwest::Client,
+        user: &TestUser,
+        host: &str,
+        slug: &str,
+        code: &str,
+        csrf: Option<&str>,
+    ) -> Value {
         let url = self.url(
             host,
             &format!("/_flowgate/api/v3/flows/executor/{slug}/?query=next%3D%252F"),
@@ -280,8 +303,8 @@ impl Rig {
                 return body;
             }
             post = Some(match body["component"].as_str().unwrap_or("") {
-                "ak-stage-identification" => json!({"uid_field": TINA.username}),
-                "ak-stage-password" => json!({"password": TINA.password}),
+                "ak-stage-identification" => json!({"uid_field": user.username}),
+                "ak-stage-password" => json!({"password": user.password}),
                 "ak-stage-authenticator-validate" => json!({"code": code}),
                 _ => return body,
             });
@@ -561,6 +584,36 @@ async fn a_browser_steps_up_through_the_html_pages() {
     assert_eq!(forwarded_user(&rig.upstream_b, "/vault?item=7"), ["tina"]);
     assert_eq!(rig.browse(HOST_A, "/home").await.status(), 200);
     assert_eq!(status_with_only(&rig, HOST_B, &before).await.0, 401);
+}
+
+/// A step up is finished by the user who started it: tina's session, run
+/// through A's flow as otto, is refused, and tina keeps her session as it
+/// was (found by an outside review: it used to become otto's).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_up_finished_as_another_user_is_refused() {
+    let rig = Rig::start();
+    rig.sign_in_on_a().await;
+    let before = rig.session_cookie(HOST_A);
+    let csrf = rig
+        .cookie(HOST_A, "flowgate_session_csrf")
+        .expect("the JSON login sets the CSRF cookie");
+    // B's flow as otto (who has no TOTP: the mfa stage passes silently).
+    let done = rig
+        .run_flow_as(&rig.client, &OTTO, HOST_B, TOTP_FLOW, "", Some(&csrf))
+        .await;
+    assert_eq!(done["component"], "ak-stage-access-denied", "{done}");
+    assert!(
+        done["error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("signed in as tina")),
+        "{done}"
+    );
+    assert_eq!(rig.session_cookie(HOST_A), before, "no new session");
+    rig.b_wants_a_step_up("after a step up as someone else")
+        .await;
+    let a = rig.api(HOST_A, "/home").await;
+    assert_eq!(a.status(), 200, "tina's session still opens A");
+    assert_eq!(forwarded_user(&rig.upstream_a, "/home"), ["tina", "tina"]);
 }
 
 // --- regressions: once broken, kept as tests -----------------------------------

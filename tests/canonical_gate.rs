@@ -70,6 +70,10 @@ on_every_lane!(
     skip_auth_regexes_match_the_canonical_path_never_the_query,
     escaped_slashes_keep_sends_them_upstream_as_escapes,
     path_parameters_keep_decides_without_them_and_forwards_them,
+    a_hosts_restricted_route_beats_a_catch_all_listed_first,
+    a_prefix_with_a_trailing_slash_covers_the_bare_path,
+    paths_an_iis_upstream_reads_as_another_are_refused_on_its_host,
+    requests_without_exactly_one_valid_host_are_refused,
 );
 
 /// An answer, from either protocol.
@@ -819,4 +823,119 @@ fn absolute_form_targets_are_decided_on_their_path_on_both_http1_lanes() {
         ];
         gate.run(&gate.admin(), &admin);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Found by an outside review: routes, prefixes, hosts
+// ---------------------------------------------------------------------------
+
+/// A `[[route]]` for host `host` only.
+fn host_route(host: &str, prefix: &str, extra: &str) -> String {
+    route(prefix, extra).replace("host = \"*\"", &format!("host = \"{host}\""))
+}
+
+/// A catch-all listed first must not shadow a host's own restricted route:
+/// the most specific host wins, wherever it stands in the file.
+fn a_hosts_restricted_route_beats_a_catch_all_listed_first(lane: Lane) {
+    let routes = route("/", "") + &host_route(HOST, "/", "allow = { groups = [\"admins\"] }");
+    let gate = Gate::start(lane, &routes);
+    gate.run(&gate.other(), &[("/zz", FORBIDDEN), ("/", FORBIDDEN)]);
+    gate.run(&gate.admin(), &[("/zz", passes("/zz"))]);
+    // Another host still takes the catch-all.
+    let elsewhere = Who::new(
+        "noel, another host",
+        &[&gate.other, "Accept: text/html", "Host: other.test"],
+    );
+    if lane != Lane::H2 {
+        gate.run(&elsewhere, &[("/zz", passes("/zz"))]);
+    }
+}
+
+/// `path_prefix = "/admin/"` protects `/admin` too: many apps serve both.
+fn a_prefix_with_a_trailing_slash_covers_the_bare_path(lane: Lane) {
+    let routes = route("/", "") + &route("/admin/", "allow = { groups = [\"admins\"] }");
+    let gate = Gate::start(lane, &routes);
+    let other = [
+        ("/admin", FORBIDDEN),
+        ("/admin/", FORBIDDEN),
+        ("/admin/x", FORBIDDEN),
+        ("/administrator", passes("/administrator")),
+    ];
+    gate.run(&gate.other(), &other);
+    gate.run(&gate.admin(), &[("/admin", passes("/admin"))]);
+}
+
+/// IIS strips trailing dots and spaces from segments and (old versions)
+/// reads overlong UTF-8: on a host with a case-insensitive route, such
+/// paths are refused, whichever route they would take.
+fn paths_an_iis_upstream_reads_as_another_are_refused_on_its_host(lane: Lane) {
+    let routes = route("/", "case_insensitive = true")
+        + &route(
+            "/admin",
+            "allow = { groups = [\"admins\"] }\ncase_insensitive = true",
+        );
+    let gate = Gate::start(lane, &routes);
+    let other = [
+        ("/admin./secret", REFUSED),
+        ("/ADMIN../secret", REFUSED),
+        ("/admin%20/secret", REFUSED),
+        ("/admin%2e/secret", REFUSED),
+        ("/%C0%AFadmin/secret", REFUSED),
+        ("/x/%c0%ae%c0%ae/admin", REFUSED),
+        ("/admin/secret.", REFUSED),
+        ("/ADMIN/secret", FORBIDDEN),
+        ("/a.b/c", passes("/a.b/c")),
+        ("/caf%C3%A9", passes("/caf%C3%A9")),
+    ];
+    gate.run(&gate.other(), &other);
+}
+
+/// HTTP/1.1 names its host once, as a host with an optional port (RFC 9112
+/// §3.2); anything else is refused before it can route. A target in
+/// absolute form names the host itself, and that host decides.
+fn requests_without_exactly_one_valid_host_are_refused(lane: Lane) {
+    if lane == Lane::H2 {
+        // `:authority` is one field, checked by the h2 layer.
+        return;
+    }
+    let routes =
+        route("/", "") + &host_route("admin.test", "/", "allow = { groups = [\"admins\"] }");
+    let gate = Gate::start(lane, &routes);
+    let cookie = &gate.other;
+    let heads = [
+        format!("GET /x HTTP/1.1\r\n{cookie}\r\n\r\n"),
+        format!("GET /x HTTP/1.1\r\nHost: {HOST}\r\nHost: admin.test\r\n{cookie}\r\n\r\n"),
+        format!("GET /x HTTP/1.1\r\nHost: {HOST}:abc\r\n{cookie}\r\n\r\n"),
+        format!("GET /x HTTP/1.1\r\nHost: {HOST}:99999\r\n{cookie}\r\n\r\n"),
+        format!("GET /x HTTP/1.1\r\nHost: u@{HOST}\r\n{cookie}\r\n\r\n"),
+        format!("GET /x HTTP/1.1\r\nHost: \r\n{cookie}\r\n\r\n"),
+    ];
+    for head in &heads {
+        let mut client = Client::connect(gate.gate.addr);
+        client.send(head);
+        let response = client.response("GET");
+        assert_eq!(
+            response.status,
+            400,
+            "{lane:?} lane: {head:?}: {}",
+            response.text()
+        );
+    }
+    assert!(
+        gate.upstream.seen().is_empty(),
+        "{:?}",
+        gate.upstream.seen()
+    );
+    // Absolute form: `admin.test` decides, not the `Host` beside it.
+    let mut client = Client::connect(gate.gate.addr);
+    client.send(format!(
+        "GET http://admin.test/x HTTP/1.1\r\nHost: {HOST}\r\n{cookie}\r\n\r\n"
+    ));
+    let response = client.response("GET");
+    assert_eq!(response.status, 403, "{lane:?} lane: {}", response.text());
+    assert!(
+        gate.upstream.seen().is_empty(),
+        "{:?}",
+        gate.upstream.seen()
+    );
 }

@@ -186,6 +186,7 @@ on_every_path!(
     a_trusted_proxy_without_x_real_ip_gets_the_client_behind_it,
     an_x_original_url_for_a_refused_route_is_served_as_the_request_line_says,
     an_untrusted_x_forwarded_for_spelled_with_underscores_never_reaches_the_upstream,
+    identity_claims_of_every_family_never_reach_the_upstream_even_from_a_trusted_proxy,
 );
 
 /// A scripted upstream that answers everything, behind a flowgate on
@@ -512,5 +513,50 @@ fn an_untrusted_x_forwarded_for_spelled_with_underscores_never_reaches_the_upstr
             );
             assert_eq!(request.all("x-forwarded-for"), ["127.0.0.1"], "{context}");
         }
+    }
+}
+
+/// Identity headers of every family flowgate knows (its own, authentik's,
+/// oauth2-proxy's, Authelia's, Grafana's auth proxy and the usual
+/// `X-Remote-User` kin), in every spelling: never passed on, trusted proxy
+/// or not; a signed-in user's identity is flowgate's own.
+const IDENTITY_CLAIMS: [&str; 16] = [
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-forwarded-access-token",
+    "x-authentik-username",
+    "x-auth-request-user",
+    "remote-user",
+    "remote-groups",
+    "x-webauth-user",
+    "x-remote-user",
+    "x-remote-groups",
+    "x-authenticated-user",
+    "x-auth-user",
+    "x-user",
+    "x-email",
+];
+
+const SPOOFED_USER: &str = "mallory-the-admin";
+
+fn identity_claims_of_every_family_never_reach_the_upstream_even_from_a_trusted_proxy(via: Via) {
+    for trusted in [false, true] {
+        let rig = rig(via, trusted);
+        let mut forwarded = 0;
+        for (signed_in, target) in [(true, "/spoof"), (false, "/public/spoof")] {
+            for spelling in SPELLINGS {
+                let context =
+                    format!("{via:?}, trusted {trusted}, signed in {signed_in}, {spelling:?}");
+                let headers = spelled(&IDENTITY_CLAIMS, spelling, SPOOFED_USER);
+                let request = forward(&rig, via, target, signed_in, &headers);
+                forwarded += 1;
+                assert_no_value_holds(&request, SPOOFED_USER, &context);
+                let user: &[&str] = if signed_in { &["alice"] } else { &[] };
+                assert_eq!(request.all("x-forwarded-user"), user, "{context}");
+            }
+        }
+        assert_lane(&rig, via, forwarded);
     }
 }
