@@ -4,6 +4,7 @@
 #
 #   benches/proxy.sh            3 rounds x 8 s, the figures in BENCHMARKS.md
 #   benches/proxy.sh --short    1 round x 2 s, for CI (also SHORT=1)
+#   FLOWGATE_BIN=path benches/proxy.sh    measure that binary instead of building
 #
 # Builds flowgate (release), starts the harness upstream, runs flowgate with
 # one worker and no access log in front of it, logs in through the JSON
@@ -43,9 +44,13 @@ trap cleanup EXIT
 command -v curl >/dev/null || apt-get install -y curl >/dev/null 2>&1 \
   || { apt-get update >/dev/null && apt-get install -y curl >/dev/null; }
 
-echo "== build (release)"
-cargo build --release --bin flowgate --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/flowgate
+if [ -n "${FLOWGATE_BIN:-}" ]; then  # another build (say, an older commit's) in the same harness
+  BIN=$FLOWGATE_BIN
+else
+  echo "== build (release)"
+  cargo build --release --bin flowgate --quiet
+  BIN=${CARGO_TARGET_DIR:-target}/release/flowgate
+fi
 
 echo "== upstream"
 # bench.sh keeps its state (pid files) in one folder on fixed ports: a second
@@ -105,7 +110,12 @@ EOF
 "$BIN" check --config "$WORK/flowgate.toml" >/dev/null || die "flowgate check rejected the bench config"
 
 echo "== flowgate on $BASE (1 worker, access log off)"
-"$BIN" serve --config "$WORK/flowgate.toml" 2>"$WORK/flowgate.log" &
+# On its own core, as the anchors are (bench.sh: BENCH_PIN).
+if [ "${BENCH_PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+  taskset -c 1 "$BIN" serve --config "$WORK/flowgate.toml" 2>"$WORK/flowgate.log" &
+else
+  "$BIN" serve --config "$WORK/flowgate.toml" 2>"$WORK/flowgate.log" &
+fi
 FLOWGATE_PID=$!
 for _ in $(seq 100); do
   (echo >/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break
@@ -144,7 +154,7 @@ echo "signed in; GET /small through flowgate: 200, the upstream's body"
 RSS_IDLE=$(rss_kib VmRSS)
 
 echo "== compare (DURATION=${DURATION:-8} ROUNDS=${ROUNDS:-3} CONNS=${CONNS:-64} BENCH_PATH=$BENCH_PATH)"
-GATEWAY_URL=$BASE GATEWAY_HEADER=$HEADER benches/bench.sh compare | tee "$WORK/compare.out"
+GATEWAY_URL=$BASE GATEWAY_HEADER=$HEADER GATEWAY_PID=$FLOWGATE_PID benches/bench.sh compare | tee "$WORK/compare.out"
 kill -0 "$FLOWGATE_PID" 2>/dev/null || { tail -20 "$WORK/flowgate.log" >&2; die "flowgate died during the run"; }
 RSS_AFTER=$(rss_kib VmRSS)
 RSS_PEAK=$(rss_kib VmHWM)
