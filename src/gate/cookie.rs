@@ -163,7 +163,7 @@ pub fn clear_cookie(gateway: &Gateway, context: &Context, response: &mut Respons
 
 /// The JSON API's CSRF cookie: the session cookie's name + `_csrf`, readable
 /// by scripts (it is their copy of the token to send back as a header).
-/// `proxy::strip_cookie` keeps it from upstreams.
+/// `proxy::headers::rewrite` keeps it from upstreams.
 pub fn csrf_cookie_name(gateway: &Gateway) -> String {
     format!("{}_csrf", gateway.config.session.cookie_name)
 }

@@ -4,19 +4,22 @@
 //! for something without a request body, and the upstream answers. For that
 //! shape this module does the whole job on the client connection's own
 //! task, with no per-request allocation on the way: it parses the head
-//! (`httparse`), checks the session cookie, writes the upstream request head
-//! into one buffer (hop-by-hop, identity and flowgate's cookies out;
-//! `X-Forwarded-*`, `Forwarded` and the identity in), sends it on the
-//! upstream socket this connection keeps, and relays the answer (framed by
-//! `Content-Length`, chunked, or by the upstream closing) as it comes.
+//! (`httparse`), checks the session cookie, asks the gate for its verdict
+//! (`gate::decide`, the same decision as the general path's, on the same
+//! canonical path), writes the upstream request head into one buffer with
+//! the same header rewrite (`proxy::headers`), sends it on the upstream
+//! socket this connection keeps, and relays the answer (framed by
+//! `Content-Length`, chunked, or by the upstream closing) as it comes. It
+//! keeps no rule of its own about who may pass: it only frames bytes.
 //! Buffers come from a per-thread pool and go back whenever the connection
 //! waits for its next request: an idle keep-alive connection costs its
 //! socket and a small task.
 //!
 //! Anything else is the general path's (`router`, on hyper): a request
-//! with a body, an upgrade, `Expect`, HTTP/1.0 or h2c, flowgate's own paths,
-//! no session or a user the route refuses, an `https://` upstream, a session
-//! store that needs a round trip, a head hyper would refuse. The connection
+//! with a body, an upgrade, `Expect`, HTTP/1.0 or h2c, a request the gate
+//! does not forward (flowgate's own paths, sign-in, step up, 400, 403,
+//! 404), an `https://` upstream, a session store that needs a round trip,
+//! a head or a host hyper would refuse. The connection
 //! is then handed to hyper with the bytes read so far: for that one request
 //! and a close (`Prepared::Once`), or for the rest of the connection
 //! (`Prepared::General`). Both lanes send the upstream the same request and
