@@ -16,6 +16,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use regex::Regex;
 
+pub use crate::identity::{HeaderPreset, HeaderSet};
+
 pub use read::{from_str, load};
 
 /// A validated configuration.
@@ -348,17 +350,6 @@ impl StageConfig {
     }
 }
 
-/// Which identity headers a route sends upstream (DESIGN.md, "Identity headers").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeaderPreset {
-    /// `X-Forwarded-User`, `-Email`, `-Groups`, `-Preferred-Username`.
-    Default,
-    /// authentik outpost names: `X-authentik-username` …
-    Authentik,
-    /// oauth2-proxy names: `X-Auth-Request-User` …
-    OAuth2Proxy,
-}
-
 /// A route's host pattern: exact (`app.example`), subdomain wildcard
 /// (`*.example`, not matching `example` itself) or any (`*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -424,8 +415,9 @@ pub struct RouteConfig {
     /// query) that pass anonymously.
     pub skip_auth: Vec<Regex>,
     pub allow: Allow,
-    /// `headers`: `default` | `authentik` | `oauth2-proxy`.
-    pub headers: HeaderPreset,
+    /// `headers`: `default` | `authentik` | `oauth2-proxy` | `authelia`, or
+    /// a table of the route's own names (`{ user = "X-WEBAUTH-USER", … }`).
+    pub headers: HeaderSet,
     /// `preserve_host`, default true: send the client's `Host` upstream.
     pub preserve_host: bool,
     /// `case_insensitive`, default false: the upstream reads paths without

@@ -3,10 +3,10 @@
 //! and the header presets that carry it upstream (`default`, `authentik`,
 //! `oauth2-proxy`). Both lanes of the proxy write these names and values.
 
+use std::borrow::Cow;
+
 use http::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
-
-use crate::config::HeaderPreset;
 
 /// Who a session belongs to: what the upstream is told in headers and what
 /// `users/me` answers.
@@ -96,8 +96,8 @@ const X_FORWARDED_PREFERRED_USERNAME: HeaderName =
     HeaderName::from_static("x-forwarded-preferred-username");
 
 /// One value of an identity, as a header value.
-#[derive(Clone, Copy)]
-pub(crate) enum Field {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
     Username,
     Name,
     Email,
@@ -107,7 +107,7 @@ pub(crate) enum Field {
 }
 
 impl Field {
-    pub(crate) fn of(self, values: &IdentityValues) -> Option<&HeaderValue> {
+    pub fn of(self, values: &IdentityValues) -> Option<&HeaderValue> {
         match self {
             Field::Username => values.username.as_ref(),
             Field::Name => values.name.as_ref(),
@@ -158,11 +158,72 @@ static OAUTH2_PROXY_HEADERS: [(HeaderName, Field); 4] = [
     ),
 ];
 
-/// The identity headers of a preset: each name, and the value it carries.
-pub(crate) fn identity_headers(preset: HeaderPreset) -> &'static [(HeaderName, Field)] {
-    match preset {
-        HeaderPreset::Default => &DEFAULT_HEADERS,
-        HeaderPreset::Authentik => &AUTHENTIK_HEADERS,
-        HeaderPreset::OAuth2Proxy => &OAUTH2_PROXY_HEADERS,
+// Authelia's names (its forward-auth answer), groups comma-separated.
+static AUTHELIA_HEADERS: [(HeaderName, Field); 4] = [
+    (HeaderName::from_static("remote-user"), Field::Username),
+    (HeaderName::from_static("remote-groups"), Field::GroupsComma),
+    (HeaderName::from_static("remote-email"), Field::Email),
+    (HeaderName::from_static("remote-name"), Field::Name),
+];
+
+/// Which identity headers a route sends upstream (DESIGN.md, "Identity
+/// headers"): the names of a tool people migrate from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderPreset {
+    /// `X-Forwarded-User`, `-Email`, `-Groups`, `-Preferred-Username`.
+    Default,
+    /// authentik outpost names: `X-authentik-username` …
+    Authentik,
+    /// oauth2-proxy names: `X-Auth-Request-User` …
+    OAuth2Proxy,
+    /// Authelia names: `Remote-User`, `Remote-Groups`, `Remote-Email`, `Remote-Name`.
+    Authelia,
+}
+
+/// The identity headers a route sends: each name, and the value it carries.
+/// A preset's, or names of the route's own (`headers = { user = … }`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderSet {
+    fields: Cow<'static, [(HeaderName, Field)]>,
+}
+
+impl HeaderSet {
+    pub fn preset(preset: HeaderPreset) -> HeaderSet {
+        let fields: &'static [(HeaderName, Field)] = match preset {
+            HeaderPreset::Default => &DEFAULT_HEADERS,
+            HeaderPreset::Authentik => &AUTHENTIK_HEADERS,
+            HeaderPreset::OAuth2Proxy => &OAUTH2_PROXY_HEADERS,
+            HeaderPreset::Authelia => &AUTHELIA_HEADERS,
+        };
+        HeaderSet {
+            fields: Cow::Borrowed(fields),
+        }
+    }
+
+    /// Names of the route's own. Clients' copies of them are stripped like
+    /// every known identity header.
+    pub fn custom(fields: Vec<(HeaderName, Field)>) -> HeaderSet {
+        HeaderSet {
+            fields: Cow::Owned(fields),
+        }
+    }
+
+    pub fn fields(&self) -> &[(HeaderName, Field)] {
+        &self.fields
+    }
+
+    /// The names of the route's own, which no list of known identity
+    /// headers holds (empty for a preset: every preset name is on them).
+    pub fn own_names(&self) -> &[(HeaderName, Field)] {
+        match &self.fields {
+            Cow::Borrowed(_) => &[],
+            Cow::Owned(fields) => fields,
+        }
+    }
+}
+
+impl Default for HeaderSet {
+    fn default() -> HeaderSet {
+        HeaderSet::preset(HeaderPreset::Default)
     }
 }

@@ -399,11 +399,27 @@ async fn cookies_are_secure_behind_a_trusted_tls_proxy_only() {
     assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
 }
 
-/// The header presets: authentik's outpost names and oauth2-proxy's.
+/// The header presets: authentik's outpost names, oauth2-proxy's,
+/// Authelia's, and a route's own names for apps that want theirs.
 #[tokio::test(flavor = "multi_thread")]
 async fn identity_header_presets_use_their_own_names() {
     let upstream = Upstream::start().await;
     for (preset, expected, absent) in [
+        (
+            "\"authelia\"",
+            vec![
+                ("remote-user", "alice"),
+                ("remote-groups", "admins,staff"),
+                ("remote-email", "alice@example.test"),
+                ("remote-name", "Alice Example"),
+            ],
+            "x-forwarded-user",
+        ),
+        (
+            "{ user = \"X-WEBAUTH-USER\", groups = \"X-App-Roles\", groups_separator = \"|\" }",
+            vec![("x-webauth-user", "alice"), ("x-app-roles", "admins|staff")],
+            "x-forwarded-email",
+        ),
         (
             "authentik",
             vec![
@@ -435,9 +451,13 @@ async fn identity_header_presets_use_their_own_names() {
             "x-authentik-username",
         ),
     ] {
+        let preset = match preset.starts_with(['"', '{']) {
+            true => preset.to_owned(),
+            false => format!("\"{preset}\""),
+        };
         let config = basic_config(&upstream.url(), "").replace(
             "skip_auth = [\"^/public(/|$)\"]",
-            &format!("skip_auth = [\"^/public(/|$)\"]\nheaders = \"{preset}\""),
+            &format!("skip_auth = [\"^/public(/|$)\"]\nheaders = {preset}"),
         );
         let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
         let alice = logged_in(&gate).await;
@@ -449,7 +469,43 @@ async fn identity_header_presets_use_their_own_names() {
             echo["headers"].get(absent).is_none(),
             "{preset}: {absent} in {echo}"
         );
-        if preset == "authentik" {
+        // A client's own copy of a route's custom name is stripped too,
+        // signed in or not (every preset's names always are).
+        if !preset.starts_with('{') {
+            continue;
+        }
+        let spoofed: Value = alice
+            .get(gate.url("/who"))
+            .header("X-App-Roles", "superadmin")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            !spoofed.to_string().contains("superadmin"),
+            "{preset}: {spoofed}"
+        );
+        let anonymous: Value = client()
+            .get(gate.url("/public/who"))
+            .header("X-App-Roles", "superadmin")
+            .header("X-WEBAUTH-USER", "mallory")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            !anonymous.to_string().contains("superadmin"),
+            "{preset}: {anonymous}"
+        );
+        assert!(
+            !anonymous.to_string().contains("mallory"),
+            "{preset}: {anonymous}"
+        );
+        if preset == "\"authentik\"" {
             let uid = echo["headers"]["x-authentik-uid"]
                 .as_str()
                 .unwrap_or_default();

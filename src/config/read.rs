@@ -13,11 +13,13 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
+use crate::identity::Field;
+
 use super::{
     resolve_against, AdminConfig, Allow, Config, ConfigError, ConfigErrors, CookieSecure,
     Designation, DirectoryConfig, ExecutorConfig, FlowAuthentication, FlowConfig, HeaderPreset,
-    HostPattern, LogConfig, LogFormat, NotConfiguredAction, PathRule, ProxyConfig, RouteConfig,
-    Secret, Server, SessionConfig, StageConfig, StoreKind, TlsConfig, UserField,
+    HeaderSet, HostPattern, LogConfig, LogFormat, NotConfiguredAction, PathRule, ProxyConfig,
+    RouteConfig, Secret, Server, SessionConfig, StageConfig, StoreKind, TlsConfig, UserField,
 };
 
 /// The slug of the flow used when a config declares none.
@@ -1234,16 +1236,7 @@ impl<'a> Reader<'a> {
                 }
             }
             let allow = self.allow(&mut s);
-            let headers = self.choice(
-                &mut s,
-                "headers",
-                &[
-                    ("default", HeaderPreset::Default),
-                    ("authentik", HeaderPreset::Authentik),
-                    ("oauth2-proxy", HeaderPreset::OAuth2Proxy),
-                ],
-                HeaderPreset::Default,
-            );
+            let headers = self.header_set(&mut s);
             let preserve_host = self.bool(&mut s, "preserve_host", true);
             let escaped_slashes = self.path_rule(&mut s, "escaped_slashes", proxy.escaped_slashes);
             let path_parameters = self.path_rule(&mut s, "path_parameters", proxy.path_parameters);
@@ -1309,6 +1302,63 @@ impl<'a> Reader<'a> {
             return None;
         }
         Some(uri)
+    }
+
+    /// `headers`: a preset's name, or a table of the route's own names.
+    fn header_set(&mut self, route: &mut Section<'_>) -> HeaderSet {
+        let table = route
+            .table
+            .and_then(|t| t.get_key_value("headers"))
+            .and_then(|(key, item)| Some((key, item.as_table_like()?)));
+        let Some((key, table)) = table else {
+            let preset = self.choice(
+                route,
+                "headers",
+                &[
+                    ("default", HeaderPreset::Default),
+                    ("authentik", HeaderPreset::Authentik),
+                    ("oauth2-proxy", HeaderPreset::OAuth2Proxy),
+                    ("authelia", HeaderPreset::Authelia),
+                ],
+                HeaderPreset::Default,
+            );
+            return HeaderSet::preset(preset);
+        };
+        route.known.push("headers");
+        let line = self.line_of(key.span());
+        let path = format!("{}.headers", route.path);
+        let mut s = self.table_section(table, path.clone(), line);
+        let separator = self.choice(&mut s, "groups_separator", &[(",", ','), ("|", '|')], ',');
+        let groups = match separator {
+            '|' => Field::GroupsPipe,
+            _ => Field::GroupsComma,
+        };
+        let mut fields = Vec::new();
+        for (key, field) in [
+            ("user", Field::Username),
+            ("email", Field::Email),
+            ("name", Field::Name),
+            ("uid", Field::Uid),
+            ("groups", groups),
+        ] {
+            let Some((name, place)) = self.string(&mut s, key) else {
+                continue;
+            };
+            match custom_header_name(&name) {
+                Ok(name) => fields.push((name, field)),
+                Err(why) => self.error_at(&place, why),
+            }
+        }
+        self.finish(s);
+        if fields.is_empty() {
+            self.error(
+                line,
+                &path,
+                "names no header: give at least one of user, email, name, uid, groups",
+            );
+            return HeaderSet::default();
+        }
+        HeaderSet::custom(fields)
     }
 
     fn allow(&mut self, route: &mut Section<'_>) -> Allow {
@@ -1456,6 +1506,35 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+/// A route's own identity header name: a valid field name, and none that
+/// describes the connection or that flowgate writes itself.
+fn custom_header_name(name: &str) -> Result<http::HeaderName, String> {
+    let parsed = http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("\"{name}\" is not a header name"))?;
+    const TAKEN: [&str; 14] = [
+        "host",
+        "cookie",
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+    ];
+    if TAKEN.contains(&parsed.as_str()) || parsed.as_str().starts_with("proxy-") {
+        return Err(format!(
+            "\"{name}\" is a header flowgate or HTTP itself sets: pick another name"
+        ));
+    }
+    Ok(parsed)
 }
 
 /// Why `prefix` could never match a request, if it could not: requests are
@@ -1766,5 +1845,54 @@ upstream = \"http://127.0.0.1:1/base\"
             Err(errors) => panic!("{errors}"),
         };
         assert_eq!(config.routes[0].path_prefix, "/admin");
+    }
+
+    #[test]
+    fn a_route_names_its_identity_headers_by_preset_or_its_own() {
+        let route = |headers: &str| {
+            format!(
+                "[session]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
+                 [[route]]\nupstream = \"http://127.0.0.1:1\"\nheaders = {headers}\n"
+            )
+        };
+        let read = |text: &str| from_str(text, Path::new("/tmp/flowgate.toml"), &|_| None);
+        let config = read(&route("\"authelia\"")).unwrap();
+        let names: Vec<&str> = config.routes[0]
+            .headers
+            .fields()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "remote-user",
+                "remote-groups",
+                "remote-email",
+                "remote-name"
+            ]
+        );
+        let config = read(&route(
+            "{ user = \"X-WEBAUTH-USER\", groups = \"X-Roles\" }",
+        ))
+        .unwrap();
+        let own = config.routes[0].headers.own_names();
+        assert_eq!(own.len(), 2);
+        assert_eq!(own[0].0.as_str(), "x-webauth-user");
+        for (bad, says) in [
+            ("{ user = \"Cookie\" }", "flowgate or HTTP itself sets"),
+            ("{ user = \"X Bad\" }", "not a header name"),
+            (
+                "{ groups_separator = \";\" , user = \"X-U\" }",
+                "is not one of",
+            ),
+            ("{}", "names no header"),
+            ("{ usr = \"X-U\" }", "usr"),
+            ("\"nginx\"", "is not one of"),
+        ] {
+            let errors = read(&route(bad)).unwrap_err().to_string();
+            assert!(errors.contains(says), "{bad}: {errors}");
+            assert!(errors.contains("route[0].headers"), "{bad}: {errors}");
+        }
     }
 }

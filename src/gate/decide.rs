@@ -254,7 +254,7 @@ pub fn accepts_html(accept: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Allow, HeaderPreset, HostPattern};
+    use crate::config::{Allow, HeaderSet, HostPattern};
 
     fn route(prefix: &str, groups: &[&str], flow: &str, skip: &[&str]) -> RouteConfig {
         RouteConfig {
@@ -267,7 +267,7 @@ mod tests {
                 groups: groups.iter().map(|g| g.to_string()).collect(),
                 users: vec![],
             },
-            headers: HeaderPreset::Default,
+            headers: HeaderSet::default(),
             preserve_host: true,
             case_insensitive: false,
             escaped_slashes: PathRule::Refuse,

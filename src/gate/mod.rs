@@ -153,7 +153,7 @@ pub fn executor_url(prefix: &str, flow: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Allow, HeaderPreset, HostPattern, PathRule, RouteConfig};
+    use crate::config::{Allow, HeaderSet, HostPattern, PathRule, RouteConfig};
     use crate::identity::Identity;
 
     fn session_of(username: &str, groups: &[&str]) -> Arc<Session> {
@@ -183,7 +183,7 @@ mod tests {
                 groups: vec!["admins".into()],
                 users: vec![],
             },
-            headers: HeaderPreset::Default,
+            headers: HeaderSet::default(),
             preserve_host: true,
             case_insensitive: false,
             escaped_slashes: PathRule::Refuse,

@@ -871,7 +871,8 @@ fn prepare(
             false => upstream.authority.as_str(),
         },
         cookie_name: &gateway.config.session.cookie_name,
-        identity: identity.as_deref().map(|i| (i, route.headers)),
+        identity: identity.as_deref(),
+        identity_headers: &route.headers,
     };
     headers::rewrite(|| headers.iter(), &outgoing, out);
     out.extend_from_slice(b"\r\n");

@@ -15,8 +15,7 @@ use std::net::IpAddr;
 
 use http::header::{HeaderName, HeaderValue, COOKIE, FORWARDED, HOST};
 
-use crate::config::HeaderPreset;
-use crate::identity::{identity_headers, Identity};
+use crate::identity::{HeaderSet, Identity};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 pub(crate) const HOP_BY_HOP: [&str; 8] = [
@@ -208,7 +207,12 @@ pub(crate) struct Outgoing<'a> {
     pub host: &'a str,
     /// flowgate's session cookie (its `_csrf` companion goes too).
     pub cookie_name: &'a str,
-    pub identity: Option<(&'a Identity, HeaderPreset)>,
+    /// The signed-in user, if the request goes with one.
+    pub identity: Option<&'a Identity>,
+    /// The route's identity headers: written for `identity`, and (a custom
+    /// set's names) stripped from the client's fields like every other
+    /// identity header.
+    pub identity_headers: &'a HeaderSet,
 }
 
 /// What a request's fields say about themselves, read in one pass.
@@ -262,6 +266,7 @@ where
     }
 
     sink.put(&HOST, |v| v.extend_from_slice(out.host.as_bytes()));
+    let own_names = out.identity_headers.own_names();
     for field in fields() {
         let name = field.name();
         // A field `Connection` names may start with any letter.
@@ -274,7 +279,10 @@ where
                 || TARGET_OVERRIDES.iter().any(|n| same_name(name, n))
                 || (!out.trusted && CLIENT_CLAIMS.iter().any(|n| same_name(name, n)))
                 || (survey.ours && name.eq_ignore_ascii_case("cookie"))
-                || (survey.names_fields && listed(fields(), name)));
+                || (survey.names_fields && listed(fields(), name)))
+            || own_names
+                .iter()
+                .any(|(own, _)| same_name(name, own.as_str()));
         if !dropped {
             sink.keep(&field);
         }
@@ -321,9 +329,9 @@ where
             }
         });
     }
-    if let Some((identity, preset)) = out.identity {
+    if let Some(identity) = out.identity {
         let values = identity.values();
-        for (name, field) in identity_headers(preset) {
+        for (name, field) in out.identity_headers.fields() {
             if let Some(value) = field.of(values) {
                 sink.put_value(name, value);
             }
@@ -566,7 +574,8 @@ mod tests {
             authority: "app.test",
             host: "127.0.0.1:3000",
             cookie_name: "flowgate_session",
-            identity: Some((&alice, HeaderPreset::Default)),
+            identity: Some(&alice),
+            identity_headers: &HeaderSet::default(),
         };
         let fields = both(&out);
         let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
@@ -614,6 +623,7 @@ mod tests {
             host: "app.test",
             cookie_name: "flowgate_session",
             identity: None,
+            identity_headers: &HeaderSet::default(),
         };
         let fields = both(&out);
         assert_eq!(get(&fields, "x-forwarded-for"), ["10.9.9.9, 127.0.0.1"]);

@@ -66,7 +66,8 @@ pub async fn forward(
         authority: &context.authority,
         host,
         cookie_name: &gateway.config.session.cookie_name,
-        identity: identity.map(|i| (i, route.headers)),
+        identity,
+        identity_headers: &route.headers,
     };
     let mut rewritten = HeaderMap::with_capacity(parts.headers.len() + 12);
     headers::rewrite(|| parts.headers.iter(), &outgoing, &mut rewritten);
