@@ -51,6 +51,10 @@ async fn answer(
             // Ready: built, and the session store answers.
             let store = app.gateway().sessions.count_authenticated().await;
             match (app.is_ready(), store) {
+                _ if app.is_stopping() => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: shutting down\n",
+                ),
                 (true, Ok(_)) => text(StatusCode::OK, "ready\n"),
                 (false, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n"),
                 (_, Err(_)) => text(

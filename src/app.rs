@@ -21,6 +21,8 @@ pub struct App {
     shared: Shared,
     pub metrics: Arc<Metrics>,
     ready: AtomicBool,
+    /// SIGTERM came: `/readyz` says so, requests are still served.
+    stopping: AtomicBool,
     /// The watched files as they were when the first config was read.
     startup_stamps: std::sync::Mutex<Option<Stamps>>,
 }
@@ -64,6 +66,7 @@ impl App {
             shared,
             metrics,
             ready: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
             startup_stamps: std::sync::Mutex::new(Some(startup_stamps)),
         }))
     }
@@ -76,6 +79,15 @@ impl App {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Shutting down: not ready for new traffic any more.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Read the config file (and the users file it names) again and swap

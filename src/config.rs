@@ -67,6 +67,11 @@ pub struct Server {
     /// `server.shutdown_timeout`, default 10s: how long in-flight requests
     /// get after SIGTERM.
     pub shutdown_timeout: Duration,
+    /// `server.shutdown_delay`, default 0: after SIGTERM, how long `/readyz`
+    /// answers 503 while the listener still accepts and serves, so that a
+    /// load balancer (a Kubernetes endpoint) stops sending new connections
+    /// before they would be refused. A second signal ends the wait.
+    pub shutdown_delay: Duration,
     /// `server.fast_lane`, default true: plain-HTTP/1.1 requests of the
     /// common shape are served by the hand-written lane in `h1`.
     pub fast_lane: bool,

@@ -516,7 +516,22 @@ pub async fn serve(app: Arc<App>) -> Result<(), String> {
     tokio::spawn(crate::app::watch(app.clone(), tls));
     let scheme = if front.tls.is_some() { "https" } else { "http" };
     tracing::info!("listening on {local} ({scheme})");
-    front.run(listener, shutdown_signal()).await;
+    let delay = server.shutdown_delay;
+    let stopping = app.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        stopping.stop();
+        if !delay.is_zero() {
+            tracing::info!(
+                "shutting down: /readyz answers 503; still serving for {delay:?} (server.shutdown_delay) so load balancers can stop sending traffic"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {},
+                _ = shutdown_signal() => tracing::info!("a second signal: not waiting any longer"),
+            }
+        }
+    };
+    front.run(listener, shutdown).await;
     Ok(())
 }
 

@@ -68,6 +68,52 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits() {
     );
 }
 
+/// With `server.shutdown_delay`, SIGTERM first turns `/readyz` to 503 while
+/// the listener keeps serving, new connections included; after the delay
+/// it stops accepting and exits. A load balancer polling readiness stops
+/// sending before anything is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_says_not_ready_and_keeps_serving_for_the_shutdown_delay() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), "").replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\nshutdown_delay = \"2s\"\n",
+    );
+    let mut gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let admin = format!("http://{}", gate.admin.expect("admin address"));
+    let client = reqwest::Client::new();
+    let ready = |client: &reqwest::Client| {
+        let url = format!("{admin}/readyz");
+        let client = client.clone();
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(ready(&client).await.unwrap(), 200);
+    let started = std::time::Instant::now();
+    gate.signal("TERM");
+    gate.wait_for_log("still serving for", Duration::from_secs(2));
+    assert_eq!(ready(&client).await.unwrap(), 503);
+    // New connections, and requests on them, are still served.
+    for _ in 0..3 {
+        let fresh = reqwest::Client::new();
+        let response = fresh.get(gate.url("/public/x")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the checks took too long"
+    );
+    let status = gate
+        .wait_exit(Duration::from_secs(6))
+        .expect("flowgate exits after the delay and the drain");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "exited before the delay: {:?}",
+        started.elapsed()
+    );
+}
+
 /// Connections with nothing in flight do not hold a shutdown up: one that
 /// never sent a byte, and keep-alive ones idle after a request on either
 /// path (the fast lane's `/public/…`, the general path's stylesheet).

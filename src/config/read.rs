@@ -548,6 +548,7 @@ impl<'a> Reader<'a> {
             self.duration(&mut s, "keepalive_timeout", Duration::from_secs(60), false);
         let shutdown_timeout =
             self.duration(&mut s, "shutdown_timeout", Duration::from_secs(10), true);
+        let shutdown_delay = self.duration(&mut s, "shutdown_delay", Duration::ZERO, true);
         let fast_lane = self.bool(&mut s, "fast_lane", true);
         self.finish(s);
         Server {
@@ -562,6 +563,7 @@ impl<'a> Reader<'a> {
             header_read_timeout,
             keepalive_timeout,
             shutdown_timeout,
+            shutdown_delay,
             fast_lane,
         }
     }
