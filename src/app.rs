@@ -140,25 +140,49 @@ impl App {
     }
 }
 
-/// Settings a running process cannot change: listeners and threads.
+/// Settings a running process reads once, at start: the listeners, the
+/// runtime, the connection limits and timeouts hyper's server was built
+/// with, the shutdown timings, the log setup, the session store. The docs'
+/// "Reloading" section lists the same keys.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    if old.server.listen != new.server.listen {
-        changed.push("server.listen");
-    }
-    if old.server.workers != new.server.workers {
-        changed.push("server.workers");
-    }
-    if old.server.tls.is_empty() != new.server.tls.is_empty() {
-        changed.push("server.tls (on/off)");
-    }
-    if old.admin.listen != new.admin.listen {
-        changed.push("admin.listen");
-    }
-    if old.session.store != new.session.store {
-        changed.push("session.store");
-    }
-    changed
+    let (a, b) = (&old.server, &new.server);
+    [
+        ("server.listen", a.listen != b.listen),
+        ("server.workers", a.workers != b.workers),
+        ("server.tls (on/off)", a.tls.is_empty() != b.tls.is_empty()),
+        (
+            "server.max_connections",
+            a.max_connections != b.max_connections,
+        ),
+        (
+            "server.max_header_bytes",
+            a.max_header_bytes != b.max_header_bytes,
+        ),
+        ("server.max_headers", a.max_headers != b.max_headers),
+        (
+            "server.header_read_timeout",
+            a.header_read_timeout != b.header_read_timeout,
+        ),
+        (
+            "server.keepalive_timeout",
+            a.keepalive_timeout != b.keepalive_timeout,
+        ),
+        (
+            "server.shutdown_timeout",
+            a.shutdown_timeout != b.shutdown_timeout,
+        ),
+        (
+            "server.shutdown_delay",
+            a.shutdown_delay != b.shutdown_delay,
+        ),
+        ("admin.listen", old.admin.listen != new.admin.listen),
+        ("log.format", old.log.format != new.log.format),
+        ("log.level", old.log.level != new.log.level),
+        ("session.store", old.session.store != new.session.store),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }
 
 /// How often watched files are checked for changes.
@@ -183,6 +207,8 @@ pub async fn watch(app: Arc<App>, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>
         Some(stamps) => stamps,
         None => Stamps::read(&app).await,
     };
+    // The certificate and key files the running TLS settings were read from.
+    let mut certificates_seen = seen.certificates();
     loop {
         #[cfg(unix)]
         let signalled = async {
@@ -224,12 +250,21 @@ pub async fn watch(app: Arc<App>, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>
                 );
             }
         }
-        if let Some(tls) = &tls {
+        // Certificates are read again only when they (or the list of them)
+        // changed: a reload for a users file is not a certificate reload.
+        let certificates_now = Stamps::read(&app).await.certificates();
+        if let Some(tls) = tls
+            .as_ref()
+            .filter(|_| certificates_now != certificates_seen)
+        {
             let certificates = app.gateway().config.server.tls.clone();
             match tokio::task::spawn_blocking(move || crate::tls::server_config(&certificates))
                 .await
             {
-                Ok(Ok(config)) => tls.store(Arc::new(config)),
+                Ok(Ok(config)) => {
+                    tls.store(Arc::new(config));
+                    certificates_seen = certificates_now;
+                }
                 Ok(Err(error)) => {
                     tracing::error!("certificates not reloaded; the running ones stay: {error}")
                 }
@@ -252,6 +287,15 @@ pub(crate) struct Stamps {
 }
 
 impl Stamps {
+    /// The TLS certificate and key files' part (they come after the config
+    /// and the users file).
+    fn certificates(&self) -> Stamps {
+        Stamps {
+            paths: self.paths.get(2..).unwrap_or_default().to_vec(),
+            stamps: self.stamps.get(2..).unwrap_or_default().to_vec(),
+        }
+    }
+
     fn paths(config: &Config) -> Vec<PathBuf> {
         let mut paths = vec![config.path.clone(), config.directory.users_file.clone()];
         for tls in &config.server.tls {

@@ -68,6 +68,30 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits() {
     );
 }
 
+/// A reload that changes a key read only at start says which, and applies
+/// the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_names_the_keys_that_take_a_restart() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), "");
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let changed = config.replace(
+        "[session]",
+        "[log]\nformat = \"json\"\nlevel = \"debug\"\n\n[session]",
+    );
+    assert_ne!(changed, config);
+    std::fs::write(gate.path().join("flowgate.toml"), changed).unwrap();
+    gate.signal("HUP");
+    gate.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    let log = gate.log();
+    for key in ["log.format", "log.level"] {
+        assert!(
+            log.contains(&format!("{key} changed: that takes a restart")),
+            "{key}: {log}"
+        );
+    }
+}
+
 /// With `server.shutdown_delay`, SIGTERM first turns `/readyz` to 503 while
 /// the listener keeps serving, new connections included; after the delay
 /// it stops accepting and exits. A load balancer polling readiness stops

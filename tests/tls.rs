@@ -493,6 +493,39 @@ async fn replaced_certificate_is_served_to_new_connections_without_a_restart() {
     assert!(presented(&stream) == b.der);
 }
 
+/// A reload for anything else (SIGHUP, the users file) does not read the
+/// certificates again nor log what they serve; a changed certificate does.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_are_read_again_only_when_they_change() {
+    let upstream = Upstream::start().await;
+    let ca = Ca::new("flowgate test CA");
+    let a = ca.issue(&["a.test"], 1);
+    let b = ca.issue(&["b.test"], 2);
+    let gate = start_tls(&upstream.url(), &[("a", &a), ("b", &b)]);
+    let_the_watcher_start().await;
+    let serves = |gate: &Flowgate| gate.log().matches("b.pem serves b.test").count();
+    assert_eq!(serves(&gate), 1, "{}", gate.log());
+    for _ in 0..2 {
+        let before = gate.log().matches("configuration reloaded").count();
+        gate.signal("HUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.log().matches("configuration reloaded").count() == before {
+            assert!(Instant::now() < deadline, "no reload: {}", gate.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(
+        serves(&gate),
+        1,
+        "a reload read the certificates again: {}",
+        gate.log()
+    );
+    let new = ca.issue(&["a.test"], 100);
+    new.write(gate.path(), "a");
+    wait_for_certificate(&gate, &ca, &new.der, Duration::from_secs(15)).await;
+    assert_eq!(serves(&gate), 2, "{}", gate.log());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broken_replacement_keeps_the_running_certificate_and_says_why() {
     let upstream = Upstream::start().await;
