@@ -425,6 +425,10 @@ pub struct RouteConfig {
     pub headers: HeaderSet,
     /// `preserve_host`, default true: send the client's `Host` upstream.
     pub preserve_host: bool,
+    /// `skip_auth_preflight`, default false: CORS preflight requests
+    /// (`OPTIONS` with `Origin` and `Access-Control-Request-Method`), which
+    /// browsers send without cookies, pass anonymously to the upstream.
+    pub skip_auth_preflight: bool,
     /// `case_insensitive`, default false: the upstream reads paths without
     /// regard to case (IIS and the like), so `path_prefix` and `skip_auth`
     /// match that way too (`/ADMIN` is `/admin`).

@@ -184,6 +184,11 @@ impl Listener {
         peer: SocketAddr,
         permit: OwnedSemaphorePermit,
     ) {
+        let mut stream = stream;
+        if plain_http_on_tls(&mut stream).await {
+            tracing::debug!(%peer, "plain HTTP on the TLS listener: answered 400");
+            return;
+        }
         let acceptor = TlsAcceptor::from(tls.load_full());
         let state = Arc::new(ConnState::default());
         let stream = Watchdog::new(stream, state.clone(), self.limits);
@@ -466,6 +471,43 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watchdog<S> {
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
+/// A TLS connection starts with a handshake record (0x16); a plain HTTP
+/// request with a method's letter. Answer the latter with a page that says
+/// so (what a person who typed `http://` sees) instead of a handshake
+/// error. Whether it was one; the connection is then done.
+async fn plain_http_on_tls(stream: &mut TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(TLS_HANDSHAKE, stream.peek(&mut first)).await;
+    if !matches!(peeked, Ok(Ok(1))) || !first[0].is_ascii_uppercase() {
+        return false;
+    }
+    const BODY: &str = "This port speaks HTTPS: use an https:// address.\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    // Best effort: the client may be gone already. The request is read
+    // off after the answer, so that closing does not reset the connection
+    // (and lose the answer) over unread bytes.
+    let _ = tokio::time::timeout(TLS_HANDSHAKE, async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    true
+}
+
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -192,8 +192,9 @@ impl Gateway {
         )
     }
 
-    /// 403: signed in, but not someone this route lets in.
-    pub fn forbidden(&self, audience: Audience, user: &Identity) -> Response<Body> {
+    /// 403: signed in, but not someone this route lets in. The page offers
+    /// to sign out and come back to `target`: signing in as someone else.
+    pub fn forbidden(&self, audience: Audience, user: &Identity, target: &str) -> Response<Body> {
         match audience {
             Audience::Browser => self.page(
                 StatusCode::FORBIDDEN,
@@ -202,7 +203,14 @@ impl Gateway {
                     "You are signed in as {}, but this application is not open to you.",
                     user.username
                 ),
-                None,
+                Some((
+                    &format!(
+                        "{}/sign_out?rd={}",
+                        self.config.server.prefix,
+                        crate::gate::encode(target)
+                    ),
+                    "Sign in as someone else",
+                )),
             ),
             Audience::Api => json_response(
                 StatusCode::FORBIDDEN,

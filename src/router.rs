@@ -93,6 +93,11 @@ impl Gateway {
                 headers.get("sec-fetch-mode").map(|v| v.as_bytes()),
                 headers.get(ACCEPT).map(|v| v.as_bytes()),
             ),
+            preflight: crate::gate::is_preflight(
+                method,
+                headers.contains_key(http::header::ORIGIN),
+                headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD),
+            ),
             client_ip: context.client_ip,
             https: context.https,
         };
@@ -141,7 +146,7 @@ impl Gateway {
                 step_up,
             ),
             Verdict::Forbidden { identity, .. } => {
-                let response = self.forbidden(audience, &identity);
+                let response = self.forbidden(audience, &identity, &path.target());
                 return (response, Some(identity), route);
             }
         };

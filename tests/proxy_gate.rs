@@ -323,6 +323,88 @@ async fn route_allow_list_gives_403_to_others() {
     assert_eq!(bob.get(gate.url("/")).send().await.unwrap().status(), 403);
     let alice = logged_in(&gate).await;
     assert_eq!(alice.get(gate.url("/")).send().await.unwrap().status(), 200);
+
+    // The page offers a way out: sign out, and come back here to sign in
+    // as someone else.
+    let page = bob
+        .get(gate.url("/reports?q=1"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 403);
+    // The page escapes `/` as `&#x2f;` in attributes.
+    let html = page.text().await.unwrap().replace("&#x2f;", "/");
+    let link = "/_flowgate/sign_out?rd=%2Freports%3Fq%3D1";
+    assert!(html.contains(link), "{html}");
+    assert!(html.contains("Sign in as someone else"), "{html}");
+    let confirm = bob
+        .get(gate.url(link))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = input_value(&confirm, "csrf_token").expect("the sign-out form has a CSRF token");
+    let action = form_action(&confirm).expect("a form");
+    let signed_out = bob
+        .post(gate.url(&action))
+        .form(&[("csrf_token", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_out.status(), 303);
+    assert_eq!(location(&signed_out), "/reports?q=1");
+    let after = bob
+        .get(gate.url("/reports?q=1"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 302, "signed out: on to the login page");
+}
+
+/// CORS preflights carry no cookie: a route may let them through
+/// (`skip_auth_preflight`); only real preflights, and only there. On both
+/// lanes.
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_preflights_pass_where_the_route_says_so() {
+    let upstream = Upstream::start().await;
+    for fast_lane in [true, false] {
+        let config = basic_config(&upstream.url(), "")
+            .replace(
+                "listen = \"127.0.0.1:0\"\n",
+                &format!("listen = \"127.0.0.1:0\"\nfast_lane = {fast_lane}\n"),
+            )
+            .replace(
+                "skip_auth = [\"^/public(/|$)\"]",
+                "skip_auth = [\"^/public(/|$)\"]\n\n[[route]]\nhost = \"*\"\npath_prefix = \"/cors\"\n\
+                 upstream = \"UPSTREAM\"\nskip_auth_preflight = true",
+            )
+            .replace("UPSTREAM", &upstream.url());
+        let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+        let options = |path: &str, preflight: bool| {
+            let mut request = client()
+                .request(reqwest::Method::OPTIONS, gate.url(path))
+                .header("origin", "https://other.example");
+            if preflight {
+                request = request.header("access-control-request-method", "PUT");
+            }
+            request.send()
+        };
+        let passed = options("/cors/items", true).await.unwrap();
+        assert_eq!(passed.status(), 200, "fast lane {fast_lane}");
+        let echo: Value = passed.json().await.unwrap();
+        assert_eq!(echo["method"], "OPTIONS");
+        assert!(echo["headers"].get("x-forwarded-user").is_none(), "{echo}");
+        let not_a_preflight = options("/cors/items", false).await.unwrap();
+        assert_eq!(not_a_preflight.status(), 401, "fast lane {fast_lane}");
+        let other_route = options("/elsewhere", true).await.unwrap();
+        assert_eq!(other_route.status(), 401, "fast lane {fast_lane}");
+        let get = client().get(gate.url("/cors/items")).send().await.unwrap();
+        assert_eq!(get.status(), 401, "fast lane {fast_lane}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -493,6 +493,36 @@ async fn replaced_certificate_is_served_to_new_connections_without_a_restart() {
     assert!(presented(&stream) == b.der);
 }
 
+/// Plain HTTP sent to the TLS port (someone typed `http://`) gets a
+/// readable 400 saying what to do, not a handshake error; TLS still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_on_the_tls_port_gets_a_readable_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let ca = Ca::new("flowgate test CA");
+    let a = ca.issue(&["a.test"], 1);
+    let gate = start_tls(&upstream.url(), &[("a", &a)]);
+    let mut plain = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), plain.read_to_string(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("https://"), "{answer}");
+    let stream = connect(gate.addr, Some("a.test"), Some(&ca), BOTH)
+        .await
+        .unwrap();
+    assert!(presented(&stream) == a.der);
+}
+
 /// A reload for anything else (SIGHUP, the users file) does not read the
 /// certificates again nor log what they serve; a changed certificate does.
 #[tokio::test(flavor = "multi_thread")]

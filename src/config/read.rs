@@ -1222,6 +1222,7 @@ impl<'a> Reader<'a> {
                 },
             };
             let case_insensitive = self.bool(&mut s, "case_insensitive", false);
+            let skip_auth_preflight = self.bool(&mut s, "skip_auth_preflight", false);
             let mut skip_auth = Vec::new();
             if let Some((items, _)) = self.strings(&mut s, "skip_auth") {
                 for (pattern, place) in items {
@@ -1269,6 +1270,7 @@ impl<'a> Reader<'a> {
                     headers,
                     preserve_host,
                     case_insensitive,
+                    skip_auth_preflight,
                     escaped_slashes,
                     path_parameters,
                 });

@@ -22,6 +22,9 @@ pub struct Request<'a> {
     pub path: &'a Canonical<'a>,
     /// A top-level page load, which can follow a redirect to a login page.
     pub navigation: bool,
+    /// A CORS preflight: `OPTIONS` with `Origin` and
+    /// `Access-Control-Request-Method`, sent by browsers without cookies.
+    pub preflight: bool,
     pub client_ip: IpAddr,
     pub https: bool,
 }
@@ -127,7 +130,8 @@ pub fn decide<'r>(
              a case-insensitive (Windows) upstream reads it as another name",
         );
     }
-    let public = route.skip_auth.iter().any(|re| re.is_match(&path));
+    let public = (request.preflight && route.skip_auth_preflight)
+        || route.skip_auth.iter().any(|re| re.is_match(&path));
     let flow = route.flow.as_str();
     match session {
         Some(signed) if allowed(route, &signed.identity) && signed.completed(flow) => {
@@ -227,6 +231,12 @@ pub fn allowed(route: &RouteConfig, identity: &Identity) -> bool {
             .any(|g| identity.groups.iter().any(|have| have == g))
 }
 
+/// A CORS preflight (Fetch standard): what a browser sends, without
+/// cookies, before a cross-origin request that is not "simple".
+pub fn is_preflight(method: &str, origin: bool, request_method: bool) -> bool {
+    method == "OPTIONS" && origin && request_method
+}
+
 /// A top-level page load (PROTOCOL.md §7, complaints 6–9): GET or HEAD, not
 /// marked as XHR, and `Sec-Fetch-Mode: navigate`, or without that header
 /// an `Accept` that takes HTML. Fetches and API clients get a 401 instead
@@ -270,6 +280,7 @@ mod tests {
             headers: HeaderSet::default(),
             preserve_host: true,
             case_insensitive: false,
+            skip_auth_preflight: false,
             escaped_slashes: PathRule::Refuse,
             path_parameters: PathRule::Refuse,
         }
@@ -306,6 +317,7 @@ mod tests {
             host: "app.test",
             path: &path,
             navigation,
+            preflight: false,
             client_ip: "127.0.0.1".parse().unwrap(),
             https: false,
         };
@@ -506,6 +518,44 @@ mod tests {
         assert_eq!(pick("other.test", "/zz"), Some(2));
         assert_eq!(pick("elsewhere", "/zz/deep"), Some(1));
         assert_eq!(pick("elsewhere", "/zz"), Some(0));
+    }
+
+    #[test]
+    fn preflights_pass_only_where_the_route_lets_them() {
+        let mut routes = table();
+        let path = Canonical::of("/api/x").unwrap();
+        let preflight = Request {
+            method: "OPTIONS",
+            host: "app.test",
+            path: &path,
+            navigation: false,
+            preflight: true,
+            client_ip: "127.0.0.1".parse().unwrap(),
+            https: false,
+        };
+        assert!(matches!(
+            decide(&routes, "/_flowgate", &preflight, None),
+            Verdict::Unauthorized { .. }
+        ));
+        routes[0].skip_auth_preflight = true;
+        assert_eq!(
+            decide(&routes, "/_flowgate", &preflight, None),
+            Verdict::Forward {
+                route: 0,
+                identity: None
+            }
+        );
+        let plain_options = Request {
+            preflight: false,
+            ..preflight
+        };
+        assert!(matches!(
+            decide(&routes, "/_flowgate", &plain_options, None),
+            Verdict::Unauthorized { .. }
+        ));
+        assert!(is_preflight("OPTIONS", true, true));
+        assert!(!is_preflight("OPTIONS", true, false));
+        assert!(!is_preflight("GET", true, true));
     }
 
     #[test]

@@ -17,7 +17,8 @@ pub use cookie::{
     start_pre_auth, Assurance,
 };
 pub use decide::{
-    accepts_html, allowed, decide, is_navigation, is_reserved, route, Request, SignedIn, Verdict,
+    accepts_html, allowed, decide, is_navigation, is_preflight, is_reserved, route, Request,
+    SignedIn, Verdict,
 };
 
 use crate::directory::FileDirectory;
@@ -186,6 +187,7 @@ mod tests {
             headers: HeaderSet::default(),
             preserve_host: true,
             case_insensitive: false,
+            skip_auth_preflight: false,
             escaped_slashes: PathRule::Refuse,
             path_parameters: PathRule::Refuse,
         }];
@@ -195,6 +197,7 @@ mod tests {
             host: "app.test",
             path: &path,
             navigation: true,
+            preflight: false,
             client_ip: "127.0.0.1".parse().unwrap(),
             https: false,
         };

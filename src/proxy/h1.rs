@@ -748,6 +748,8 @@ fn prepare(
     let mut accept = None;
     let mut fetch_mode = None;
     let mut requested_with = false;
+    let mut origin = false;
+    let mut request_method = false;
     let mut claimed_proto = None;
     for header in headers {
         let name = header.name;
@@ -783,6 +785,10 @@ fn prepare(
             fetch_mode.get_or_insert(header.value);
         } else if name.eq_ignore_ascii_case("x-requested-with") {
             requested_with = true;
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = true;
+        } else if name.eq_ignore_ascii_case("access-control-request-method") {
+            request_method = true;
         } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
             claimed_proto.get_or_insert(header.value);
         }
@@ -825,6 +831,7 @@ fn prepare(
         host: &host,
         path: &path,
         navigation: crate::gate::is_navigation(method, requested_with, fetch_mode, accept),
+        preflight: crate::gate::is_preflight(method, origin, request_method),
         client_ip,
         https,
     };
