@@ -319,7 +319,13 @@ async fn finish(
                         &new_session.csrf,
                         &mut response,
                     );
-                    tracing::info!(user = %username, flow = %slug, second_factor, via = "api", "login succeeded");
+                    crate::login::log_succeeded(
+                        &username,
+                        context.client_ip,
+                        slug,
+                        second_factor,
+                        "api",
+                    );
                 }
                 Err(error) => {
                     return with_headers(unavailable(&error.to_string()), response_headers)

@@ -63,6 +63,7 @@ pub fn main() -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::Demo { listen, password } => {
             init_logging(LogFormat::Text, "info");
+            log_version();
             runtime(2).and_then(|rt| rt.block_on(crate::demo::run(listen, password)))
         }
     };
@@ -92,6 +93,7 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 fn serve(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
     init_logging(config.log.format, &config.log.level);
+    log_version();
     let workers = config.server.workers;
     let runtime = runtime(workers)?;
     let app = crate::build(config, Some(path.to_path_buf())).map_err(|e| anyhow::anyhow!(e))?;
@@ -169,16 +171,51 @@ fn hash_password() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the configured level.
+/// Logs go to stderr; `RUST_LOG` overrides the configured level. Colours
+/// only on a terminal, and never with `NO_COLOR` set: a file, a pipe or
+/// journald gets plain text that fail2ban and grep can read.
 fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let colour = colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Colour codes in the log: on a terminal, unless `NO_COLOR` is set to
+/// anything but the empty string (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// The first line of every run: which flowgate this is.
+fn log_version() {
+    tracing::info!("flowgate {} starting", env!("CARGO_PKG_VERSION"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(
+            colour(true, Some("".as_ref())),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!colour(true, Some("1".as_ref())));
+        assert!(!colour(false, None));
+        assert!(!colour(false, Some("1".as_ref())));
+    }
 }

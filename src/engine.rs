@@ -26,6 +26,7 @@ use crate::flow::{
     ErrorMap, FlowError, FlowExecutor, FlowInfo, FlowRequest, FlowState, Identification, Login,
     Password, PendingUser, Step,
 };
+use crate::login::{FAILED_PASSWORD, FAILED_TOTP};
 use crate::metrics::Metrics;
 use crate::redirect::RedirectPolicy;
 use crate::session::now_secs;
@@ -152,12 +153,29 @@ impl Engine {
         }
     }
 
-    /// A credential check failed: remember it for the throttle, count it.
-    fn failed(&self, identifier: &str, ip: Option<IpAddr>) {
-        self.throttle.failed(identifier, ip);
+    /// A credential check failed: log it (one line, the name as typed),
+    /// remember it for the throttle, count it.
+    fn failed(&self, reason: &'static str, identifier: &str, request: &FlowRequest<'_>) {
+        crate::login::log_failed(reason, identifier, request.client_ip, request.slug);
+        self.throttle.failed(identifier, request.client_ip);
         if let Some(metrics) = &self.metrics {
             metrics.logins_failed.inc();
         }
+    }
+
+    /// Whether the throttle refuses this attempt unchecked; a refusal is
+    /// logged (one line), an attempt let through is not.
+    fn throttled(&self, identifier: &str, request: &FlowRequest<'_>) -> bool {
+        let blocked = self.throttle.blocked(identifier, request.client_ip);
+        if blocked {
+            crate::login::log_failed(
+                crate::login::FAILED_THROTTLED,
+                identifier,
+                request.client_ip,
+                request.slug,
+            );
+        }
+        blocked
     }
 
     fn flow(&self, slug: &str) -> Result<&FlowConfig, FlowError> {
@@ -413,7 +431,7 @@ impl Engine {
                 let user = self.directory.find(identifier, &user_fields);
                 if password {
                     let secret = body.get("password").and_then(Value::as_str).unwrap_or("");
-                    if self.throttle.blocked(identifier, request.client_ip) {
+                    if self.throttled(identifier, request) {
                         return Outcome::Invalid(field_error(
                             "non_field_errors",
                             THROTTLED,
@@ -425,7 +443,7 @@ impl Engine {
                         .verify_password(user.as_deref(), secret)
                         .await
                     {
-                        self.failed(identifier, request.client_ip);
+                        self.failed(FAILED_PASSWORD, identifier, request);
                         return Outcome::Invalid(field_error(
                             "non_field_errors",
                             FAILED_TO_AUTHENTICATE,
@@ -461,7 +479,7 @@ impl Engine {
                         ))
                     }
                 };
-                if self.throttle.blocked(&identifier, request.client_ip) {
+                if self.throttled(&identifier, request) {
                     return Outcome::Invalid(field_error("password", THROTTLED, "throttled"));
                 }
                 let user = self.user(plan);
@@ -473,7 +491,7 @@ impl Engine {
                     plan.password_ok = true;
                     return Outcome::Pass;
                 }
-                self.failed(&identifier, request.client_ip);
+                self.failed(FAILED_PASSWORD, &identifier, request);
                 plan.failed_attempts += 1;
                 if failed_attempts_before_cancel > 0
                     && plan.failed_attempts >= failed_attempts_before_cancel
@@ -499,14 +517,14 @@ impl Engine {
                     }
                 };
                 let identifier = plan.identifier.clone().unwrap_or_default();
-                if self.throttle.blocked(&identifier, request.client_ip) {
+                if self.throttled(&identifier, request) {
                     return Outcome::Invalid(field_error("code", THROTTLED, "throttled"));
                 }
                 if self.directory.verify_totp(&user, &code, now_secs()) {
                     plan.second_factor = true;
                     Outcome::Pass
                 } else {
-                    self.failed(&identifier, request.client_ip);
+                    self.failed(FAILED_TOTP, &identifier, request);
                     Outcome::Invalid(field_error("code", INVALID_TOKEN, "invalid"))
                 }
             }

@@ -435,7 +435,13 @@ async fn finish(
             if let Err(error) = minted.await {
                 return busy(gateway, &error.to_string());
             }
-            tracing::info!(user = %username, flow = %target.slug, second_factor, via = "page", "login succeeded");
+            log_succeeded(
+                &username,
+                context.client_ip,
+                &target.slug,
+                second_factor,
+                "page",
+            );
         }
         Ok(None) => {}
         Err(error) => return busy(gateway, &error.to_string()),
@@ -612,5 +618,101 @@ pub async fn sign_out(
             "Use GET or POST.",
             None,
         ),
+    }
+}
+
+// --- The login log lines ----------------------------------------------------
+//
+// One line per outcome, for people and for fail2ban/CrowdSec
+// (docs/logging.md): a fixed message, then fields in a fixed order. Their
+// target is `flowgate::login`, wherever they are written.
+
+/// `login failed`'s `reason`: the password was wrong (or the user unknown).
+pub(crate) const FAILED_PASSWORD: &str = "password";
+/// `login failed`'s `reason`: the TOTP code was wrong.
+pub(crate) const FAILED_TOTP: &str = "totp";
+/// `login failed`'s `reason`: refused unchecked, too many failures (lockout).
+pub(crate) const FAILED_THROTTLED: &str = "throttled";
+
+/// A user name that the text format may print bare: ASCII letters, digits
+/// and `.` `_` `-` `@` `+`. Any other is printed quoted, with `"`, `\` and
+/// control characters escaped, so that no name can end its field early or
+/// start a line: `user=alice`, `user="bob\" user=\"admin"`. (The JSON format
+/// has the name as a JSON string either way.)
+fn bare(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@' | b'+'))
+}
+
+/// The client address as the log prints it; `-` when there is none.
+struct Client(Option<std::net::IpAddr>);
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// A login attempt failed or was refused: `login failed reason=… user=…
+/// client=… flow=…`, at warn. `user` is the name as typed, known or not;
+/// never the password or the code.
+pub(crate) fn log_failed(
+    reason: &'static str,
+    user: &str,
+    client: Option<std::net::IpAddr>,
+    flow: &str,
+) {
+    let client = Client(client);
+    // A `&str` field is quoted and escaped by the text format (and a plain
+    // string in JSON); `%` prints it as it is, for names that need no quotes.
+    if bare(user) {
+        tracing::warn!(target: "flowgate::login", reason = %reason, user = %user, client = %client, flow = %flow, "login failed");
+    } else {
+        tracing::warn!(target: "flowgate::login", reason = %reason, user, client = %client, flow = %flow, "login failed");
+    }
+}
+
+/// Someone logged in: `login succeeded user=… client=… flow=…
+/// second_factor=… via=…`, at info. `user` is the account's username.
+pub(crate) fn log_succeeded(
+    user: &str,
+    client: std::net::IpAddr,
+    flow: &str,
+    second_factor: bool,
+    via: &'static str,
+) {
+    if bare(user) {
+        tracing::info!(target: "flowgate::login", user = %user, client = %client, flow = %flow, second_factor, via = %via, "login succeeded");
+    } else {
+        tracing::info!(target: "flowgate::login", user, client = %client, flow = %flow, second_factor, via = %via, "login succeeded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bare;
+
+    #[test]
+    fn only_plain_names_are_printed_bare() {
+        for name in ["alice", "Alice.Example", "a_b-c", "alice+x@example.test"] {
+            assert!(bare(name), "{name}");
+        }
+        for name in [
+            "",
+            "bob\" user=\"admin",
+            "a b",
+            "a=b",
+            "a\\b",
+            "x\ny",
+            "jörg",
+            "a\u{1b}[31m",
+        ] {
+            assert!(!bare(name), "{name:?}");
+        }
     }
 }
