@@ -49,7 +49,7 @@ impl App {
             StoreKind::Memory => Arc::new(MemoryStore::new(config.session.max_pre_auth)),
         };
         if config.session.secret.is_none() {
-            tracing::warn!("no session secret configured (session.secret_file or FLOWGATE_SESSION_SECRET): using a random one, sessions end when flowgate stops");
+            tracing::warn!("no session secret configured (session.secret_file or FLOWGATE_SESSION_SECRET): using a random one for this process (sessions are kept in memory and end on restart either way)");
         }
         let metrics = Arc::new(Metrics::new());
         let shared = Shared {
@@ -185,15 +185,34 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     .collect()
 }
 
+/// SIGHUP, listened for: made before the listener says it listens, so that
+/// a reload asked for right after does not end the process (SIGHUP's
+/// default action).
+#[cfg(unix)]
+pub struct Hangup(Option<tokio::signal::unix::Signal>);
+#[cfg(not(unix))]
+pub struct Hangup;
+
+impl Hangup {
+    pub fn listen() -> Hangup {
+        #[cfg(unix)]
+        return Hangup(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok());
+        #[cfg(not(unix))]
+        Hangup
+    }
+}
+
 /// How often watched files are checked for changes.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reload on SIGHUP, and when the config file, the users file or a TLS
 /// certificate changes on disk. A reload that fails keeps what runs and
 /// logs why; certificates are swapped for new connections only.
-pub async fn watch(app: Arc<App>, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>) {
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+pub async fn watch(
+    app: Arc<App>,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    mut hangup: Hangup,
+) {
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // What the running config was built from: stamped at startup, before
@@ -212,7 +231,7 @@ pub async fn watch(app: Arc<App>, tls: Option<Arc<ArcSwap<rustls::ServerConfig>>
     loop {
         #[cfg(unix)]
         let signalled = async {
-            match hangup.as_mut() {
+            match hangup.0.as_mut() {
                 Some(signal) => signal.recv().await,
                 None => std::future::pending().await,
             }

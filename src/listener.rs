@@ -532,6 +532,8 @@ pub async fn shutdown_signal() {
 /// Bind the gateway's and the admin listener, log where, and serve until a
 /// shutdown signal. Reloads (SIGHUP, changed files) run alongside.
 pub async fn serve(app: Arc<App>) -> Result<(), String> {
+    // Before anything says it listens: a SIGHUP from then on is a reload.
+    let hangup = crate::app::Hangup::listen();
     let gateway = app.gateway();
     let server = &gateway.config.server;
     let tls = match server.tls.is_empty() {
@@ -555,7 +557,7 @@ pub async fn serve(app: Arc<App>) -> Result<(), String> {
         let open_connections = Arc::new(move || open.open_connections());
         tokio::spawn(crate::admin::serve(admin, app.clone(), open_connections));
     }
-    tokio::spawn(crate::app::watch(app.clone(), tls));
+    tokio::spawn(crate::app::watch(app.clone(), tls, hangup));
     let scheme = if front.tls.is_some() { "https" } else { "http" };
     tracing::info!("listening on {local} ({scheme})");
     let delay = server.shutdown_delay;
