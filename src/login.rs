@@ -106,9 +106,18 @@ pub async fn page(
         );
     }
     let query = request.uri().query().unwrap_or("");
+    // A `next` flowgate will not follow is dropped here, before any
+    // password: the sign-in then ends at `/` instead of failing at the end.
+    let next = crate::flow::form_urlencoded_get(query, "next").filter(|next| {
+        let allowed = gateway.redirects.check(next).is_some();
+        if !allowed {
+            tracing::debug!("login page: next is not an allowed target; / instead");
+        }
+        allowed
+    });
     let mut target = Target {
         slug: slug.to_owned(),
-        next: crate::flow::form_urlencoded_get(query, "next"),
+        next,
         fid: crate::flow::form_urlencoded_get(query, "fid"),
     };
     let session = crate::gate::session(gateway, request.headers()).await;
