@@ -76,6 +76,7 @@ fn session_check(c: &mut Criterion) {
         metrics: Arc::new(Metrics::new()),
         throttle: Arc::new(Throttle::default()),
         used_codes: Arc::default(),
+        client_starts: Arc::default(),
     };
     let gateway = Gateway::new(config, &shared).expect("the gateway builds");
     let signer = CookieSigner::new(SECRET.as_bytes());

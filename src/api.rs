@@ -367,7 +367,7 @@ fn with_headers(mut response: Response<Body>, headers: http::HeaderMap) -> Respo
 }
 
 fn unavailable(reason: &str) -> Response<Body> {
-    tracing::warn!(reason, "login temporarily unavailable");
+    crate::respond::login_unavailable(reason);
     json_response(
         StatusCode::SERVICE_UNAVAILABLE,
         &json!({"detail": "Login is temporarily unavailable. Try again shortly."}),

@@ -38,6 +38,8 @@ pub struct Shared {
     pub throttle: Arc<Throttle>,
     /// TOTP codes already used: good once, whatever reloads come between.
     pub used_codes: crate::directory::UsedCodes,
+    /// Logins started per client address.
+    pub client_starts: Arc<crate::session::ClientStarts>,
 }
 
 impl App {
@@ -58,6 +60,7 @@ impl App {
             metrics: metrics.clone(),
             throttle: Arc::default(),
             used_codes: Arc::default(),
+            client_starts: Arc::default(),
         };
         let gateway = Gateway::new(config, &shared)?;
         Ok(Arc::new(App {

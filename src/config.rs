@@ -164,6 +164,10 @@ pub struct SessionConfig {
     pub pre_auth_ttl: Duration,
     /// `session.max_pre_auth`, default 10000: logins in progress at once.
     pub max_pre_auth: usize,
+    /// `session.max_pre_auth_per_client`, default 100: logins started from
+    /// one client address within `pre_auth_ttl`, so that one address cannot
+    /// fill the store for everybody.
+    pub max_pre_auth_per_client: usize,
     /// `session.allowed_redirect_hosts`: hosts an absolute `next` may point
     /// at, besides every route's host. Entries like `*.example.com` match
     /// subdomains.

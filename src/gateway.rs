@@ -27,6 +27,8 @@ pub struct Gateway {
     /// The users file as of this gateway's load: sessions are resolved
     /// against it on every decision (`gate::live`).
     pub(crate) directory: Arc<FileDirectory>,
+    /// Logins started per client address (shared by every gateway).
+    pub(crate) client_starts: Arc<crate::session::ClientStarts>,
     pub(crate) sessions: Arc<dyn SessionStore>,
     pub(crate) signer: CookieSigner,
     pub(crate) pages: Pages,
@@ -82,6 +84,7 @@ impl Gateway {
         Ok(Gateway {
             executor,
             directory,
+            client_starts: shared.client_starts.clone(),
             sessions,
             signer: CookieSigner::new(secret),
             pages: Pages::new(),

@@ -489,7 +489,7 @@ fn lost(gateway: &Gateway, context: &Context, target: &Target) -> Response<Body>
 }
 
 fn busy(gateway: &Gateway, reason: &str) -> Response<Body> {
-    tracing::warn!(reason, "login temporarily unavailable");
+    crate::respond::login_unavailable(reason);
     gateway.page(
         StatusCode::SERVICE_UNAVAILABLE,
         "Try again shortly",

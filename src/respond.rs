@@ -252,6 +252,23 @@ impl Gateway {
     }
 }
 
+/// Logs "login temporarily unavailable" at most once per ten seconds, with
+/// how many such answers went unlogged since: a flood of anonymous
+/// requests answered 503 must not flood the log as well.
+pub(crate) fn login_unavailable(reason: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static UNLOGGED: AtomicU64 = AtomicU64::new(0);
+    let now = crate::session::now_secs();
+    let last = LAST.load(Relaxed);
+    if now >= last + 10 && LAST.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+        let unlogged_since = UNLOGGED.swap(0, Relaxed);
+        tracing::warn!(reason, unlogged_since, "login temporarily unavailable");
+    } else {
+        UNLOGGED.fetch_add(1, Relaxed);
+    }
+}
+
 /// A plain-text answer (the admin listener's).
 pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut response = Response::new(crate::full(body));

@@ -374,6 +374,36 @@ impl SessionStore for MemoryStore {
     }
 }
 
+/// Logins started per client address, in fixed windows of the pre-auth
+/// lifetime: one address cannot take every pre-auth slot. In memory, per
+/// process (it bounds what this process stores).
+#[derive(Default)]
+pub struct ClientStarts {
+    map: std::sync::Mutex<HashMap<std::net::IpAddr, (u64, usize)>>,
+}
+
+impl ClientStarts {
+    /// Count one start for `client`, if it has started fewer than `limit`
+    /// in the `window` (seconds) that holds `now`.
+    pub fn admit(&self, client: std::net::IpAddr, limit: usize, window: u64, now: u64) -> bool {
+        let window = window.max(1);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= 65_536 {
+            // Many addresses: forget those whose window has passed.
+            map.retain(|_, (since, _)| now < *since + window);
+        }
+        let entry = map.entry(client).or_insert((now, 0));
+        if now >= entry.0 + window {
+            *entry = (now, 0);
+        }
+        if entry.1 >= limit {
+            return false;
+        }
+        entry.1 += 1;
+        true
+    }
+}
+
 /// Signs and checks cookie values: `<id>.<mac>`, both base64url, the MAC an
 /// HMAC-SHA256 of the id under a key derived from the configured secret. A
 /// value that fails the check never reaches the store.
@@ -584,6 +614,20 @@ mod tests {
         assert_eq!(store.purge_expired().await.unwrap(), 2, "c1 and z");
         assert!(store.get("b1").await.unwrap().is_some());
         assert!(store.get("p1").await.unwrap().is_some());
+    }
+
+    #[test]
+    fn logins_started_per_client_are_bounded_per_window() {
+        let starts = ClientStarts::default();
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        assert!((0..3).all(|_| starts.admit(a, 3, 60, 1000)));
+        assert!(
+            !starts.admit(a, 3, 60, 1010),
+            "a fourth from a, same window"
+        );
+        assert!(starts.admit(b, 3, 60, 1010), "b is not held up by a");
+        assert!(starts.admit(a, 3, 60, 1060), "a new window");
     }
 
     #[test]

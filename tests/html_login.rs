@@ -426,3 +426,55 @@ async fn logins_in_progress_are_bounded_in_number_and_time() {
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(start(fourth).await, 303);
 }
+
+/// A flood of login starts from one address fills that address's share
+/// (`max_pre_auth_per_client`), not the store: a visitor from another
+/// address signs in all the same, and the log says so in a line or two,
+/// not one per refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_from_one_address_does_not_stop_a_login_from_another() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), "").replace(
+        "[session]\n",
+        "[session]\nmax_pre_auth = 50\nmax_pre_auth_per_client = 20\n",
+    );
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let login = format!("/_flowgate/flow/{FLOW}/?next=%2F");
+    let from = |address: &str| {
+        reqwest::Client::builder()
+            .cookie_store(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .local_address(address.parse::<std::net::IpAddr>().unwrap())
+            .timeout(std::time::Duration::from_secs(20))
+            .build()
+            .unwrap()
+    };
+    let mut started = 0;
+    let mut refused = 0;
+    for _ in 0..120 {
+        // A new client each time: no cookie, a new login every request.
+        match from("127.0.0.1")
+            .get(gate.url(&login))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+        {
+            303 => started += 1,
+            503 => refused += 1,
+            other => panic!("flood answered {other}"),
+        }
+    }
+    assert_eq!((started, refused), (20, 100));
+    let other = from("127.0.0.2");
+    let done = submit_login(&other, &gate, &login, "alice", ALICE.password).await;
+    assert_eq!(done.status(), 303, "a login from another address");
+    assert_eq!(location(&done), "/");
+    let warnings = gate.log().matches("login temporarily unavailable").count();
+    assert!(
+        (1..=3).contains(&warnings),
+        "{warnings} warning lines for 100 refusals:\n{}",
+        gate.log()
+    );
+}

@@ -751,6 +751,8 @@ impl<'a> Reader<'a> {
         let pre_auth_ttl =
             self.duration(&mut s, "pre_auth_ttl", Duration::from_secs(15 * 60), false);
         let max_pre_auth = self.integer(&mut s, "max_pre_auth", 10_000, 1) as usize;
+        let max_pre_auth_per_client =
+            self.integer(&mut s, "max_pre_auth_per_client", 100, 1) as usize;
         let mut allowed_redirect_hosts = Vec::new();
         if let Some((items, _)) = self.strings(&mut s, "allowed_redirect_hosts") {
             for (host, place) in items {
@@ -773,6 +775,7 @@ impl<'a> Reader<'a> {
             store,
             pre_auth_ttl,
             max_pre_auth,
+            max_pre_auth_per_client,
             allowed_redirect_hosts,
         }
     }

@@ -78,14 +78,36 @@ pub async fn mint(
     Ok(session)
 }
 
-/// Start a pre-auth session for an anonymous visitor.
+/// Why no login could be started.
+#[derive(Debug, thiserror::Error)]
+pub enum PreAuthError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `session.max_pre_auth_per_client` logins from this address already.
+    #[error("too many logins started from {0}")]
+    Client(std::net::IpAddr),
+}
+
+/// Start a pre-auth session for an anonymous visitor, unless their address
+/// has started too many lately.
 pub async fn start_pre_auth(
     gateway: &Gateway,
     context: &Context,
     response_headers: &mut HeaderMap,
-) -> Result<(String, Session), StoreError> {
-    let ttl = gateway.config.session.pre_auth_ttl;
-    let session = Session::pre_auth(now_secs(), ttl);
+) -> Result<(String, Session), PreAuthError> {
+    let config = &gateway.config.session;
+    let ttl = config.pre_auth_ttl;
+    let now = now_secs();
+    let admitted = gateway.client_starts.admit(
+        context.client_ip,
+        config.max_pre_auth_per_client,
+        ttl.as_secs(),
+        now,
+    );
+    if !admitted {
+        return Err(PreAuthError::Client(context.client_ip));
+    }
+    let session = Session::pre_auth(now, ttl);
     let id = crate::session::random_token();
     gateway.sessions.put(&id, &session, ttl).await?;
     if let Some(value) = cookie_header(gateway, context, &id, None) {
