@@ -153,6 +153,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("server.listen", a.listen != b.listen),
         ("server.workers", a.workers != b.workers),
         ("server.tls (on/off)", a.tls.is_empty() != b.tls.is_empty()),
+        ("server.redirect_http", a.redirect_http != b.redirect_http),
         (
             "server.max_connections",
             a.max_connections != b.max_connections,

@@ -48,6 +48,10 @@ pub struct Server {
     /// certificate for each connection chosen by SNI (the first is the
     /// default). Empty means plain HTTP.
     pub tls: Vec<TlsConfig>,
+    /// `server.redirect_http`: a plain-HTTP listener (`"0.0.0.0:80"`) that
+    /// answers every request with a redirect to the same URL over HTTPS on
+    /// `listen`. Only with `tls`.
+    pub redirect_http: Option<SocketAddr>,
     /// `server.workers`: runtime worker threads, default one per core.
     pub workers: usize,
     /// `server.max_connections`, default 16384: beyond it, new connections

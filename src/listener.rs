@@ -508,6 +508,60 @@ async fn plain_http_on_tls(stream: &mut TcpStream) -> bool {
     true
 }
 
+/// `server.redirect_http`: every request, whatever its method, is sent to
+/// the same host and path over HTTPS on `port` (308: the method and body
+/// are kept). A request without a usable host gets 400.
+async fn redirect_to_https(listener: TcpListener, port: u16) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let service = service_fn(
+                move |request: http::Request<hyper::body::Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(https_redirect(&request, port))
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn https_redirect<B>(request: &http::Request<B>, port: u16) -> http::Response<crate::Body> {
+    if crate::context::host_problem(request).is_some() {
+        return crate::respond::text(StatusCode::BAD_REQUEST, "a request needs one valid Host\n");
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let host = crate::context::host_key(&authority);
+    let host = match host.contains(':') {
+        true => format!("[{host}]"),
+        false => host.into_owned(),
+    };
+    let port = match port {
+        443 => String::new(),
+        port => format!(":{port}"),
+    };
+    let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = format!("https://{host}{port}{target}");
+    crate::respond::redirect(StatusCode::PERMANENT_REDIRECT, &location)
+}
+
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -556,6 +610,14 @@ pub async fn serve(app: Arc<App>) -> Result<(), String> {
         let open = front.clone();
         let open_connections = Arc::new(move || open.open_connections());
         tokio::spawn(crate::admin::serve(admin, app.clone(), open_connections));
+    }
+    if let Some(plain) = server.redirect_http {
+        let plain = TcpListener::bind(plain)
+            .await
+            .map_err(|e| format!("cannot listen on {plain} (server.redirect_http): {e}"))?;
+        let at = plain.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!("redirecting http on {at} to https on port {}", local.port());
+        tokio::spawn(redirect_to_https(plain, local.port()));
     }
     tokio::spawn(crate::app::watch(app.clone(), tls, hangup));
     let scheme = if front.tls.is_some() { "https" } else { "http" };

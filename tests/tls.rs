@@ -523,6 +523,57 @@ async fn plain_http_on_the_tls_port_gets_a_readable_400() {
     assert!(presented(&stream) == a.der);
 }
 
+/// `server.redirect_http`: a plain listener that sends every request to
+/// the same URL over HTTPS (308), and refuses one without a usable host.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_redirect_listener_sends_browsers_to_https() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await;
+    let ca = Ca::new("flowgate test CA");
+    let a = ca.issue(&["a.test"], 1);
+    let dir = tempfile::tempdir().unwrap();
+    a.write(dir.path(), "a");
+    let config = tls_config(&upstream.url(), &["a"]).replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\nredirect_http = \"127.0.0.1:0\"\n",
+    );
+    std::fs::write(dir.path().join("flowgate.toml"), config).unwrap();
+    std::fs::write(dir.path().join("users.toml"), users_file(&[&ALICE])).unwrap();
+    let gate = Flowgate::start_in(dir);
+    gate.wait_for_log("redirecting http on", Duration::from_secs(5));
+    let log = gate.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("redirecting http on"))
+        .unwrap();
+    let plain: SocketAddr = line
+        .split("redirecting http on ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let ask = |head: String| async move {
+        let mut stream = tokio::net::TcpStream::connect(plain).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        answer
+    };
+    let answer = ask(format!(
+        "POST /x/y?q=1 HTTP/1.1\r\nHost: a.test:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        plain.port()
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+    let location = format!("location: https://a.test:{}/x/y?q=1\r\n", gate.addr.port());
+    assert!(answer.to_ascii_lowercase().contains(&location), "{answer}");
+    let answer = ask("GET / HTTP/1.1\r\nConnection: close\r\n\r\n".into()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
 /// A reload for anything else (SIGHUP, the users file) does not read the
 /// certificates again nor log what they serve; a changed certificate does.
 #[tokio::test(flavor = "multi_thread")]

@@ -504,6 +504,26 @@ impl<'a> Reader<'a> {
             None => default_listen(),
         };
         let tls = self.tls(&mut s);
+        let redirect_http = match self.string(&mut s, "redirect_http") {
+            Some((text, place)) => match text.parse::<SocketAddr>() {
+                Ok(_) if tls.is_empty() => {
+                    self.error_at(
+                        &place,
+                        "sends browsers to HTTPS, which this listener does not speak: set server.tls too",
+                    );
+                    None
+                }
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.error_at(
+                        &place,
+                        format!("\"{text}\" is not an address like \"0.0.0.0:80\""),
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         let mut trusted_proxies = Vec::new();
         if let Some((items, _)) = self.strings(&mut s, "trusted_proxies") {
             for (text, place) in items {
@@ -554,6 +574,7 @@ impl<'a> Reader<'a> {
         Server {
             listen,
             tls,
+            redirect_http,
             trusted_proxies,
             prefix,
             workers,
@@ -1901,5 +1922,17 @@ upstream = \"http://127.0.0.1:1/base\"
             assert!(errors.contains(says), "{bad}: {errors}");
             assert!(errors.contains("route[0].headers"), "{bad}: {errors}");
         }
+    }
+
+    #[test]
+    fn a_redirect_listener_needs_tls() {
+        let text = "[server]\nredirect_http = \"0.0.0.0:80\"\n\
+                    [session]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
+                    [[route]]\nupstream = \"http://127.0.0.1:1\"\n";
+        let errors = from_str(text, Path::new("/tmp/flowgate.toml"), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(errors.contains("server.redirect_http"), "{errors}");
+        assert!(errors.contains("set server.tls too"), "{errors}");
     }
 }
