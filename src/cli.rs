@@ -124,6 +124,14 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if config.session.secret.is_none() {
+        // As `serve` says it at start: not an error, but worth knowing.
+        eprintln!(
+            "{}: warning: no session secret (session.secret_file or FLOWGATE_SESSION_SECRET): \
+             flowgate will make a random one per process, and every restart signs everybody out",
+            path.display()
+        );
+    }
     match crate::directory::FileDirectory::load(&config.directory.users_file) {
         Ok(users) => {
             println!(

@@ -73,6 +73,37 @@ fn check_reports_every_error_with_file_line_and_key() {
     );
 }
 
+/// `check` warns as `serve` would about a missing secret, and still
+/// passes: a random secret works, it only signs everybody out on restart.
+#[test]
+fn check_warns_about_a_missing_session_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flowgate.toml");
+    std::fs::write(&path, "[[route]]\nupstream = \"http://127.0.0.1:9\"\n").unwrap();
+    std::fs::write(dir.path().join("users.toml"), "").unwrap();
+    let output = flowgate()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("warning: no session secret"), "{stderr}");
+    let with_secret = flowgate()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .env(
+            "FLOWGATE_SESSION_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        )
+        .output()
+        .unwrap();
+    assert!(with_secret.status.success());
+    assert!(!String::from_utf8_lossy(&with_secret.stderr).contains("warning"));
+}
+
 #[test]
 fn check_names_a_broken_users_file() {
     let dir = tempfile::tempdir().unwrap();

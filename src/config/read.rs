@@ -472,7 +472,7 @@ impl<'a> Reader<'a> {
         let admin = self.admin(root);
         let stages = self.stages(root);
         let flows = self.flows(root, &stages);
-        let routes = self.routes(root, &flows, &proxy);
+        let routes = self.routes(root, &flows, &proxy, session.cookie_domain.as_deref());
         self.finish(top);
         Config {
             path: self.path.to_path_buf(),
@@ -1165,6 +1165,7 @@ impl<'a> Reader<'a> {
         root: &dyn TableLike,
         flows: &[FlowConfig],
         proxy: &ProxyConfig,
+        cookie_domain: Option<&str>,
     ) -> Vec<RouteConfig> {
         let mut routes = Vec::new();
         let Some((key, item)) = root.get_key_value("route") else {
@@ -1193,10 +1194,13 @@ impl<'a> Reader<'a> {
             let path = format!("route[{i}]");
             let line = self.line_of(table.span());
             let mut s = self.table_section(table, path.clone(), line);
-            let host_text = self
-                .string(&mut s, "host")
-                .map(|(h, _)| h)
-                .unwrap_or_else(|| "*".to_owned());
+            let host_entry = self.string(&mut s, "host");
+            if let (Some((host, place)), Some(domain)) = (&host_entry, cookie_domain) {
+                if let Some(why) = outside_cookie_domain(host, domain) {
+                    self.error_at(place, why);
+                }
+            }
+            let host_text = host_entry.map(|(h, _)| h).unwrap_or_else(|| "*".to_owned());
             let host = HostPattern::parse(&host_text);
             let path_prefix = match self.string(&mut s, "path_prefix") {
                 Some((prefix, place)) => {
@@ -1269,21 +1273,20 @@ impl<'a> Reader<'a> {
             let path_parameters = self.path_rule(&mut s, "path_parameters", proxy.path_parameters);
             self.finish(s);
 
+            // Found whether or not either route has other problems.
+            let host_key = host_text.trim().to_ascii_lowercase();
+            if let Some((_, _, first)) = seen
+                .iter()
+                .find(|(h, p, _)| *h == host_key && *p == path_prefix)
+            {
+                self.error(
+                    line,
+                    &path,
+                    format!("same host and path_prefix as route[{first}]; it would never be used"),
+                );
+            }
+            seen.push((host_key, path_prefix.clone(), i));
             if let Some(upstream) = upstream {
-                let host_key = host_text.trim().to_ascii_lowercase();
-                if let Some((_, _, first)) = seen
-                    .iter()
-                    .find(|(h, p, _)| *h == host_key && *p == path_prefix)
-                {
-                    self.error(
-                        line,
-                        &path,
-                        format!(
-                            "same host and path_prefix as route[{first}]; it would never be used"
-                        ),
-                    );
-                }
-                seen.push((host_key, path_prefix.clone(), i));
                 routes.push(RouteConfig {
                     host,
                     path_prefix,
@@ -1313,7 +1316,14 @@ impl<'a> Reader<'a> {
         };
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
-            _ => {
+            Some(other) => {
+                self.error_at(
+                    place,
+                    format!("\"{other}://\" upstreams are not spoken to: use http:// or https://"),
+                );
+                return None;
+            }
+            None => {
                 self.error_at(
                     place,
                     format!("\"{text}\" needs a scheme and host, like \"http://127.0.0.1:3000\""),
@@ -1321,12 +1331,44 @@ impl<'a> Reader<'a> {
                 return None;
             }
         }
-        if uri.authority().is_none_or(|a| a.host().is_empty()) {
+        let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
             self.error_at(place, format!("\"{text}\" has no host"));
             return None;
+        };
+        let mut wrong = Vec::new();
+        if authority.as_str().contains('@') {
+            wrong.push(
+                "credentials (`user:pw@`) in an upstream URL are not sent, and would show in logs"
+                    .to_owned(),
+            );
+        }
+        let port_text = authority.as_str().rsplit_once(':').map(|(_, p)| p);
+        if port_text
+            .is_some_and(|p| !p.is_empty() && !p.contains(']') && authority.port_u16().is_none())
+        {
+            wrong.push("its port is not a number from 1 to 65535".to_owned());
+        }
+        if authority.port_u16() == Some(0) {
+            wrong.push("its port is not a number from 1 to 65535".to_owned());
+        }
+        if text.contains('#') {
+            wrong.push("a #fragment is never sent to a server: remove it".to_owned());
         }
         if uri.query().is_some() {
-            self.error_at(place, "an upstream URL cannot carry a query string");
+            wrong.push("an upstream URL cannot carry a query string".to_owned());
+        }
+        match crate::gate::Canonical::of(uri.path()) {
+            Ok(canonical) if canonical.path == uri.path() => {}
+            Ok(canonical) => wrong.push(format!(
+                "its base path is sent as it is: write it as \"{}\"",
+                canonical.path
+            )),
+            Err(malformed) => wrong.push(format!("its base path: {}", malformed.reason())),
+        }
+        if !wrong.is_empty() {
+            for why in wrong {
+                self.error_at(place, why);
+            }
             return None;
         }
         Some(uri)
@@ -1563,6 +1605,27 @@ fn custom_header_name(name: &str) -> Result<http::HeaderName, String> {
         ));
     }
     Ok(parsed)
+}
+
+/// Why a route for `host` cannot keep a session cookie set for `domain`
+/// (`session.cookie_domain`), if it cannot: browsers drop a cookie whose
+/// domain does not cover the host that sets it, and sign-in there would
+/// never hold.
+fn outside_cookie_domain(host: &str, domain: &str) -> Option<String> {
+    let domain = domain.trim().trim_start_matches('.').to_ascii_lowercase();
+    let host = host.trim().to_ascii_lowercase();
+    let name = match host.strip_prefix("*.") {
+        Some(parent) => parent.to_owned(),
+        None if host == "*" => return None,
+        None => host.clone(),
+    };
+    let covered = name == domain || name.ends_with(&format!(".{domain}"));
+    (!covered).then(|| {
+        format!(
+            "session.cookie_domain is \"{domain}\": browsers drop that cookie on {host}, so \
+             nobody could stay signed in there (use a host under {domain}, or no cookie_domain)"
+        )
+    })
 }
 
 /// Why `prefix` could never match a request, if it could not: requests are
@@ -1825,16 +1888,19 @@ upstream = \"http://127.0.0.1:1/base\"
     fn duplicate_routes_and_odd_upstreams_are_refused() {
         let src = "[[route]]\nupstream = \"https://a.example\"\n\n[[route]]\nupstream = \"ftp://b:1\"\n\n[[route]]\nupstream = \"https://a.example/other\"\n";
         let errors = errors(src);
-        assert_eq!(errors.len(), 2, "{errors:#?}");
+        // The duplicate with a broken upstream is a duplicate all the same.
+        let found: Vec<(Option<usize>, &str)> =
+            errors.iter().map(|e| (e.line, e.key.as_str())).collect();
         assert_eq!(
-            (errors[0].line, errors[0].key.as_str()),
-            (Some(5), "route[1].upstream")
+            found,
+            [
+                (Some(4), "route[1]"),
+                (Some(5), "route[1].upstream"),
+                (Some(7), "route[2]")
+            ],
+            "{errors:#?}"
         );
-        assert_eq!(
-            (errors[1].line, errors[1].key.as_str()),
-            (Some(7), "route[2]")
-        );
-        assert!(errors[1]
+        assert!(errors[2]
             .message
             .contains("same host and path_prefix as route[0]"));
     }
@@ -1934,5 +2000,30 @@ upstream = \"http://127.0.0.1:1/base\"
             .to_string();
         assert!(errors.contains("server.redirect_http"), "{errors}");
         assert!(errors.contains("set server.tls too"), "{errors}");
+    }
+
+    #[test]
+    fn check_finds_what_serve_would_trip_over_in_routes() {
+        let text = "[session]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
+                    cookie_domain = \".home.test\"\n\
+                    [[route]]\nhost = \"app.home.test\"\nupstream = \"http://user:pw@127.0.0.1:1\"\n\
+                    [[route]]\nhost = \"app.home.test\"\nupstream = \"http://127.0.0.1:99999/x#y\"\n\
+                    [[route]]\nhost = \"elsewhere.test\"\nupstream = \"ftp://127.0.0.1/\"\n\
+                    [[route]]\nhost = \"*.home.test\"\nupstream = \"http://127.0.0.1:1/a/../b\"\n";
+        let errors = from_str(text, Path::new("/tmp/flowgate.toml"), &|_| None)
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "route[0].upstream: credentials",
+            "route[1].upstream: its port is not a number",
+            "route[1].upstream: a #fragment",
+            "route[1]: same host and path_prefix as route[0]",
+            "route[2].upstream: \"ftp://\" upstreams are not spoken to",
+            "route[2].host: session.cookie_domain is \"home.test\"",
+            "route[3].upstream: its base path is sent as it is: write it as \"/b\"",
+        ] {
+            assert!(errors.contains(expected), "{expected}:\n{errors}");
+        }
+        assert!(!errors.contains("route[3].host"), "{errors}");
     }
 }
