@@ -652,6 +652,18 @@ impl<'a> Reader<'a> {
     /// `tls = { cert, key }`, `tls = [{ … }, { … }]` or `[[server.tls]]`.
     fn tls(&mut self, server: &mut Section<'_>) -> Vec<TlsConfig> {
         server.known.push("tls");
+        // A table, which no single variable can hold: say so rather than
+        // ignore it.
+        if server.env.is_some() && (self.env)("FLOWGATE_SERVER_TLS").is_some() {
+            self.errors.push(ConfigError {
+                file: "env FLOWGATE_SERVER_TLS".into(),
+                line: None,
+                key: "server.tls".into(),
+                message: "certificates are set in the config file only \
+                          (server.tls = { cert = …, key = … })"
+                    .into(),
+            });
+        }
         let Some((key, item)) = server.table.and_then(|t| t.get_key_value("tls")) else {
             return Vec::new();
         };
@@ -2025,5 +2037,21 @@ upstream = \"http://127.0.0.1:1/base\"
             assert!(errors.contains(expected), "{expected}:\n{errors}");
         }
         assert!(!errors.contains("route[3].host"), "{errors}");
+    }
+
+    #[test]
+    fn tls_from_the_environment_is_refused_not_ignored() {
+        let text = "[session]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
+                    [[route]]\nupstream = \"http://127.0.0.1:1\"\n";
+        let env = |var: &str| (var == "FLOWGATE_SERVER_TLS").then(|| "cert.pem".to_owned());
+        let errors = from_str(text, Path::new("/tmp/flowgate.toml"), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errors.contains(
+                "env FLOWGATE_SERVER_TLS: server.tls: certificates are set in the config file only"
+            ),
+            "{errors}"
+        );
     }
 }
