@@ -10,9 +10,10 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::raw::{ok, Reply, Scripted, Seen};
+use common::totp::{base32, step_now, totp_at, totp_now, wrong_code};
 use common::*;
 use reqwest::cookie::CookieStore;
 use serde_json::{json, Value};
@@ -44,61 +45,6 @@ const OTTO: TestUser = TestUser {
 };
 
 // --- TOTP, computed here and not with flowgate's own code -------------------
-
-/// RFC 6238 TOTP with HMAC-SHA1 (RFC 4226 dynamic truncation), 6 digits.
-fn totp_at(key: &[u8], step: u64) -> String {
-    use hmac::{Hmac, Mac};
-    let mut mac = <Hmac<sha1::Sha1> as Mac>::new_from_slice(key).unwrap();
-    mac.update(&step.to_be_bytes());
-    let digest = mac.finalize().into_bytes();
-    let offset = (digest[19] & 0x0f) as usize;
-    let value = u32::from_be_bytes(digest[offset..offset + 4].try_into().unwrap()) & 0x7fff_ffff;
-    format!("{:06}", value % 1_000_000)
-}
-
-fn step_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        / 30
-}
-
-fn totp_now() -> String {
-    totp_at(TOTP_KEY, step_now())
-}
-
-/// Six digits that are no valid code now (nor one step either side, which
-/// flowgate accepts for clock skew).
-fn wrong_code() -> String {
-    let step = step_now();
-    let valid: Vec<String> = (step - 2..=step + 2)
-        .map(|s| totp_at(TOTP_KEY, s))
-        .collect();
-    (0..)
-        .map(|n: u32| format!("{:06}", n * 111_111 % 1_000_000))
-        .find(|c| !valid.contains(c))
-        .unwrap()
-}
-
-/// RFC 4648 base32, without padding (what a users file's `totp` holds).
-fn base32(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let (mut out, mut buffer, mut bits) = (String::new(), 0u32, 0u32);
-    for &byte in bytes {
-        buffer = (buffer << 8) | u32::from(byte);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
-        }
-        buffer &= (1 << bits) - 1;
-    }
-    if bits > 0 {
-        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
-    }
-    out
-}
 
 #[test]
 fn the_tests_totp_matches_rfc_6238() {
@@ -442,7 +388,7 @@ async fn a_password_session_steps_up_to_the_totp_route_through_the_json_executor
         .cookie(HOST_A, "flowgate_session_csrf")
         .expect("the JSON login sets the CSRF cookie");
     let done = rig
-        .run_flow(HOST_B, TOTP_FLOW, &totp_now(), Some(&csrf))
+        .run_flow(HOST_B, TOTP_FLOW, &totp_now(TOTP_KEY), Some(&csrf))
         .await;
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
 
@@ -493,7 +439,7 @@ async fn a_wrong_totp_code_leaves_the_stricter_route_closed() {
     let csrf = rig.cookie(HOST_A, "flowgate_session_csrf").unwrap();
 
     let refused = rig
-        .run_flow(HOST_B, TOTP_FLOW, &wrong_code(), Some(&csrf))
+        .run_flow(HOST_B, TOTP_FLOW, &wrong_code(TOTP_KEY), Some(&csrf))
         .await;
     assert_eq!(
         refused["component"], "ak-stage-authenticator-validate",
@@ -525,7 +471,9 @@ async fn a_wrong_totp_code_leaves_the_stricter_route_closed() {
 async fn executor_posts_in_a_step_up_need_the_csrf_token() {
     let rig = Rig::start();
     rig.sign_in_on_a().await;
-    let answer = rig.run_flow(HOST_B, TOTP_FLOW, &totp_now(), None).await;
+    let answer = rig
+        .run_flow(HOST_B, TOTP_FLOW, &totp_now(TOTP_KEY), None)
+        .await;
     assert_eq!(answer["component"], "ak-stage-flow-error", "{answer}");
     rig.b_wants_a_step_up("after a step up without the CSRF header")
         .await;
@@ -555,7 +503,7 @@ async fn a_browser_steps_up_through_the_html_pages() {
         } else if html.contains("name=\"password\"") {
             ("password", TINA.password.to_owned())
         } else if html.contains("name=\"code\"") {
-            ("code", totp_now())
+            ("code", totp_now(TOTP_KEY))
         } else {
             panic!("an unexpected page: {html}");
         };
@@ -685,7 +633,7 @@ async fn the_csrf_cookie_reaches_every_host_the_session_cookie_reaches() {
         "the session cookie reaches {HOST_B}, its CSRF cookie does not"
     );
     let done = rig
-        .run_flow(HOST_B, TOTP_FLOW, &totp_now(), csrf.as_deref())
+        .run_flow(HOST_B, TOTP_FLOW, &totp_now(TOTP_KEY), csrf.as_deref())
         .await;
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
 }

@@ -9,8 +9,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::totp::{step_now, totp_at, wrong_code};
 use common::*;
 use regex::{Captures, Regex};
 use serde_json::{json, Value};
@@ -167,36 +168,6 @@ fn flowgate_version_line(log: &str) -> usize {
 
 // --- TOTP, computed here (RFC 6238, HMAC-SHA1, 6 digits) --------------------
 
-fn totp_at(key: &[u8], step: u64) -> String {
-    use hmac::{Hmac, Mac};
-    let mut mac = <Hmac<sha1::Sha1> as Mac>::new_from_slice(key).unwrap();
-    mac.update(&step.to_be_bytes());
-    let digest = mac.finalize().into_bytes();
-    let offset = (digest[19] & 0x0f) as usize;
-    let value = u32::from_be_bytes(digest[offset..offset + 4].try_into().unwrap()) & 0x7fff_ffff;
-    format!("{:06}", value % 1_000_000)
-}
-
-fn step_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        / 30
-}
-
-/// Six digits that are no valid code now, nor a few steps either side.
-fn wrong_code() -> String {
-    let step = step_now();
-    let valid: Vec<String> = (step - 2..=step + 2)
-        .map(|s| totp_at(TOTP_KEY, s))
-        .collect();
-    (1..)
-        .map(|n: u32| format!("{:06}", n * 137_731 % 1_000_000))
-        .find(|c| !valid.contains(c))
-        .unwrap()
-}
-
 #[test]
 fn the_tests_totp_matches_rfc_6238() {
     assert_eq!(totp_at(TOTP_KEY, 59 / 30), "287082");
@@ -321,7 +292,7 @@ async fn every_login_outcome_is_one_text_line_that_fail2ban_and_crowdsec_read() 
         &basic_config(&upstream.url(), ""),
         &users_file(&[&ALICE, &BOB, &TINA]),
     );
-    let wrong_code = wrong_code();
+    let wrong_code = wrong_code(TOTP_KEY);
 
     let answer = api_login(&gate, "alice", "alice-Wrong-Pw-1").await;
     assert_eq!(answer["component"], "ak-stage-password", "{answer}");
@@ -468,7 +439,7 @@ async fn the_json_format_has_the_same_events_as_objects() {
     let upstream = Upstream::start().await;
     let config = basic_config(&upstream.url(), "[log]\nformat = \"json\"\n");
     let gate = Flowgate::start(&config, &users_file(&[&ALICE, &TINA]));
-    let wrong_code = wrong_code();
+    let wrong_code = wrong_code(TOTP_KEY);
 
     api_login(&gate, "alice", "alice-Wrong-Pw-1").await;
     api_login(&gate, "mallory", "mallory-Guess-Pw-2").await;

@@ -198,6 +198,17 @@ async fn connect(
     ca: Option<&Ca>,
     versions: &[&'static SupportedProtocolVersion],
 ) -> Result<TlsStream, std::io::Error> {
+    connect_alpn(addr, name, ca, versions, b"http/1.1").await
+}
+
+/// `connect`, offering `alpn` (`h2` for HTTP/2 over TLS).
+async fn connect_alpn(
+    addr: SocketAddr,
+    name: Option<&str>,
+    ca: Option<&Ca>,
+    versions: &[&'static SupportedProtocolVersion],
+    alpn: &[u8],
+) -> Result<TlsStream, std::io::Error> {
     let builder = rustls::ClientConfig::builder_with_provider(ring())
         .with_protocol_versions(versions)
         .unwrap();
@@ -212,7 +223,7 @@ async fn connect(
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(ring())))
             .with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     // rustls sends no SNI for an IP address.
     let server_name = match name {
         Some(name) => ServerName::try_from(name.to_owned()).unwrap(),
@@ -572,6 +583,94 @@ async fn the_redirect_listener_sends_browsers_to_https() {
     assert!(answer.to_ascii_lowercase().contains(&location), "{answer}");
     let answer = ask("GET / HTTP/1.1\r\nConnection: close\r\n\r\n".into()).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+/// The gate over TLS, HTTP/1.1 and HTTP/2 by ALPN: the same canonical-path
+/// decisions and header stripping as the plain lanes (tests/canonical_gate.rs
+/// and tests/spoofed_headers.rs), spelled by an attacker.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_paths_are_decided_canonically_and_spoofed_headers_stripped() {
+    let upstream = Upstream::start().await;
+    let ca = Ca::new("flowgate test CA");
+    let a = ca.issue(&["a.test"], 1);
+    let gate = start_tls(&upstream.url(), &[("a", &a)]);
+    let spoofed = [
+        ("x-original-url", "/admin"),
+        ("x-real-ip", "6.6.6.6"),
+        ("true-client-ip", "6.6.6.6"),
+        ("x-forwarded-user", "mallory"),
+        ("x_forwarded_for", "6.6.6.6"),
+    ];
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let stream = connect_alpn(gate.addr, Some("a.test"), Some(&ca), BOTH, alpn)
+            .await
+            .unwrap();
+        let io = TokioIo::new(stream);
+        let ask = |path: &'static str, with_spoofs: bool| {
+            let mut request = http::Request::get(path).header("host", "a.test");
+            if with_spoofs {
+                for (name, value) in spoofed {
+                    request = request.header(name, value);
+                }
+            }
+            request.body(Empty::<Bytes>::new()).unwrap()
+        };
+        let mut answers = Vec::new();
+        let rows: [(&str, bool); 6] = [
+            ("/%70ublic/x", false),
+            ("/public/./x//y", false),
+            ("/public/%2e%2e/private", false),
+            ("/public/..;/private", false),
+            ("/public%2Fx", false),
+            ("/public/spoof", true),
+        ];
+        if alpn == b"h2" {
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            for (path, spoofs) in rows {
+                let response = sender.send_request(ask(path, spoofs)).await.unwrap();
+                let status = response.status().as_u16();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                answers.push((path, status, String::from_utf8_lossy(&body).into_owned()));
+            }
+        } else {
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(connection);
+            for (path, spoofs) in rows {
+                let response = sender.send_request(ask(path, spoofs)).await.unwrap();
+                let status = response.status().as_u16();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                answers.push((path, status, String::from_utf8_lossy(&body).into_owned()));
+            }
+        }
+        let lane = String::from_utf8_lossy(alpn).into_owned();
+        let echo = |i: usize| -> Value {
+            serde_json::from_str(&answers[i].2).unwrap_or_else(|_| panic!("{lane}: {answers:?}"))
+        };
+        let statuses: Vec<u16> = answers.iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(
+            statuses,
+            [200, 200, 401, 400, 400, 200],
+            "{lane}: {answers:?}"
+        );
+        assert_eq!(echo(0)["path"], "/public/x", "{lane}");
+        assert_eq!(echo(1)["path"], "/public/x/y", "{lane}");
+        let spoof = echo(5);
+        let text = spoof.to_string();
+        assert!(
+            !text.contains("6.6.6.6") && !text.contains("mallory"),
+            "{lane}: {text}"
+        );
+        assert!(
+            spoof["headers"].get("x-original-url").is_none(),
+            "{lane}: {text}"
+        );
+        assert_eq!(spoof["headers"]["x-real-ip"], "127.0.0.1", "{lane}: {text}");
+        assert_eq!(spoof["path"], "/public/spoof", "{lane}");
+    }
 }
 
 /// A reload for anything else (SIGHUP, the users file) does not read the

@@ -5,6 +5,7 @@
 
 pub mod h2;
 pub mod raw;
+pub mod totp;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
