@@ -4,7 +4,7 @@
 //! authentik clients and other flowgates can log in without a browser. Like
 //! the HTML relay (`login`), it is a thin layer over `FlowExecutor`.
 
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE, VARY};
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, VARY};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -12,8 +12,9 @@ use serde_json::{json, Value};
 
 use crate::context::Context;
 use crate::flow::{Challenge, FlowError, FlowRequest, FlowState, Step};
+use crate::gate::Visitor;
 use crate::gateway::Gateway;
-use crate::session::{now_secs, Session};
+use crate::session::now_secs;
 use crate::{empty, full, Body};
 
 /// Executor request bodies are small JSON objects.
@@ -104,6 +105,32 @@ pub async fn executor(
         .query()
         .and_then(|q| crate::flow::form_urlencoded_get(q, "query"))
         .unwrap_or_default();
+    let mut visitor = crate::gate::visitor(gateway, context, request.headers()).await;
+    let response = run(
+        gateway,
+        context,
+        request,
+        &mut visitor,
+        &slug,
+        &query,
+        &full_path,
+    )
+    .await;
+    visitor.give_cookie(gateway, response)
+}
+
+/// One executor request for `visitor`: their plan for `slug`, asked or
+/// answered, and the step as authentik would put it.
+async fn run(
+    gateway: &Gateway,
+    context: &Context,
+    request: Request<Incoming>,
+    visitor: &mut Visitor,
+    slug: &str,
+    query: &str,
+    full_path: &str,
+) -> Response<Body> {
+    let method = request.method().clone();
     let csrf_header = CSRF_HEADERS
         .iter()
         .find_map(|name| request.headers().get(*name))
@@ -115,57 +142,52 @@ pub async fn executor(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-
-    let mut response_headers = http::HeaderMap::new();
-    let (session_id, mut session) = match crate::gate::session(gateway, request.headers()).await {
-        Some(found) => found,
-        None => match crate::gate::start_pre_auth(gateway, context, &mut response_headers).await {
-            Ok(started) => started,
-            Err(error) => return unavailable(&error.to_string()),
-        },
-    };
-    let identity = session.identity.clone();
+    let identity = visitor.session.identity.clone();
     let key = format!("api:{slug}");
     // One plan per flow for API clients, as authentik keeps it; any other
     // flow's API plan is dropped (§1.4 step 3).
-    session
+    visitor
+        .session
         .flows
         .retain(|f| !f.key.starts_with("api:") || f.key == key);
-    let mut state = session
+    let stored = visitor.session.flow(&key).is_some();
+    let mut state = visitor
+        .session
         .flow(&key)
         .map(|f| f.state.clone())
         .unwrap_or_default();
     let flow_request = FlowRequest {
-        slug: &slug,
-        query: &query,
+        slug,
+        query,
         user: identity.as_deref(),
         client_ip: Some(context.client_ip),
     };
 
-    let step = if method == Method::POST {
-        if identity.is_some() && !csrf_matches(csrf_header.as_deref(), &session.csrf) {
-            return with_headers(
-                flow_error("CSRF token missing or incorrect"),
-                response_headers,
-            );
+    let answered = method == Method::POST;
+    let step = if answered {
+        if identity.is_some() && !csrf_matches(csrf_header.as_deref(), &visitor.session.csrf) {
+            return flow_error("CSRF token missing or incorrect");
         }
         if !content_type
             .split(';')
             .next()
             .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
         {
-            return with_headers(flow_error("body is not application/json"), response_headers);
+            return flow_error("body is not application/json");
         }
         let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(_) => {
-                return with_headers(flow_error("body too large or unreadable"), response_headers)
-            }
+            Err(_) => return flow_error("body too large or unreadable"),
         };
         let value: Value = match serde_json::from_slice(&body) {
             Ok(value @ Value::Object(_)) => value,
-            _ => return with_headers(flow_error("body is not a JSON object"), response_headers),
+            _ => return flow_error("body is not a JSON object"),
         };
+        if !stored {
+            // The challenge being answered was shown from a state never
+            // stored: make it again, then hand it the answer.
+            let _ = gateway.executor.challenge(flow_request, &mut state).await;
+        }
         gateway
             .executor
             .respond(flow_request, &mut state, value)
@@ -177,38 +199,27 @@ pub async fn executor(
     let step = match step {
         Ok(step) => step,
         Err(FlowError::UnknownFlow(_)) => return not_found(),
-        Err(FlowError::Unavailable(reason)) => {
-            return with_headers(unavailable(&reason), response_headers)
-        }
-        Err(FlowError::Internal(reason)) => {
-            return with_headers(flow_error(&reason), response_headers)
-        }
+        Err(FlowError::Unavailable(reason)) => return unavailable(&reason),
+        Err(FlowError::Internal(reason)) => return flow_error(&reason),
     };
 
     if let Step::Done { to } = &step {
         let to = to.clone();
-        return finish(
-            gateway,
-            context,
-            &session_id,
-            session,
-            &key,
-            state,
-            &to,
-            response_headers,
-        )
-        .await;
+        return finish(gateway, context, visitor, &key, state, &to).await;
     }
-    session.set_flow(&key, &slug, state, now_secs());
-    if let Err(error) = crate::gate::save(gateway, &session_id, &session).await {
-        return with_headers(unavailable(&error.to_string()), response_headers);
+    // Stored when answered or moved on by itself (a stage that passed);
+    // showing a challenge of a flow not stored yet stores nothing.
+    if answered || stored || matches!(step, Step::Next) {
+        visitor.session.set_flow(&key, slug, state, now_secs());
+        if let Err(error) = visitor.keep(gateway, context).await {
+            return unavailable(&error.to_string());
+        }
     }
-    let response = match step {
+    match step {
         Step::Challenge(challenge) => executor_response(StatusCode::OK, &challenge.to_json()),
-        Step::Next => next_stage(&full_path),
+        Step::Next => next_stage(full_path),
         Step::Done { .. } => unreachable_done(),
-    };
-    with_headers(response, response_headers)
+    }
 }
 
 fn unreachable_done() -> Response<Body> {
@@ -262,91 +273,61 @@ fn quote_plus(s: &str) -> String {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn finish(
     gateway: &Gateway,
     context: &Context,
-    session_id: &str,
-    mut session: Session,
+    visitor: &mut Visitor,
     key: &str,
     state: FlowState,
     to: &str,
-    response_headers: http::HeaderMap,
 ) -> Response<Body> {
     let login = match gateway.executor.login(&state).await {
         Ok(login) => login,
-        Err(error) => return with_headers(flow_error(&error.to_string()), response_headers),
+        Err(error) => return flow_error(&error.to_string()),
     };
     let mut response = executor_response(StatusCode::OK, &Challenge::redirect(to).to_json());
-    match login {
-        Some(login) if crate::gate::someone_else(&session, &login).is_some() => {
-            let signed_in = crate::gate::someone_else(&session, &login)
-                .unwrap_or_default()
-                .to_owned();
-            tracing::warn!(user = %signed_in, as_user = %login.identity.username, flow = %key, "step up refused: finished as another user");
-            session.set_flow(key, "", FlowState::default(), now_secs());
-            let _ = crate::gate::save(gateway, session_id, &session).await;
-            let denied = Challenge::access_denied(
-                None,
-                format!(
-                    "You are signed in as {signed_in}. To go on as someone else, sign out first."
-                ),
-            );
-            with_headers(
-                executor_response(StatusCode::OK, &denied.to_json()),
-                response_headers,
-            )
+    let Some(login) = login else {
+        visitor
+            .session
+            .set_flow(key, "", FlowState::default(), now_secs());
+        if let Err(error) = visitor.keep(gateway, context).await {
+            return unavailable(&error.to_string());
         }
-        Some(login) => {
-            let username = login.identity.username.clone();
-            let slug = key.strip_prefix("api:").unwrap_or(key);
-            let assurance = crate::gate::assurance_after(&session, &login, slug);
-            let second_factor = assurance.second_factor;
-            match crate::gate::mint(
-                gateway,
-                context,
-                login.identity,
-                assurance,
-                Some(session_id),
-                &mut response,
-            )
-            .await
-            {
-                Ok(new_session) => {
-                    crate::gate::set_csrf_cookie(
-                        gateway,
-                        context,
-                        &new_session.csrf,
-                        &mut response,
-                    );
-                    crate::login::log_succeeded(
-                        &username,
-                        context.client_ip,
-                        slug,
-                        second_factor,
-                        "api",
-                    );
-                }
-                Err(error) => {
-                    return with_headers(unavailable(&error.to_string()), response_headers)
-                }
-            }
-            // The old id's cookie (if just set) is superseded by the new one.
-            let mut merged = response;
-            for (name, value) in response_headers.iter() {
-                if name != SET_COOKIE {
-                    merged.headers_mut().append(name, value.clone());
-                }
-            }
-            merged
+        return response;
+    };
+    if let Some(signed_in) = crate::gate::someone_else(&visitor.session, &login) {
+        let signed_in = signed_in.to_owned();
+        tracing::warn!(user = %signed_in, as_user = %login.identity.username, flow = %key, "step up refused: finished as another user");
+        visitor
+            .session
+            .set_flow(key, "", FlowState::default(), now_secs());
+        let _ = visitor.keep(gateway, context).await;
+        let denied = Challenge::access_denied(
+            None,
+            format!("You are signed in as {signed_in}. To go on as someone else, sign out first."),
+        );
+        return executor_response(StatusCode::OK, &denied.to_json());
+    }
+    let username = login.identity.username.clone();
+    let slug = key.strip_prefix("api:").unwrap_or(key);
+    let assurance = crate::gate::assurance_after(&visitor.session, &login, slug);
+    let second_factor = assurance.second_factor;
+    let minted = crate::gate::mint(
+        gateway,
+        context,
+        login.identity,
+        assurance,
+        Some(&visitor.id),
+        &mut response,
+    )
+    .await;
+    match minted {
+        Ok(new_session) => {
+            crate::gate::set_csrf_cookie(gateway, context, &new_session.csrf, &mut response);
+            crate::login::log_succeeded(&username, context.client_ip, slug, second_factor, "api");
+            response
         }
-        None => {
-            session.set_flow(key, "", FlowState::default(), now_secs());
-            if let Err(error) = crate::gate::save(gateway, session_id, &session).await {
-                return with_headers(unavailable(&error.to_string()), response_headers);
-            }
-            with_headers(response, response_headers)
-        }
+        Err(error) => unavailable(&error.to_string()),
     }
 }
 
@@ -357,13 +338,6 @@ fn csrf_matches(sent: Option<&str>, expected: &str) -> bool {
     sent.is_some_and(|sent| {
         sent.len() == expected.len() && bool::from(sent.as_bytes().ct_eq(expected.as_bytes()))
     })
-}
-
-fn with_headers(mut response: Response<Body>, headers: http::HeaderMap) -> Response<Body> {
-    for (name, value) in headers.iter() {
-        response.headers_mut().append(name, value.clone());
-    }
-    response
 }
 
 fn unavailable(reason: &str) -> Response<Body> {

@@ -2,12 +2,13 @@
 //! current challenge as an HTML form (no JavaScript needed), posts back to
 //! itself, and drives the same `FlowExecutor` as the JSON API.
 //!
-//! Each page load without a flow id starts a flow of its own (`fid`), kept in
-//! the visitor's pre-auth session and named in the URL: two tabs logging in
-//! at once never share a plan, and `next` travels in each tab's URL, never in
-//! a per-visitor slot that another request could overwrite. Also sign-out.
+//! Each page load without a flow id starts a flow of its own (`fid`), named
+//! in the URL and kept in the visitor's session once answered: two tabs
+//! logging in at once never share a plan, and `next` travels in each tab's
+//! URL, never in a per-visitor slot that another request could overwrite.
+//! Showing a challenge stores nothing (`gate::Visitor`). Also sign-out.
 
-use http::header::{HeaderValue, CONTENT_TYPE, LOCATION};
+use http::header::CONTENT_TYPE;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -15,11 +16,12 @@ use serde_json::{Map, Value};
 
 use crate::context::Context;
 use crate::flow::{Challenge, Component, FlowError, FlowRequest, FlowState, Step};
+use crate::gate::Visitor;
 use crate::gateway::Gateway;
 use crate::pages::{ChallengePage, SignOutPage};
 use crate::respond::html_response;
-use crate::session::{now_secs, Session};
-use crate::{empty, Body};
+use crate::session::now_secs;
+use crate::Body;
 
 const MAX_FORM: usize = 16 * 1024;
 /// Stages that pass without showing anything are followed in-process; this
@@ -72,14 +74,6 @@ impl Target {
     }
 }
 
-/// The executor state of the flow a page (tab) is running; fresh if none.
-fn flow_state(session: &Session, key: &str) -> FlowState {
-    session
-        .flow(key)
-        .map(|f| f.state.clone())
-        .unwrap_or_default()
-}
-
 pub async fn page(
     gateway: &Gateway,
     request: Request<Incoming>,
@@ -120,104 +114,73 @@ pub async fn page(
         next,
         fid: crate::flow::form_urlencoded_get(query, "fid"),
     };
-    let session = crate::gate::session(gateway, request.headers()).await;
+    let mut visitor = crate::gate::visitor(gateway, context, request.headers()).await;
 
     // Already signed in through this flow (say, another tab finished
     // first): no second login. Signed in through another flow only: this
     // one runs as a step up, and its end mints a session that has both.
-    if let Some((_, s)) = &session {
-        if s.identity.is_some() && s.completed.contains(&target.slug) {
-            return see_other(&safe_next(gateway, &target));
-        }
+    if visitor.session.identity.is_some() && visitor.session.completed.contains(&target.slug) {
+        return see_other(&safe_next(gateway, &target));
     }
-    match *request.method() {
-        Method::GET | Method::HEAD => show(gateway, context, &target, session).await,
-        Method::POST => {
-            let form = match read_form(request).await {
-                Ok(form) => form,
-                Err(()) => {
-                    return gateway.page(
-                        StatusCode::BAD_REQUEST,
-                        "Bad request",
-                        "The form could not be read.",
-                        None,
-                    )
+    let response = match *request.method() {
+        Method::GET | Method::HEAD => show(gateway, context, &target, &mut visitor).await,
+        Method::POST => match read_form(request).await {
+            Ok(form) => {
+                if target.fid.is_none() {
+                    target.fid = form.get("fid").and_then(Value::as_str).map(str::to_owned);
                 }
-            };
-            if target.fid.is_none() {
-                target.fid = form.get("fid").and_then(Value::as_str).map(str::to_owned);
+                submit(gateway, context, &target, &mut visitor, form).await
             }
-            submit(gateway, context, &target, session, form).await
-        }
+            Err(()) => gateway.page(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The form could not be read.",
+                None,
+            ),
+        },
         _ => gateway.page(
             StatusCode::METHOD_NOT_ALLOWED,
             "Method not allowed",
             "This page only takes GET and POST.",
             None,
         ),
+    };
+    visitor.give_cookie(gateway, response)
+}
+
+/// The flow a page's `fid` names for this visitor: its stored state, a
+/// fresh one when the visitor was given that `fid` and has not answered
+/// yet (nothing is stored for a flow until then), or none (`lost`).
+fn page_flow(gateway: &Gateway, visitor: &Visitor, fid: &str) -> Option<(FlowState, bool)> {
+    match visitor.session.flow(&format!("page:{fid}")) {
+        Some(slot) => Some((slot.state.clone(), true)),
+        None => visitor
+            .owns_fid(gateway, fid)
+            .then(|| (FlowState::default(), false)),
     }
 }
 
-/// GET: start a flow (new `fid`, and a pre-auth session if there is none),
-/// or show the current challenge of the flow the URL names.
+/// GET: give a new page its own flow id (and go there), or show the current
+/// challenge of the flow the URL names.
 async fn show(
     gateway: &Gateway,
     context: &Context,
     target: &Target,
-    session: Option<(String, Session)>,
+    visitor: &mut Visitor,
 ) -> Response<Body> {
     let Some(fid) = &target.fid else {
-        let mut response = Response::new(empty());
-        let (id, mut session) = match session {
-            Some(found) => found,
-            None => {
-                match crate::gate::start_pre_auth(gateway, context, response.headers_mut()).await {
-                    Ok(started) => started,
-                    Err(error) => return busy(gateway, &error.to_string()),
-                }
-            }
-        };
-        let fid = crate::session::random_token();
-        // `{}` rather than null: an empty plan that still marks the fid as ours.
-        session.set_flow(
-            &format!("page:{fid}"),
-            &target.slug,
-            FlowState(Value::Object(Map::new())),
-            now_secs(),
-        );
-        if let Err(error) = crate::gate::save(gateway, &id, &session).await {
-            return busy(gateway, &error.to_string());
-        }
-        *response.status_mut() = StatusCode::SEE_OTHER;
-        if let Ok(location) = HeaderValue::from_str(&target.url(gateway, Some(&fid))) {
-            response.headers_mut().insert(LOCATION, location);
-        }
-        response.headers_mut().insert(
-            http::header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
-        );
-        return response;
+        let fid = visitor.new_fid(gateway);
+        return see_other(&target.url(gateway, Some(&fid)));
     };
-    let Some((id, mut session)) = session.filter(|(_, s)| s.flow(&format!("page:{fid}")).is_some())
-    else {
+    let Some((mut state, stored)) = page_flow(gateway, visitor, fid) else {
         return lost(gateway, context, target);
     };
-    let key = format!("page:{fid}");
-    let mut state = flow_state(&session, &key);
     let query = target.executor_query();
     let request = target.request(&query, context);
     let step = follow(gateway, request, &mut state).await;
-    conclude(
-        gateway,
-        context,
-        target,
-        fid,
-        &id,
-        &mut session,
-        state,
-        step,
-    )
-    .await
+    // Showing a challenge stores nothing new: a flow not stored yet is
+    // made again, the same, when the visitor answers it.
+    conclude(gateway, context, target, fid, visitor, state, step, stored).await
 }
 
 /// Ask for the current challenge, passing through stages that need no input.
@@ -242,18 +205,18 @@ async fn submit(
     gateway: &Gateway,
     context: &Context,
     target: &Target,
-    session: Option<(String, Session)>,
+    visitor: &mut Visitor,
     form: Map<String, Value>,
 ) -> Response<Body> {
     let Some(fid) = target.fid.clone() else {
         return lost(gateway, context, target);
     };
     let key = format!("page:{fid}");
-    let Some((id, mut session)) = session.filter(|(_, s)| s.flow(&key).is_some()) else {
+    let Some((mut state, stored)) = page_flow(gateway, visitor, &fid) else {
         return lost(gateway, context, target);
     };
     let sent = form.get("csrf_token").and_then(Value::as_str).unwrap_or("");
-    if !tokens_match(sent, &session.csrf) {
+    if !tokens_match(sent, &visitor.session.csrf) {
         return gateway.page(
             StatusCode::FORBIDDEN,
             "Form expired",
@@ -270,9 +233,13 @@ async fn submit(
         .remove("remember_me")
         .is_some_and(|v| v.as_str().is_some_and(|s| s == "true" || s == "on"));
     response_body.insert("remember_me".into(), Value::Bool(remember));
-    let mut state = flow_state(&session, &key);
     let query = target.executor_query();
     let request = target.request(&query, context);
+    if !stored {
+        // The challenge answered was shown from a state never stored: make
+        // it again as the visitor saw it, then hand it the answer.
+        let _ = follow(gateway, request, &mut state).await;
+    }
     let mut step = gateway
         .executor
         .respond(request, &mut state, Value::Object(response_body))
@@ -295,37 +262,30 @@ async fn submit(
         }
     }
     if let Ok(Step::Next) = step {
-        session.set_flow(&key, &target.slug, state, now_secs());
-        if let Err(error) = crate::gate::save(gateway, &id, &session).await {
+        visitor
+            .session
+            .set_flow(&key, &target.slug, state, now_secs());
+        if let Err(error) = visitor.keep(gateway, context).await {
             return busy(gateway, &error.to_string());
         }
         return see_other(&target.url(gateway, Some(&fid)));
     }
-    conclude(
-        gateway,
-        context,
-        target,
-        &fid,
-        &id,
-        &mut session,
-        state,
-        step,
-    )
-    .await
+    conclude(gateway, context, target, &fid, visitor, state, step, true).await
 }
 
 /// Turn an executor step into the page: show a challenge, follow a redirect,
-/// or finish the login.
+/// or finish the login. The flow's state is stored when `persist` (it was
+/// stored before, or the visitor answered) or when it moved by itself.
 #[allow(clippy::too_many_arguments)]
 async fn conclude(
     gateway: &Gateway,
     context: &Context,
     target: &Target,
     fid: &str,
-    id: &str,
-    session: &mut Session,
+    visitor: &mut Visitor,
     mut state: FlowState,
     step: Result<Step, FlowError>,
+    persist: bool,
 ) -> Response<Body> {
     let key = format!("page:{fid}");
     let step = match step {
@@ -347,13 +307,15 @@ async fn conclude(
         }
     };
     match step {
-        Step::Done { to } => {
-            return finish(gateway, context, target, id, session, &state, &to).await
-        }
+        Step::Done { to } => return finish(gateway, context, target, visitor, &state, &to).await,
         Step::Next => {
             // More silent stages than MAX_ROUNDS: let the browser come back.
-            session.set_flow(&key, &target.slug, state, now_secs());
-            let _ = crate::gate::save(gateway, id, session).await;
+            visitor
+                .session
+                .set_flow(&key, &target.slug, state, now_secs());
+            if let Err(error) = visitor.keep(gateway, context).await {
+                return busy(gateway, &error.to_string());
+            }
             see_other(&target.url(gateway, Some(fid)))
         }
         Step::Challenge(challenge) => {
@@ -376,9 +338,13 @@ async fn conclude(
             } else {
                 state
             };
-            session.set_flow(&key, &target.slug, slot_state, now_secs());
-            if let Err(error) = crate::gate::save(gateway, id, session).await {
-                return busy(gateway, &error.to_string());
+            if persist {
+                visitor
+                    .session
+                    .set_flow(&key, &target.slug, slot_state, now_secs());
+                if let Err(error) = visitor.keep(gateway, context).await {
+                    return busy(gateway, &error.to_string());
+                }
             }
             let title = gateway
                 .executor
@@ -388,7 +354,7 @@ async fn conclude(
                 flow_title: &title,
                 challenge: &challenge,
                 form_action: &target.url(gateway, Some(fid)),
-                csrf_token: &session.csrf,
+                csrf_token: &visitor.session.csrf,
                 flow_id: fid,
                 restart_url: &target.url(gateway, None),
                 static_prefix: &gateway.static_prefix,
@@ -408,11 +374,11 @@ async fn finish(
     gateway: &Gateway,
     context: &Context,
     target: &Target,
-    old_id: &str,
-    old: &Session,
+    visitor: &Visitor,
     state: &FlowState,
     to: &str,
 ) -> Response<Body> {
+    let old = &visitor.session;
     let to = gateway
         .redirects
         .check(to)
@@ -438,7 +404,7 @@ async fn finish(
                 context,
                 login.identity,
                 assurance,
-                Some(old_id),
+                Some(&visitor.id),
                 &mut response,
             );
             if let Err(error) = minted.await {

@@ -438,6 +438,19 @@ impl CookieSigner {
         format!("{id}.{tag}")
     }
 
+    /// A value bound to `id` for one `purpose` (a pre-auth session's CSRF
+    /// token, a login page's flow id): anyone can check it who holds the
+    /// secret, nobody can make one without it, and nothing is stored.
+    /// `purpose` ends in a NUL, which no id contains, so these MACs never
+    /// equal a cookie signature.
+    pub fn derive(&self, purpose: &str, id: &str) -> String {
+        let mut mac = self.mac();
+        mac.update(purpose.as_bytes());
+        mac.update(b"\0");
+        mac.update(id.as_bytes());
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+
     /// The session id inside a cookie value, if the signature holds
     /// (compared in constant time).
     pub fn verify<'v>(&self, value: &'v str) -> Option<&'v str> {
@@ -462,6 +475,21 @@ mod tests {
 
     fn identity(name: &str) -> Identity {
         Identity::test(name, &[])
+    }
+
+    #[test]
+    fn derived_values_are_bound_to_purpose_and_id_and_are_no_signatures() {
+        let signer = CookieSigner::new(b"a secret of reasonable length here");
+        let other = CookieSigner::new(b"another secret of reasonable length");
+        let csrf = signer.derive("pre-auth csrf", "abc");
+        assert_eq!(csrf, signer.derive("pre-auth csrf", "abc"));
+        assert_ne!(csrf, signer.derive("flow id", "abc"));
+        assert_ne!(csrf, signer.derive("pre-auth csrf", "abd"));
+        assert_ne!(csrf, other.derive("pre-auth csrf", "abc"));
+        // Never a cookie signature: no derived value verifies as one.
+        assert!(signer.verify(&format!("abc.{csrf}")).is_none());
+        let tag = signer.sign("abc").rsplit_once('.').unwrap().1.to_owned();
+        assert_ne!(tag, signer.derive("", "abc"));
     }
 
     #[test]

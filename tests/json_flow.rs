@@ -296,3 +296,56 @@ async fn malformed_requests_get_flow_errors_not_500s() {
         404
     );
 }
+
+/// Asking for the first challenge stores nothing: a flood of GETs from
+/// clients without cookies leaves room for a login even when the store
+/// holds two logins in progress at most, and the answer (a POST with the
+/// cookie the GET gave) is what takes a place.
+#[tokio::test(flavor = "multi_thread")]
+async fn first_challenges_cost_no_stored_state() {
+    let upstream = Upstream::start().await;
+    let config =
+        basic_config(&upstream.url(), "").replace("[session]\n", "[session]\nmax_pre_auth = 2\n");
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let url = gate.url(&format!("/_flowgate/api/v3/flows/executor/{FLOW}/"));
+    for _ in 0..100 {
+        let response = client().get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers().contains_key("set-cookie"),
+            "the cookie its answer will need"
+        );
+        let challenge: Value = response.json().await.unwrap();
+        assert_eq!(challenge["component"], "ak-stage-identification");
+    }
+    // A client that answers without asking first is answered all the same.
+    let direct = client();
+    let posted = direct
+        .post(&url)
+        .json(&json!({"uid_field": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 302, "identification passed");
+    let next: Value = get_json(&direct, &url).await;
+    assert_eq!(next["component"], "ak-stage-password", "{next}");
+    // One place left (direct holds the other): a whole login passes
+    // through it, and gives it back when it mints its session.
+    let done = json_login(&client(), &gate.url(""), "alice", ALICE.password, "/").await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    let answer = |client: reqwest::Client| {
+        let url = url.clone();
+        async move {
+            client
+                .post(&url)
+                .json(&json!({"uid_field": "alice"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(answer(client()).await, 302, "the second place");
+    assert_eq!(answer(client()).await, 503, "the store is full now");
+}

@@ -637,9 +637,17 @@ async fn over_tls_paths_are_decided_canonically_and_spoofed_headers_stripped() {
                 answers.push((path, status, String::from_utf8_lossy(&body).into_owned()));
             }
         } else {
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
-            tokio::spawn(connection);
+            // A connection per row: a 400 closes its connection.
+            drop(io);
             for (path, spoofs) in rows {
+                let stream = connect_alpn(gate.addr, Some("a.test"), Some(&ca), BOTH, alpn)
+                    .await
+                    .unwrap();
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(connection);
                 let response = sender.send_request(ask(path, spoofs)).await.unwrap();
                 let status = response.status().as_u16();
                 let body = response.into_body().collect().await.unwrap().to_bytes();

@@ -30,7 +30,7 @@ pub fn cookie_values<'h>(
         })
 }
 
-pub(crate) fn idle_ttl(gateway: &Gateway, session: &Session) -> Duration {
+pub(super) fn idle_ttl(gateway: &Gateway, session: &Session) -> Duration {
     let left = session.expires.saturating_sub(now_secs());
     gateway
         .config
@@ -78,54 +78,6 @@ pub async fn mint(
     Ok(session)
 }
 
-/// Why no login could be started.
-#[derive(Debug, thiserror::Error)]
-pub enum PreAuthError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// `session.max_pre_auth_per_client` logins from this address already.
-    #[error("too many logins started from {0}")]
-    Client(std::net::IpAddr),
-}
-
-/// Start a pre-auth session for an anonymous visitor, unless their address
-/// has started too many lately.
-pub async fn start_pre_auth(
-    gateway: &Gateway,
-    context: &Context,
-    response_headers: &mut HeaderMap,
-) -> Result<(String, Session), PreAuthError> {
-    let config = &gateway.config.session;
-    let ttl = config.pre_auth_ttl;
-    let now = now_secs();
-    let admitted = gateway.client_starts.admit(
-        context.client_ip,
-        config.max_pre_auth_per_client,
-        ttl.as_secs(),
-        now,
-    );
-    if !admitted {
-        return Err(PreAuthError::Client(context.client_ip));
-    }
-    let session = Session::pre_auth(now, ttl);
-    let id = crate::session::random_token();
-    gateway.sessions.put(&id, &session, ttl).await?;
-    if let Some(value) = cookie_header(gateway, context, &id, None) {
-        response_headers.append(SET_COOKIE, value);
-    }
-    Ok((id, session))
-}
-
-/// Save a session back (after its flows changed).
-pub async fn save(gateway: &Gateway, id: &str, session: &Session) -> Result<(), StoreError> {
-    let ttl = if session.identity.is_some() {
-        idle_ttl(gateway, session)
-    } else {
-        Duration::from_secs(session.expires.saturating_sub(now_secs()))
-    };
-    gateway.sessions.put(id, session, ttl).await
-}
-
 pub fn set_cookie(
     gateway: &Gateway,
     context: &Context,
@@ -138,7 +90,7 @@ pub fn set_cookie(
     }
 }
 
-fn cookie_header(
+pub(super) fn cookie_header(
     gateway: &Gateway,
     context: &Context,
     id: &str,

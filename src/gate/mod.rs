@@ -6,6 +6,7 @@
 mod canonical;
 mod cookie;
 mod decide;
+mod visitor;
 
 use std::sync::Arc;
 
@@ -13,13 +14,13 @@ use http::HeaderMap;
 
 pub use canonical::{Canonical, Malformed};
 pub use cookie::{
-    clear_cookie, cookie_values, csrf_cookie_name, mint, save, set_cookie, set_csrf_cookie,
-    start_pre_auth, Assurance,
+    clear_cookie, cookie_values, csrf_cookie_name, mint, set_cookie, set_csrf_cookie, Assurance,
 };
 pub use decide::{
     accepts_html, allowed, decide, is_navigation, is_preflight, is_reserved, route, Request,
     SignedIn, Verdict,
 };
+pub use visitor::{visitor, PreAuthError, Visitor};
 
 use crate::directory::FileDirectory;
 use crate::flow::Login;
@@ -32,7 +33,20 @@ use crate::session::{Session, StoreError};
 /// simply no session. An authenticated session whose user the directory
 /// no longer has, or has disabled, is none either.
 pub async fn session(gateway: &Gateway, headers: &HeaderMap) -> Option<(String, Session)> {
+    lookup(gateway, headers).await.stored
+}
+
+/// What the request's cookies name: the first session the store has, and
+/// the first id that carried our signature but is not stored (a visitor
+/// shown a challenge and not stored yet, or one whose login expired).
+pub(super) struct Lookup {
+    pub(super) stored: Option<(String, Session)>,
+    pub(super) unstored: Option<String>,
+}
+
+pub(super) async fn lookup(gateway: &Gateway, headers: &HeaderMap) -> Lookup {
     let name = gateway.config.session.cookie_name.as_str();
+    let mut unstored = None;
     for value in cookie_values(headers, name) {
         let Some(id) = gateway.signer.verify(value) else {
             continue;
@@ -50,16 +64,24 @@ pub async fn session(gateway: &Gateway, headers: &HeaderMap) -> Option<(String, 
                         .touch(id, cookie::idle_ttl(gateway, &session))
                         .await;
                 }
-                return Some((id.to_owned(), session));
+                return Lookup {
+                    stored: Some((id.to_owned(), session)),
+                    unstored,
+                };
             }
-            Ok(None) => continue,
+            Ok(None) => {
+                unstored.get_or_insert_with(|| id.to_owned());
+            }
             Err(error) => {
                 store_failed(&error);
-                return None;
+                break;
             }
         }
     }
-    None
+    Lookup {
+        stored: None,
+        unstored,
+    }
 }
 
 /// The request path's check: the authenticated session the cookie names,
