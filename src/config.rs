@@ -19,6 +19,7 @@ use regex::Regex;
 pub use crate::identity::{HeaderPreset, HeaderSet};
 
 pub use read::{from_str, load};
+pub(crate) use read::{read_toml, Reader};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]

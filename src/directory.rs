@@ -12,11 +12,10 @@ use argon2::Argon2;
 use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use crate::config::UserField;
+use crate::config::{ConfigError, ConfigErrors, Reader, UserField};
 use crate::identity::Identity;
 
 /// The avatar of nobody in particular: a grey disc, as a data URI so that it
@@ -120,11 +119,11 @@ fn escape_xml(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// Why a users file cannot be used: every problem in it, each with its
+/// line and key (`users.toml:7: user[1].password: …`), one per line.
 #[derive(Debug, thiserror::Error)]
-pub enum DirectoryError {
-    #[error("{file}: {message}")]
-    Invalid { file: String, message: String },
-}
+#[error("{0}")]
+pub struct DirectoryError(pub ConfigErrors);
 
 /// Lookups and checks the engine needs. Lookups are in memory and sync;
 /// checks that cost CPU on purpose (argon2) are async and run off the runtime.
@@ -141,35 +140,6 @@ pub trait Directory: Send + Sync {
     /// Check a TOTP code against one of the user's devices; a code is good
     /// once (no replay within its window).
     fn verify_totp(&self, user: &User, code: &str, unix_time: u64) -> bool;
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UsersFile {
-    #[serde(default)]
-    user: Vec<UserEntry>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UserEntry {
-    username: String,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    email: String,
-    #[serde(default)]
-    groups: Vec<String>,
-    /// argon2id PHC string (`flowgate hash-password` makes one).
-    #[serde(default)]
-    password: Option<String>,
-    #[serde(default)]
-    disabled: bool,
-    #[serde(default)]
-    superuser: bool,
-    /// Base32 TOTP secrets (SHA-1, 6 digits, 30 s: what authenticator apps use).
-    #[serde(default)]
-    totp: Vec<String>,
 }
 
 /// TOTP time steps already used, per (username, device). Outlives the
@@ -203,79 +173,32 @@ fn hashing_permits() -> usize {
 
 impl FileDirectory {
     pub fn load(path: &Path) -> Result<FileDirectory, DirectoryError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| DirectoryError::Invalid {
-            file: file.clone(),
-            message: format!("cannot read users file: {e}"),
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            DirectoryError(ConfigErrors(vec![ConfigError {
+                file: path.display().to_string(),
+                line: None,
+                key: String::new(),
+                message: format!("cannot read users file: {e}"),
+            }]))
         })?;
-        Self::parse(&text, &file)
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Every problem of a users file, without building the directory.
+    pub fn validate(text: &str, file: &str) -> Result<(), ConfigErrors> {
+        crate::config::read_toml(text, Path::new(file), read_users).map(|_| ())
     }
 
     pub fn parse(text: &str, file: &str) -> Result<FileDirectory, DirectoryError> {
-        let invalid = |message: String| DirectoryError::Invalid {
-            file: file.to_owned(),
-            message,
-        };
-        let parsed: UsersFile =
-            toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
-        let mut users = Vec::with_capacity(parsed.user.len());
+        let users =
+            crate::config::read_toml(text, Path::new(file), read_users).map_err(DirectoryError)?;
         let mut by_username = HashMap::new();
         let mut by_email = HashMap::new();
-        for (i, entry) in parsed.user.into_iter().enumerate() {
-            let at = format!("user[{i}] ({})", entry.username);
-            if entry.username.trim().is_empty() {
-                return Err(invalid(format!("user[{i}].username: must not be empty")));
+        for (i, user) in users.iter().enumerate() {
+            by_username.insert(user.username.to_lowercase(), i);
+            if !user.email.is_empty() {
+                by_email.entry(user.email.to_lowercase()).or_insert(i);
             }
-            if let Some(hash) = &entry.password {
-                match PasswordHash::new(hash) {
-                    Ok(parsed) if parsed.algorithm.as_str() == "argon2id" => {}
-                    Ok(parsed) => {
-                        return Err(invalid(format!(
-                            "{at}.password: hash algorithm `{}` is not accepted; use argon2id (`flowgate hash-password`)",
-                            parsed.algorithm
-                        )))
-                    }
-                    Err(_) => {
-                        return Err(invalid(format!(
-                            "{at}.password: not a PHC hash string; make one with `flowgate hash-password`"
-                        )))
-                    }
-                }
-            }
-            let mut totp = Vec::new();
-            for (j, secret) in entry.totp.iter().enumerate() {
-                let bytes = base32_decode(secret)
-                    .ok_or_else(|| invalid(format!("{at}.totp[{j}]: not a base32 secret")))?;
-                if bytes.len() < 10 {
-                    return Err(invalid(format!(
-                        "{at}.totp[{j}]: secret too short (at least 80 bits)"
-                    )));
-                }
-                totp.push(TotpDevice {
-                    uid: (j + 1).to_string(),
-                    secret: bytes,
-                    digits: 6,
-                    period: 30,
-                });
-            }
-            let key = entry.username.to_lowercase();
-            if by_username.insert(key, i).is_some() {
-                return Err(invalid(format!("{at}: username appears twice")));
-            }
-            if !entry.email.is_empty() {
-                by_email.entry(entry.email.to_lowercase()).or_insert(i);
-            }
-            users.push(Arc::new(User {
-                pk: i as u64 + 1,
-                name: entry.name.unwrap_or_else(|| entry.username.clone()),
-                username: entry.username,
-                email: entry.email,
-                groups: entry.groups,
-                superuser: entry.superuser,
-                disabled: entry.disabled,
-                password_hash: entry.password,
-                totp,
-            }));
         }
         let identities = users
             .iter()
@@ -332,6 +255,108 @@ impl FileDirectory {
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
+}
+
+/// The `[[user]]` tables: every problem recorded, the users without one kept.
+fn read_users(reader: &mut Reader<'_>, root: &dyn toml_edit::TableLike) -> Vec<Arc<User>> {
+    let mut file = reader.table_section(root, String::new(), None);
+    let mut users: Vec<Arc<User>> = Vec::new();
+    let mut seen: HashMap<String, Option<usize>> = HashMap::new();
+    for mut entry in reader.tables(&mut file, "user") {
+        let before = reader.error_count();
+        let username = match reader.string(&mut entry, "username") {
+            Some((name, place)) if name.trim().is_empty() => {
+                reader.error_at(&place, "must not be empty");
+                None
+            }
+            Some((name, place)) => {
+                if let Some(first) = seen.insert(name.to_lowercase(), place.line) {
+                    let message = match first {
+                        Some(line) => format!("`{name}` is already a user (line {line})"),
+                        None => format!("`{name}` is already a user"),
+                    };
+                    reader.error_at(&place, message);
+                }
+                Some(name)
+            }
+            None => {
+                let line = entry.line;
+                reader.error(
+                    line,
+                    &format!("{}.username", entry.path),
+                    "missing: every user needs one",
+                );
+                None
+            }
+        };
+        let name = reader.string(&mut entry, "name").map(|(n, _)| n);
+        let email = reader
+            .string(&mut entry, "email")
+            .map(|(e, _)| e)
+            .unwrap_or_default();
+        let groups = reader
+            .strings(&mut entry, "groups")
+            .map(|(groups, _)| groups.into_iter().map(|(g, _)| g).collect())
+            .unwrap_or_default();
+        let password_hash = reader
+            .string(&mut entry, "password")
+            .and_then(|(hash, place)| match PasswordHash::new(&hash) {
+                Ok(parsed) if parsed.algorithm.as_str() == "argon2id" => Some(hash),
+                Ok(parsed) => {
+                    reader.error_at(
+                        &place,
+                        format!(
+                            "hash algorithm `{}` is not accepted; use argon2id (`flowgate hash-password`)",
+                            parsed.algorithm
+                        ),
+                    );
+                    None
+                }
+                Err(_) => {
+                    reader.error_at(
+                        &place,
+                        "not a PHC hash string; make one with `flowgate hash-password`",
+                    );
+                    None
+                }
+            });
+        let disabled = reader.bool(&mut entry, "disabled", false);
+        let superuser = reader.bool(&mut entry, "superuser", false);
+        let mut totp = Vec::new();
+        if let Some((secrets, _)) = reader.strings(&mut entry, "totp") {
+            for (j, (secret, place)) in secrets.into_iter().enumerate() {
+                match base32_decode(&secret) {
+                    None => reader.error_at(&place, "not a base32 secret"),
+                    Some(bytes) if bytes.len() < 10 => {
+                        reader.error_at(&place, "secret too short (at least 80 bits)")
+                    }
+                    Some(bytes) => totp.push(TotpDevice {
+                        uid: (j + 1).to_string(),
+                        secret: bytes,
+                        digits: 6,
+                        period: 30,
+                    }),
+                }
+            }
+        }
+        reader.finish(entry);
+        let Some(username) = username.filter(|_| reader.error_count() == before) else {
+            continue;
+        };
+        users.push(Arc::new(User {
+            pk: users.len() as u64 + 1,
+            name: name.unwrap_or_else(|| username.clone()),
+            username,
+            email,
+            groups,
+            superuser,
+            disabled,
+            password_hash,
+            totp,
+        }));
+    }
+    reader.finish(file);
+    users
 }
 
 /// A hash of a random password with the default parameters: what unknown
@@ -535,11 +560,60 @@ disabled = true
                 .unwrap()
                 .to_string()
         };
-        assert!(
-            err("[[user]]\nusername = \"a\"\npassword = \"plain\"\n").contains("not a PHC hash")
+        assert_eq!(
+            err("[[user]]\nusername = \"a\"\npassword = \"plain\"\n"),
+            "u.toml:3: user[0].password: not a PHC hash string; make one with `flowgate hash-password`"
         );
-        assert!(err("[[user]]\nusername = \"a\"\nfoo = 1\n").contains("unknown field"));
-        assert!(err("[[user]]\nusername = \"a\"\n[[user]]\nusername = \"A\"\n").contains("twice"));
-        assert!(err("[[user]]\nusername = \"a\"\ntotp = [\"!!\"]\n").contains("base32"));
+        assert_eq!(
+            err("[[user]]\nusername = \"a\"\nfoo = 1\n"),
+            "u.toml:3: user[0].foo: unknown key; expected one of: username, name, email, \
+             groups, password, disabled, superuser, totp"
+        );
+        assert_eq!(
+            err("[[user]]\nusername = \"a\"\n[[user]]\nusername = \"A\"\n"),
+            "u.toml:4: user[1].username: `A` is already a user (line 2)"
+        );
+        assert_eq!(
+            err("[[user]]\nusername = \"a\"\ntotp = [\"!!\"]\n"),
+            "u.toml:3: user[0].totp[0]: not a base32 secret"
+        );
+        assert_eq!(
+            err("user = 3\n"),
+            "u.toml:1: user: expected `[[user]]` tables, found an integer"
+        );
+        assert_eq!(
+            err("[[user]\n").lines().count(),
+            1,
+            "TOML errors on one line"
+        );
+    }
+
+    /// Every problem at once, each on its own line in file order; the good
+    /// entries still parse (for inline tables too).
+    #[test]
+    fn every_problem_in_a_users_file_is_reported() {
+        let text = "[[user]]\nusername = \"\"\n\n\
+                    [[user]]\nusername = \"b\"\ndisabled = \"no\"\ngroups = [1]\n\n\
+                    [[user]]\nname = \"nobody\"\n";
+        let errors = FileDirectory::parse(text, "u.toml")
+            .err()
+            .unwrap()
+            .to_string();
+        let lines: Vec<&str> = errors.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "u.toml:2: user[0].username: must not be empty",
+                "u.toml:6: user[1].disabled: expected true or false",
+                "u.toml:7: user[1].groups[0]: expected a string, found an integer",
+                "u.toml:9: user[2].username: missing: every user needs one",
+            ]
+        );
+        let inline = FileDirectory::parse(
+            "user = [{ username = \"a\" }, { username = \"b\" }]\n",
+            "u.toml",
+        )
+        .unwrap();
+        assert_eq!(inline.len(), 2);
     }
 }

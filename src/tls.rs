@@ -144,6 +144,15 @@ impl ResolvesServerCert for ByName {
     }
 }
 
+/// Whether `tls` can be served: both files read, a certificate and a key
+/// that belong together, a leaf whose names can be read. What `serve` would
+/// trip over at start, for the config's validation to report first.
+pub fn check(tls: &TlsConfig) -> Result<(), TlsError> {
+    let provider = rustls::crypto::ring::default_provider();
+    let key = certified_key(tls, &provider)?;
+    dns_names(&key, &tls.cert).map(|_| ())
+}
+
 /// The chain of `tls.cert` with the key of `tls.key`, checked to belong
 /// together.
 fn certified_key(

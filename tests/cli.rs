@@ -46,6 +46,7 @@ fn check_reports_every_error_with_file_line_and_key() {
         "[server]\nlisten = \"127.0.0.1:8080\"\nlsten = \"x\"\n\n[session]\nidle_timeout = \"soon\"\nsecret = \"too-short\"\n\n[[route]]\nupstream = \"not a url\"\n",
     )
     .unwrap();
+    std::fs::write(dir.path().join("users.toml"), "").unwrap();
     let output = flowgate()
         .arg("check")
         .arg("--config")
@@ -124,9 +125,57 @@ fn check_names_a_broken_users_file() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("users.toml"), "{stderr}");
     assert!(
-        stderr.contains("user[0] (eve).password: not a PHC hash string"),
+        stderr.contains("users.toml:3: user[0].password: not a PHC hash string"),
         "{stderr}"
     );
+}
+
+/// Every folder of tests/fixtures/check: `check` prints exactly its
+/// `expected.txt` (every problem, one per line, file:line: key: message,
+/// the config's and the users file's together) and fails; `serve` refuses
+/// the same config for the same reasons.
+#[test]
+fn check_judges_every_broken_config_as_serve_would() {
+    let cases = fixtures().join("check");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&cases).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.is_dir() {
+            continue;
+        }
+        seen += 1;
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let expected = std::fs::read_to_string(dir.join("expected.txt")).unwrap();
+        let checked = flowgate()
+            .current_dir(&dir)
+            .args(["check", "--config", "flowgate.toml"])
+            .output()
+            .unwrap();
+        assert_eq!(checked.status.code(), Some(1), "{name}");
+        assert_eq!(
+            String::from_utf8_lossy(&checked.stderr),
+            expected,
+            "check in {name}"
+        );
+        let served = flowgate()
+            .current_dir(&dir)
+            .args(["serve", "--config", "flowgate.toml"])
+            .output()
+            .unwrap();
+        assert_eq!(served.status.code(), Some(1), "serve in {name}");
+        let stderr = String::from_utf8_lossy(&served.stderr);
+        let problems: Vec<&str> = expected
+            .lines()
+            .filter(|l| !l.ends_with(" found"))
+            .collect();
+        for problem in problems {
+            assert!(
+                stderr.contains(problem),
+                "serve in {name} lacks {problem:?}:\n{stderr}"
+            );
+        }
+    }
+    assert!(seen >= 5, "only {seen} cases in {}", cases.display());
 }
 
 #[test]

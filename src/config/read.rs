@@ -39,52 +39,96 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             message: format!("cannot read: {e}"),
         }])
     })?;
-    from_str(&src, path, &|name| std::env::var(name).ok())
+    let env = |name: &str| std::env::var(name).ok();
+    run(&src, path, &env, Files::Read, |reader, root| {
+        reader.config(root)
+    })
+}
+
+/// Whether the files a config names are read while it is validated.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Files {
+    /// The users file too: its problems are the config's (`load`).
+    Read,
+    /// Only what the text says and the TLS files (`from_str`).
+    TextOnly,
 }
 
 /// Validate `src` as if read from `path` (relative paths inside resolve
-/// against its folder); `env` answers environment lookups.
+/// against its folder); `env` answers environment lookups. The users file
+/// it names is not read (`load` reads it).
 pub fn from_str(
     src: &str,
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
+    run(src, path, env, Files::TextOnly, |reader, root| {
+        reader.config(root)
+    })
+}
+
+/// Read another TOML file (the users file) as the config is read: `read`
+/// walks the document with the same typed getters, and every problem comes
+/// back with its line and key path, in file order.
+pub(crate) fn read_toml<T>(
+    src: &str,
+    path: &Path,
+    read: impl FnOnce(&mut Reader<'_>, &dyn TableLike) -> T,
+) -> Result<T, ConfigErrors> {
+    run(src, path, &|_| None, Files::TextOnly, read)
+}
+
+fn run<T>(
+    src: &str,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    files: Files,
+    read: impl FnOnce(&mut Reader<'_>, &dyn TableLike) -> T,
+) -> Result<T, ConfigErrors> {
     let mut reader = Reader {
         file: path.display().to_string(),
         path,
         lines: line_starts(src),
         env,
+        files,
         errors: Vec::new(),
     };
     let doc = match ImDocument::parse(src) {
         Ok(doc) => doc,
         Err(e) => {
             let line = e.span().map(|s| reader.line_at(s.start));
-            let message = e.message().trim().to_owned();
+            // toml_edit puts what it expected on a line of its own.
+            let message: Vec<&str> = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let message = message.join("; ");
             reader.error(line, "", format!("not valid TOML: {message}"));
             return Err(ConfigErrors(reader.errors));
         }
     };
-    let root: &dyn TableLike = doc.as_table();
-    let config = reader.config(root);
+    let value = read(&mut reader, doc.as_table());
     if reader.errors.is_empty() {
-        Ok(config)
+        Ok(value)
     } else {
         // In file order, then the environment's and whole-file problems.
         let file = reader.file.clone();
-        reader
-            .errors
-            .sort_by_key(|e| (e.file != file, e.line.is_none(), e.line));
+        reader.errors.sort_by(|a, b| {
+            let key = |e: &ConfigError| (e.file != file, e.file.clone(), e.line.is_none(), e.line);
+            key(a).cmp(&key(b))
+        });
         Err(ConfigErrors(reader.errors))
     }
 }
 
 /// Where a value came from, for messages.
 #[derive(Clone)]
-struct Place {
+pub(crate) struct Place {
     /// `None` for the file itself, or the environment variable's name.
     env: Option<String>,
-    line: Option<usize>,
+    pub(crate) line: Option<usize>,
     key: String,
 }
 
@@ -96,21 +140,22 @@ enum Raw<'a> {
 
 /// One table being read: which keys were asked for, so the rest can be
 /// reported as unknown.
-struct Section<'a> {
+pub(crate) struct Section<'a> {
     table: Option<&'a dyn TableLike>,
     /// Key path of the table itself (`server`, `route[1]`, …).
-    path: String,
+    pub(crate) path: String,
     /// `Some("SERVER")` where environment overrides apply.
     env: Option<&'static str>,
-    line: Option<usize>,
+    pub(crate) line: Option<usize>,
     known: Vec<&'static str>,
 }
 
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     file: String,
     path: &'a Path,
     lines: Vec<usize>,
     env: &'a dyn Fn(&str) -> Option<String>,
+    files: Files,
     errors: Vec<ConfigError>,
 }
 
@@ -122,11 +167,11 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn line_of(&self, span: Option<Range<usize>>) -> Option<usize> {
+    pub(crate) fn line_of(&self, span: Option<Range<usize>>) -> Option<usize> {
         span.map(|s| self.line_at(s.start))
     }
 
-    fn error(&mut self, line: Option<usize>, key: &str, message: impl Into<String>) {
+    pub(crate) fn error(&mut self, line: Option<usize>, key: &str, message: impl Into<String>) {
         self.errors.push(ConfigError {
             file: self.file.clone(),
             line,
@@ -135,7 +180,12 @@ impl<'a> Reader<'a> {
         });
     }
 
-    fn error_at(&mut self, place: &Place, message: impl Into<String>) {
+    /// Problems found so far.
+    pub(crate) fn error_count(&self) -> usize {
+        self.errors.len()
+    }
+
+    pub(crate) fn error_at(&mut self, place: &Place, message: impl Into<String>) {
         match &place.env {
             Some(var) => self.errors.push(ConfigError {
                 file: format!("env {var}"),
@@ -179,7 +229,7 @@ impl<'a> Reader<'a> {
         section
     }
 
-    fn table_section<'t>(
+    pub(crate) fn table_section<'t>(
         &mut self,
         table: &'t dyn TableLike,
         path: String,
@@ -234,8 +284,50 @@ impl<'a> Reader<'a> {
         ))
     }
 
+    /// Every table of the `[[key]]` array in `parent`, as `key[0]`, `key[1]`…
+    pub(crate) fn tables<'t>(
+        &mut self,
+        parent: &mut Section<'t>,
+        key: &'static str,
+    ) -> Vec<Section<'t>> {
+        parent.known.push(key);
+        let Some((k, item)) = parent.table.and_then(|t| t.get_key_value(key)) else {
+            return Vec::new();
+        };
+        let line = self.line_of(k.span());
+        let mut tables: Vec<(&'t dyn TableLike, Option<usize>)> = Vec::new();
+        if let Some(array) = item.as_array_of_tables() {
+            for table in array.iter() {
+                tables.push((table, self.line_of(table.span()).or(line)));
+            }
+        } else if let Some(array) = item.as_array() {
+            // `key = [{ … }, { … }]`
+            for value in array.iter() {
+                match value.as_inline_table() {
+                    Some(table) => tables.push((table, self.line_of(value.span()).or(line))),
+                    None => self.error(
+                        self.line_of(value.span()).or(line),
+                        key,
+                        format!("expected a table, found {}", value_type(value)),
+                    ),
+                }
+            }
+        } else {
+            self.error(
+                line,
+                key,
+                format!("expected `[[{key}]]` tables, found {}", type_name(item)),
+            );
+        }
+        tables
+            .into_iter()
+            .enumerate()
+            .map(|(i, (table, line))| self.table_section(table, format!("{key}[{i}]"), line))
+            .collect()
+    }
+
     /// Report every key of `section` that nothing asked for.
-    fn finish(&mut self, section: Section<'_>) {
+    pub(crate) fn finish(&mut self, section: Section<'_>) {
         let Some(table) = section.table else { return };
         for (name, item) in table.iter() {
             if section.known.contains(&name) {
@@ -259,7 +351,11 @@ impl<'a> Reader<'a> {
 
     // ---- typed getters: `None` when absent or wrong (the error is recorded) ----
 
-    fn string(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<(String, Place)> {
+    pub(crate) fn string(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+    ) -> Option<(String, Place)> {
         let (raw, place) = self.get(section, key)?;
         match raw {
             Raw::Env(s) => Some((s, place)),
@@ -276,7 +372,12 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn bool(&mut self, section: &mut Section<'_>, key: &'static str, default: bool) -> bool {
+    pub(crate) fn bool(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+        default: bool,
+    ) -> bool {
         let Some((raw, place)) = self.get(section, key) else {
             return default;
         };
@@ -357,7 +458,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A list of strings; from the environment, comma-separated.
-    fn strings(
+    pub(crate) fn strings(
         &mut self,
         section: &mut Section<'_>,
         key: &'static str,
@@ -705,12 +806,16 @@ impl<'a> Reader<'a> {
             } else {
                 "server.tls".to_owned()
             };
-            let mut t = self.table_section(table, path, line);
+            let mut t = self.table_section(table, path.clone(), line);
             let cert = self.existing_file(&mut t, "cert");
             let key = self.existing_file(&mut t, "key");
             self.finish(t);
             if let (Some(cert), Some(key)) = (cert, key) {
-                certificates.push(TlsConfig { cert, key });
+                let tls = TlsConfig { cert, key };
+                match crate::tls::check(&tls) {
+                    Ok(()) => certificates.push(tls),
+                    Err(problem) => self.error(line, &path, problem.to_string()),
+                }
             }
         }
         certificates
@@ -858,15 +963,35 @@ impl<'a> Reader<'a> {
 
     fn directory(&mut self, root: &dyn TableLike) -> DirectoryConfig {
         let mut s = self.section(root, "directory", "directory".into(), Some("DIRECTORY"));
-        let users_file = match self.string(&mut s, "users_file") {
+        let (users_file, place) = match self.string(&mut s, "users_file") {
             Some((file, place)) => {
                 if file.is_empty() {
                     self.error_at(&place, "must not be empty");
                 }
-                resolve_against(self.path, Path::new(&file))
+                (resolve_against(self.path, Path::new(&file)), Some(place))
             }
-            None => resolve_against(self.path, Path::new("users.toml")),
+            None => (resolve_against(self.path, Path::new("users.toml")), None),
         };
+        // The users file is judged with the config: its problems (each
+        // with its own file and line) are this config's problems.
+        if self.files == Files::Read {
+            match std::fs::read_to_string(&users_file) {
+                Ok(text) => {
+                    let file = users_file.display().to_string();
+                    if let Err(problems) = crate::directory::FileDirectory::validate(&text, &file) {
+                        self.errors.extend(problems.0);
+                    }
+                }
+                Err(e) => {
+                    let message =
+                        format!("cannot read the users file {}: {e}", users_file.display());
+                    match &place {
+                        Some(place) => self.error_at(place, message),
+                        None => self.error(s.line, "directory.users_file", message),
+                    }
+                }
+            }
+        }
         self.finish(s);
         DirectoryConfig { users_file }
     }
@@ -1773,6 +1898,7 @@ skip_auth = [\"(unclosed\"]
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].line, Some(3));
         assert!(errors[0].message.starts_with("not valid TOML"));
+        assert!(!errors[0].message.contains('\n'), "{}", errors[0].message);
     }
 
     #[test]
