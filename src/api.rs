@@ -11,10 +11,10 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::context::Context;
-use crate::flow::{Challenge, FlowError, FlowRequest, FlowState, Step};
+use crate::flow::{Challenge, FlowError, Step};
 use crate::gate::Visitor;
 use crate::gateway::Gateway;
-use crate::session::now_secs;
+use crate::signin::{Finished, Flow};
 use crate::{empty, full, Body};
 
 /// Executor request bodies are small JSON objects.
@@ -150,18 +150,7 @@ async fn run(
         .session
         .flows
         .retain(|f| !f.key.starts_with("api:") || f.key == key);
-    let stored = visitor.session.flow(&key).is_some();
-    let mut state = visitor
-        .session
-        .flow(&key)
-        .map(|f| f.state.clone())
-        .unwrap_or_default();
-    let flow_request = FlowRequest {
-        slug,
-        query,
-        user: identity.as_deref(),
-        client_ip: Some(context.client_ip),
-    };
+    let mut flow = Flow::open(visitor, key, slug, query.to_owned());
 
     let answered = method == Method::POST;
     let step = if answered {
@@ -183,17 +172,9 @@ async fn run(
             Ok(value @ Value::Object(_)) => value,
             _ => return flow_error("body is not a JSON object"),
         };
-        if !stored {
-            // The challenge being answered was shown from a state never
-            // stored: make it again, then hand it the answer.
-            let _ = gateway.executor.challenge(flow_request, &mut state).await;
-        }
-        gateway
-            .executor
-            .respond(flow_request, &mut state, value)
-            .await
+        flow.answer(gateway, context, visitor, value, 0).await
     } else {
-        gateway.executor.challenge(flow_request, &mut state).await
+        flow.ask(gateway, context, visitor, 0).await
     };
 
     let step = match step {
@@ -204,14 +185,33 @@ async fn run(
     };
 
     if let Step::Done { to } = &step {
-        let to = to.clone();
-        return finish(gateway, context, visitor, &key, state, &to).await;
+        let mut response = executor_response(StatusCode::OK, &Challenge::redirect(to).to_json());
+        return match flow
+            .finish(gateway, context, visitor, &mut response, "api")
+            .await
+        {
+            Finished::SignedIn(session) => {
+                crate::gate::set_csrf_cookie(gateway, context, &session.csrf, &mut response);
+                response
+            }
+            Finished::NobodyLoggedIn => response,
+            Finished::WrongAccount { signed_in } => {
+                let denied = Challenge::access_denied(
+                    None,
+                    format!(
+                        "You are signed in as {signed_in}. To go on as someone else, sign out first."
+                    ),
+                );
+                executor_response(StatusCode::OK, &denied.to_json())
+            }
+            Finished::Failed(error) => flow_error(&error.to_string()),
+            Finished::Unavailable(error) => unavailable(&error.to_string()),
+        };
     }
     // Stored when answered or moved on by itself (a stage that passed);
     // showing a challenge of a flow not stored yet stores nothing.
-    if answered || stored || matches!(step, Step::Next) {
-        visitor.session.set_flow(&key, slug, state, now_secs());
-        if let Err(error) = visitor.keep(gateway, context).await {
+    if answered || flow.is_stored() || matches!(step, Step::Next) {
+        if let Err(error) = flow.save(gateway, context, visitor).await {
             return unavailable(&error.to_string());
         }
     }
@@ -271,64 +271,6 @@ fn quote_plus(s: &str) -> String {
         }
     }
     out
-}
-
-async fn finish(
-    gateway: &Gateway,
-    context: &Context,
-    visitor: &mut Visitor,
-    key: &str,
-    state: FlowState,
-    to: &str,
-) -> Response<Body> {
-    let login = match gateway.executor.login(&state).await {
-        Ok(login) => login,
-        Err(error) => return flow_error(&error.to_string()),
-    };
-    let mut response = executor_response(StatusCode::OK, &Challenge::redirect(to).to_json());
-    let Some(login) = login else {
-        visitor
-            .session
-            .set_flow(key, "", FlowState::default(), now_secs());
-        if let Err(error) = visitor.keep(gateway, context).await {
-            return unavailable(&error.to_string());
-        }
-        return response;
-    };
-    if let Some(signed_in) = crate::gate::someone_else(&visitor.session, &login) {
-        let signed_in = signed_in.to_owned();
-        tracing::warn!(user = %signed_in, as_user = %login.identity.username, flow = %key, "step up refused: finished as another user");
-        visitor
-            .session
-            .set_flow(key, "", FlowState::default(), now_secs());
-        let _ = visitor.keep(gateway, context).await;
-        let denied = Challenge::access_denied(
-            None,
-            format!("You are signed in as {signed_in}. To go on as someone else, sign out first."),
-        );
-        return executor_response(StatusCode::OK, &denied.to_json());
-    }
-    let username = login.identity.username.clone();
-    let slug = key.strip_prefix("api:").unwrap_or(key);
-    let assurance = crate::gate::assurance_after(&visitor.session, &login, slug);
-    let second_factor = assurance.second_factor;
-    let minted = crate::gate::mint(
-        gateway,
-        context,
-        login.identity,
-        assurance,
-        Some(&visitor.id),
-        &mut response,
-    )
-    .await;
-    match minted {
-        Ok(new_session) => {
-            crate::gate::set_csrf_cookie(gateway, context, &new_session.csrf, &mut response);
-            crate::login::log_succeeded(&username, context.client_ip, slug, second_factor, "api");
-            response
-        }
-        Err(error) => unavailable(&error.to_string()),
-    }
 }
 
 /// The CSRF token for API clients that keep driving flows once logged in:

@@ -29,6 +29,7 @@ pub mod redirect;
 pub mod respond;
 pub mod router;
 pub mod session;
+pub mod signin;
 pub mod tls;
 pub mod upstream;
 

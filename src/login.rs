@@ -15,12 +15,12 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use crate::context::Context;
-use crate::flow::{Challenge, Component, FlowError, FlowRequest, FlowState, Step};
+use crate::flow::{Challenge, Component, FlowError, Step};
 use crate::gate::Visitor;
 use crate::gateway::Gateway;
 use crate::pages::{ChallengePage, SignOutPage};
 use crate::respond::html_response;
-use crate::session::now_secs;
+use crate::signin::{Finished, Flow};
 use crate::Body;
 
 const MAX_FORM: usize = 16 * 1024;
@@ -54,17 +54,7 @@ impl Target {
         url
     }
 
-    /// The executor's `query`: the page's query string minus our own `fid`.
-    /// What the executor is asked with: this flow, this page's `next`.
-    fn request<'r>(&'r self, query: &'r str, context: &Context) -> FlowRequest<'r> {
-        FlowRequest {
-            slug: &self.slug,
-            query,
-            user: None,
-            client_ip: Some(context.client_ip),
-        }
-    }
-
+    /// The executor's `query`: the page's own `next`, never our `fid`.
     fn executor_query(&self) -> String {
         let mut query = url::form_urlencoded::Serializer::new(String::new());
         if let Some(next) = &self.next {
@@ -148,16 +138,17 @@ pub async fn page(
     visitor.give_cookie(gateway, response)
 }
 
-/// The flow a page's `fid` names for this visitor: its stored state, a
-/// fresh one when the visitor was given that `fid` and has not answered
-/// yet (nothing is stored for a flow until then), or none (`lost`).
-fn page_flow(gateway: &Gateway, visitor: &Visitor, fid: &str) -> Option<(FlowState, bool)> {
-    match visitor.session.flow(&format!("page:{fid}")) {
-        Some(slot) => Some((slot.state.clone(), true)),
-        None => visitor
-            .owns_fid(gateway, fid)
-            .then(|| (FlowState::default(), false)),
-    }
+/// The flow a page's `fid` names for this visitor: the one their session
+/// holds, a fresh one when the visitor was given that `fid` and has not
+/// answered yet (nothing is stored for a flow until then), or none (`lost`).
+fn page_flow(gateway: &Gateway, visitor: &Visitor, target: &Target, fid: &str) -> Option<Flow> {
+    let flow = Flow::open(
+        visitor,
+        format!("page:{fid}"),
+        &target.slug,
+        target.executor_query(),
+    );
+    (flow.is_stored() || visitor.owns_fid(gateway, fid)).then_some(flow)
 }
 
 /// GET: give a new page its own flow id (and go there), or show the current
@@ -172,31 +163,11 @@ async fn show(
         let fid = visitor.new_fid(gateway);
         return see_other(&target.url(gateway, Some(&fid)));
     };
-    let Some((mut state, stored)) = page_flow(gateway, visitor, fid) else {
+    let Some(mut flow) = page_flow(gateway, visitor, target, fid) else {
         return lost(gateway, context, target);
     };
-    let query = target.executor_query();
-    let request = target.request(&query, context);
-    let step = follow(gateway, request, &mut state).await;
-    // Showing a challenge stores nothing new: a flow not stored yet is
-    // made again, the same, when the visitor answers it.
-    conclude(gateway, context, target, fid, visitor, state, step, stored).await
-}
-
-/// Ask for the current challenge, passing through stages that need no input.
-async fn follow(
-    gateway: &Gateway,
-    request: FlowRequest<'_>,
-    state: &mut FlowState,
-) -> Result<Step, FlowError> {
-    let mut step = gateway.executor.challenge(request, state).await;
-    for _ in 0..MAX_ROUNDS {
-        match step {
-            Ok(Step::Next) => step = gateway.executor.challenge(request, state).await,
-            _ => break,
-        }
-    }
-    step
+    let step = flow.ask(gateway, context, visitor, MAX_ROUNDS).await;
+    conclude(gateway, context, target, fid, visitor, flow, step, false).await
 }
 
 /// POST: check the CSRF token, hand the form to the executor as its JSON
@@ -211,8 +182,7 @@ async fn submit(
     let Some(fid) = target.fid.clone() else {
         return lost(gateway, context, target);
     };
-    let key = format!("page:{fid}");
-    let Some((mut state, stored)) = page_flow(gateway, visitor, &fid) else {
+    let Some(mut flow) = page_flow(gateway, visitor, target, &fid) else {
         return lost(gateway, context, target);
     };
     let sent = form.get("csrf_token").and_then(Value::as_str).unwrap_or("");
@@ -233,22 +203,20 @@ async fn submit(
         .remove("remember_me")
         .is_some_and(|v| v.as_str().is_some_and(|s| s == "true" || s == "on"));
     response_body.insert("remember_me".into(), Value::Bool(remember));
-    let query = target.executor_query();
-    let request = target.request(&query, context);
-    if !stored {
-        // The challenge answered was shown from a state never stored: make
-        // it again as the visitor saw it, then hand it the answer.
-        let _ = follow(gateway, request, &mut state).await;
-    }
-    let mut step = gateway
-        .executor
-        .respond(request, &mut state, Value::Object(response_body))
+    let mut step = flow
+        .answer(
+            gateway,
+            context,
+            visitor,
+            Value::Object(response_body),
+            MAX_ROUNDS,
+        )
         .await;
     if let Ok(Step::Next) = step {
         // When the stages left need no input (a skipped second factor, a
         // silent login), finish now rather than after one more round trip;
         // the same for an end without a form (denied, failed).
-        let peeked = follow(gateway, request, &mut state).await;
+        let peeked = flow.ask(gateway, context, visitor, MAX_ROUNDS).await;
         let settled = match &peeked {
             Ok(Step::Done { .. }) | Err(_) => true,
             Ok(Step::Challenge(c)) => matches!(
@@ -262,20 +230,18 @@ async fn submit(
         }
     }
     if let Ok(Step::Next) = step {
-        visitor
-            .session
-            .set_flow(&key, &target.slug, state, now_secs());
-        if let Err(error) = visitor.keep(gateway, context).await {
+        if let Err(error) = flow.save(gateway, context, visitor).await {
             return busy(gateway, &error.to_string());
         }
         return see_other(&target.url(gateway, Some(&fid)));
     }
-    conclude(gateway, context, target, &fid, visitor, state, step, true).await
+    conclude(gateway, context, target, &fid, visitor, flow, step, true).await
 }
 
 /// Turn an executor step into the page: show a challenge, follow a redirect,
-/// or finish the login. The flow's state is stored when `persist` (it was
-/// stored before, or the visitor answered) or when it moved by itself.
+/// or finish the login. An answered flow is stored as it is now; showing a
+/// challenge stores nothing new (a fresh flow is made again, the same, when
+/// it is answered), and a flow stored already is stored as it is now.
 #[allow(clippy::too_many_arguments)]
 async fn conclude(
     gateway: &Gateway,
@@ -283,11 +249,10 @@ async fn conclude(
     target: &Target,
     fid: &str,
     visitor: &mut Visitor,
-    mut state: FlowState,
+    mut flow: Flow,
     step: Result<Step, FlowError>,
-    persist: bool,
+    answered: bool,
 ) -> Response<Body> {
-    let key = format!("page:{fid}");
     let step = match step {
         Ok(step) => step,
         Err(FlowError::UnknownFlow(_)) => {
@@ -302,18 +267,14 @@ async fn conclude(
         Err(FlowError::Internal(reason)) => {
             let request_id = crate::session::random_token();
             tracing::error!(request_id, reason, "login flow failed");
-            state = FlowState::default();
             Step::Challenge(Challenge::flow_error(request_id))
         }
     };
     match step {
-        Step::Done { to } => return finish(gateway, context, target, visitor, &state, &to).await,
+        Step::Done { to } => finish(gateway, context, target, visitor, flow, &to).await,
         Step::Next => {
             // More silent stages than MAX_ROUNDS: let the browser come back.
-            visitor
-                .session
-                .set_flow(&key, &target.slug, state, now_secs());
-            if let Err(error) = visitor.keep(gateway, context).await {
+            if let Err(error) = flow.save(gateway, context, visitor).await {
                 return busy(gateway, &error.to_string());
             }
             see_other(&target.url(gateway, Some(fid)))
@@ -333,18 +294,13 @@ async fn conclude(
                 challenge.component,
                 Component::AccessDenied(_) | Component::FlowError(_)
             );
-            let slot_state = if finished {
-                FlowState::default()
-            } else {
-                state
+            let saved = match (finished, answered || flow.is_stored()) {
+                (true, _) => flow.end(gateway, context, visitor).await,
+                (false, true) => flow.save(gateway, context, visitor).await,
+                (false, false) => Ok(()),
             };
-            if persist {
-                visitor
-                    .session
-                    .set_flow(&key, &target.slug, slot_state, now_secs());
-                if let Err(error) = visitor.keep(gateway, context).await {
-                    return busy(gateway, &error.to_string());
-                }
+            if let Err(error) = saved {
+                return busy(gateway, &error.to_string());
             }
             let title = gateway
                 .executor
@@ -374,54 +330,33 @@ async fn finish(
     gateway: &Gateway,
     context: &Context,
     target: &Target,
-    visitor: &Visitor,
-    state: &FlowState,
+    visitor: &mut Visitor,
+    flow: Flow,
     to: &str,
 ) -> Response<Body> {
-    let old = &visitor.session;
     let to = gateway
         .redirects
         .check(to)
         .map(str::to_owned)
         .unwrap_or_else(|| safe_next(gateway, target));
     let mut response = see_other(&to);
-    match gateway.executor.login(state).await {
-        Ok(Some(login)) => {
-            if let Some(signed_in) = crate::gate::someone_else(old, &login) {
-                tracing::warn!(user = %signed_in, as_user = %login.identity.username, flow = %target.slug, "step up refused: finished as another user");
-                return gateway.page(
-                    StatusCode::FORBIDDEN,
-                    "Wrong account",
-                    &format!("You are signed in as {signed_in}. To go on as someone else, sign out first."),
-                    Some((&format!("{}/sign_out", gateway.config.server.prefix), "Sign out")),
-                );
-            }
-            let username = login.identity.username.clone();
-            let assurance = crate::gate::assurance_after(old, &login, &target.slug);
-            let second_factor = assurance.second_factor;
-            let minted = crate::gate::mint(
-                gateway,
-                context,
-                login.identity,
-                assurance,
-                Some(&visitor.id),
-                &mut response,
-            );
-            if let Err(error) = minted.await {
-                return busy(gateway, &error.to_string());
-            }
-            log_succeeded(
-                &username,
-                context.client_ip,
-                &target.slug,
-                second_factor,
-                "page",
-            );
-        }
-        Ok(None) => {}
-        Err(error) => return busy(gateway, &error.to_string()),
+    match flow
+        .finish(gateway, context, visitor, &mut response, "page")
+        .await
+    {
+        Finished::SignedIn(_) | Finished::NobodyLoggedIn => response,
+        Finished::WrongAccount { signed_in } => gateway.page(
+            StatusCode::FORBIDDEN,
+            "Wrong account",
+            &format!("You are signed in as {signed_in}. To go on as someone else, sign out first."),
+            Some((
+                &format!("{}/sign_out", gateway.config.server.prefix),
+                "Sign out",
+            )),
+        ),
+        Finished::Failed(error) => busy(gateway, &error.to_string()),
+        Finished::Unavailable(error) => busy(gateway, &error.to_string()),
     }
-    response
 }
 
 fn safe_next(gateway: &Gateway, target: &Target) -> String {

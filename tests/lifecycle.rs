@@ -101,7 +101,7 @@ async fn sigterm_says_not_ready_and_keeps_serving_for_the_shutdown_delay() {
     let upstream = Upstream::start().await;
     let config = basic_config(&upstream.url(), "").replace(
         "listen = \"127.0.0.1:0\"\n",
-        "listen = \"127.0.0.1:0\"\nshutdown_delay = \"2s\"\n",
+        "listen = \"127.0.0.1:0\"\nshutdown_delay = \"4s\"\n",
     );
     let mut gate = Flowgate::start(&config, &users_file(&[&ALICE]));
     let admin = format!("http://{}", gate.admin.expect("admin address"));
@@ -114,7 +114,8 @@ async fn sigterm_says_not_ready_and_keeps_serving_for_the_shutdown_delay() {
     assert_eq!(ready(&client).await.unwrap(), 200);
     let started = std::time::Instant::now();
     gate.signal("TERM");
-    gate.wait_for_log("still serving for", Duration::from_secs(2));
+    // Generous waits: a loaded CI machine is slow to log, not to stop.
+    gate.wait_for_log("still serving for", Duration::from_secs(3));
     assert_eq!(ready(&client).await.unwrap(), 503);
     // New connections, and requests on them, are still served.
     for _ in 0..3 {
@@ -124,15 +125,15 @@ async fn sigterm_says_not_ready_and_keeps_serving_for_the_shutdown_delay() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(4),
         "the checks took too long"
     );
     let status = gate
-        .wait_exit(Duration::from_secs(6))
+        .wait_exit(Duration::from_secs(8))
         .expect("flowgate exits after the delay and the drain");
     assert!(status.success(), "{status:?}");
     assert!(
-        started.elapsed() >= Duration::from_millis(1900),
+        started.elapsed() >= Duration::from_millis(3900),
         "exited before the delay: {:?}",
         started.elapsed()
     );
