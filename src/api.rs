@@ -78,8 +78,10 @@ pub async fn executor(
         return not_found();
     };
     let slug = slug.to_owned();
-    if !gateway.executor.has_flow(&slug) {
-        return not_found();
+    match gateway.executor.find_flow(&slug).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return not_found(),
+        Err(error) => return unavailable(&crate::respond::chain(&error)),
     }
     let method = request.method().clone();
     if !matches!(method, Method::GET | Method::HEAD | Method::POST) {
@@ -180,8 +182,15 @@ async fn run(
     let step = match step {
         Ok(step) => step,
         Err(FlowError::UnknownFlow(_)) => return not_found(),
-        Err(FlowError::Unavailable(reason)) => return unavailable(&reason),
-        Err(FlowError::Internal(reason)) => return flow_error(&reason),
+        Err(error @ FlowError::Unavailable { bad_gateway, .. }) => {
+            return match bad_gateway {
+                true => bad_gateway_answer(&error),
+                false => unavailable(&crate::respond::chain(&error)),
+            }
+        }
+        Err(error @ FlowError::Internal { .. }) => {
+            return flow_error(&crate::respond::chain(&error))
+        }
     };
 
     if let Step::Done { to } = &step {
@@ -204,7 +213,7 @@ async fn run(
                 );
                 executor_response(StatusCode::OK, &denied.to_json())
             }
-            Finished::Failed(error) => flow_error(&error.to_string()),
+            Finished::Failed(error) => flow_error(&crate::respond::chain(&error)),
             Finished::Unavailable(error) => unavailable(&error.to_string()),
         };
     }
@@ -287,6 +296,15 @@ fn unavailable(reason: &str) -> Response<Body> {
     json_response(
         StatusCode::SERVICE_UNAVAILABLE,
         &json!({"detail": "Login is temporarily unavailable. Try again shortly."}),
+    )
+}
+
+/// The flow executor behind us answered nonsense: 502, the cause logged.
+fn bad_gateway_answer(error: &FlowError) -> Response<Body> {
+    tracing::warn!(reason = %crate::respond::chain(error), "login failed: the flow executor answered nonsense");
+    json_response(
+        StatusCode::BAD_GATEWAY,
+        &json!({"detail": "The sign-in service gave an answer that could not be used."}),
     )
 }
 

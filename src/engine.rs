@@ -23,8 +23,8 @@ use crate::config::{
 use crate::directory::{avatar_for, Directory, User, DEFAULT_AVATAR};
 use crate::flow::{
     field_error, AccessDenied, AuthenticatorValidate, Challenge, Component, DeviceChallenge,
-    ErrorMap, FlowError, FlowExecutor, FlowInfo, FlowRequest, FlowState, Identification, Login,
-    Password, PendingUser, Step,
+    ErrorMap, FlowError, FlowExecutor, FlowInfo, FlowRequest, FlowState, FlowSummary,
+    Identification, Login, Password, PendingUser, Step,
 };
 use crate::login::{FAILED_PASSWORD, FAILED_TOTP};
 use crate::metrics::Metrics;
@@ -574,12 +574,11 @@ fn required_string<'b>(body: &'b Value, field: &str) -> Result<&'b str, ErrorMap
 
 #[async_trait]
 impl FlowExecutor for Engine {
-    fn has_flow(&self, slug: &str) -> bool {
-        self.flows.contains_key(slug)
-    }
-
-    fn title(&self, slug: &str) -> Option<String> {
-        self.flows.get(slug).map(|f| f.title.clone())
+    async fn find_flow(&self, slug: &str) -> Result<Option<FlowSummary>, FlowError> {
+        Ok(self.flows.get(slug).map(|f| FlowSummary {
+            slug: f.slug.clone(),
+            title: f.title.clone(),
+        }))
     }
 
     async fn challenge(

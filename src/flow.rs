@@ -375,18 +375,60 @@ pub fn form_urlencoded_get(query: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// Why an executor call failed outright (as opposed to answering a challenge).
+/// What went wrong underneath (a hyper, rustls or I/O error), kept for the log.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why an executor call failed outright (as opposed to answering a
+/// challenge). The cause, when there is one, is the `source`: the log line
+/// prints the whole chain (`respond::chain`), the visitor sees none of it.
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
     /// No flow with that slug: 404.
     #[error("no flow named `{0}`")]
     UnknownFlow(String),
-    /// The executor cannot be reached (remote down): 503.
-    #[error("flow executor unavailable: {0}")]
-    Unavailable(String),
+    /// The executor cannot be reached or answered nonsense (a remote down,
+    /// timing out, not speaking the protocol): 503 (502 for nonsense).
+    #[error("flow executor unavailable: {what}")]
+    Unavailable {
+        what: String,
+        /// The remote answered, but not as an executor does: 502.
+        bad_gateway: bool,
+        #[source]
+        source: Option<Cause>,
+    },
     /// Anything else: answered as `ak-stage-flow-error`, cause only in the log.
-    #[error("flow executor failed: {0}")]
-    Internal(String),
+    #[error("flow executor failed: {what}")]
+    Internal {
+        what: String,
+        #[source]
+        source: Option<Cause>,
+    },
+}
+
+impl FlowError {
+    pub fn unavailable(what: impl Into<String>, source: impl Into<Cause>) -> FlowError {
+        FlowError::Unavailable {
+            what: what.into(),
+            bad_gateway: false,
+            source: Some(source.into()),
+        }
+    }
+
+    /// The remote answered, but nothing an executor would say.
+    pub fn bad_gateway(what: impl Into<String>) -> FlowError {
+        FlowError::Unavailable {
+            what: what.into(),
+            bad_gateway: true,
+            source: None,
+        }
+    }
+
+    pub fn internal(what: impl Into<String>) -> FlowError {
+        FlowError::Internal {
+            what: what.into(),
+            source: None,
+        }
+    }
 }
 
 /// The seam between the login front ends (HTML relay, JSON API) and whatever
@@ -394,11 +436,11 @@ pub enum FlowError {
 /// front ends decide where it lives (the pre-auth session).
 #[async_trait]
 pub trait FlowExecutor: Send + Sync {
-    /// Does a flow with this slug exist?
-    fn has_flow(&self, slug: &str) -> bool;
-
-    /// The display title of a flow, for page titles.
-    fn title(&self, slug: &str) -> Option<String>;
+    /// The executor's catalogue: the flow with this slug, if it runs one,
+    /// with its title for the login page. The embedded engine answers from
+    /// the config; a remote one from what it knows of the remote (it may
+    /// have to ask). A gateway built on reload has a catalogue of its own.
+    async fn find_flow(&self, slug: &str) -> Result<Option<FlowSummary>, FlowError>;
 
     /// GET: the current challenge, planning the flow if there is no plan.
     async fn challenge(
@@ -419,6 +461,14 @@ pub trait FlowExecutor: Send + Sync {
     /// After `Step::Done`: who logged in, or `None` when the flow logged no
     /// one in (e.g. a flow without a login stage).
     async fn login(&self, state: &FlowState) -> Result<Option<Login>, FlowError>;
+}
+
+/// A flow in an executor's catalogue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowSummary {
+    pub slug: String,
+    /// What the login page calls it.
+    pub title: String,
 }
 
 /// Who a finished flow logged in, and how.

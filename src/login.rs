@@ -31,6 +31,8 @@ const MAX_ROUNDS: usize = 10;
 /// Where this page is, and where it goes when done.
 struct Target {
     slug: String,
+    /// The flow's title, from the executor's catalogue.
+    title: String,
     /// `next` as given (validated only when used).
     next: Option<String>,
     fid: Option<String>,
@@ -81,14 +83,18 @@ pub async fn page(
             None,
         );
     };
-    if !gateway.executor.has_flow(slug) {
-        return gateway.page(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "There is no sign-in flow by that name.",
-            None,
-        );
-    }
+    let summary = match gateway.executor.find_flow(slug).await {
+        Ok(Some(summary)) => summary,
+        Ok(None) => {
+            return gateway.page(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "There is no sign-in flow by that name.",
+                None,
+            )
+        }
+        Err(error) => return busy(gateway, &crate::respond::chain(&error)),
+    };
     let query = request.uri().query().unwrap_or("");
     // A `next` flowgate will not follow is dropped here, before any
     // password: the sign-in then ends at `/` instead of failing at the end.
@@ -100,7 +106,8 @@ pub async fn page(
         allowed
     });
     let mut target = Target {
-        slug: slug.to_owned(),
+        slug: summary.slug,
+        title: summary.title,
         next,
         fid: crate::flow::form_urlencoded_get(query, "fid"),
     };
@@ -263,9 +270,15 @@ async fn conclude(
                 None,
             )
         }
-        Err(FlowError::Unavailable(reason)) => return busy(gateway, &reason),
-        Err(FlowError::Internal(reason)) => {
+        Err(error @ FlowError::Unavailable { bad_gateway, .. }) => {
+            return match bad_gateway {
+                true => bad_gateway_page(gateway, &error),
+                false => busy(gateway, &crate::respond::chain(&error)),
+            }
+        }
+        Err(error @ FlowError::Internal { .. }) => {
             let request_id = crate::session::random_token();
+            let reason = crate::respond::chain(&error);
             tracing::error!(request_id, reason, "login flow failed");
             Step::Challenge(Challenge::flow_error(request_id))
         }
@@ -302,12 +315,8 @@ async fn conclude(
             if let Err(error) = saved {
                 return busy(gateway, &error.to_string());
             }
-            let title = gateway
-                .executor
-                .title(&target.slug)
-                .unwrap_or_else(|| "Sign in".to_owned());
             let html = gateway.pages.challenge(&ChallengePage {
-                flow_title: &title,
+                flow_title: &target.title,
                 challenge: &challenge,
                 form_action: &target.url(gateway, Some(fid)),
                 csrf_token: &visitor.session.csrf,
@@ -354,7 +363,7 @@ async fn finish(
                 "Sign out",
             )),
         ),
-        Finished::Failed(error) => busy(gateway, &error.to_string()),
+        Finished::Failed(error) => busy(gateway, &crate::respond::chain(&error)),
         Finished::Unavailable(error) => busy(gateway, &error.to_string()),
     }
 }
@@ -395,6 +404,17 @@ fn busy(gateway: &Gateway, reason: &str) -> Response<Body> {
         StatusCode::SERVICE_UNAVAILABLE,
         "Try again shortly",
         "Signing in is temporarily unavailable. Please try again in a moment.",
+        None,
+    )
+}
+
+/// The sign-in service answered, but not as a flow executor does.
+fn bad_gateway_page(gateway: &Gateway, error: &FlowError) -> Response<Body> {
+    tracing::warn!(reason = %crate::respond::chain(error), "login failed: the flow executor answered nonsense");
+    gateway.page(
+        StatusCode::BAD_GATEWAY,
+        "Sign-in is not working",
+        "The sign-in service gave an answer flowgate could not use. Please try again later.",
         None,
     )
 }

@@ -252,6 +252,23 @@ impl Gateway {
     }
 }
 
+/// An error and every cause under it, `outer: inner: innermost`: what a
+/// log line needs to say what happened (a refused connection, a
+/// certificate that did not verify), where `Display` alone says only the top.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Logs "login temporarily unavailable" at most once per ten seconds, with
 /// how many such answers went unlogged since: a flood of anonymous
 /// requests answered 503 must not flood the log as well.
@@ -278,4 +295,31 @@ pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("login step failed")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_chain_names_every_cause_once() {
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        assert_eq!(
+            chain(&Outer(refused)),
+            "login step failed: connection refused"
+        );
+        let flow = crate::flow::FlowError::unavailable(
+            "GET https://auth.test/",
+            Outer(std::io::Error::other("tls: bad certificate")),
+        );
+        assert_eq!(
+            chain(&flow),
+            "flow executor unavailable: GET https://auth.test/: login step failed: tls: bad certificate"
+        );
+    }
 }
