@@ -268,7 +268,7 @@ pub fn canonical_url(full_path: &str) -> String {
     }
 }
 
-fn quote_plus(s: &str) -> String {
+pub(crate) fn quote_plus(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {

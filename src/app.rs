@@ -115,7 +115,7 @@ impl App {
             );
         }
         let gateway = Gateway::new(config, &self.shared)?;
-        let ended = old.directory.ended_in(&gateway.directory);
+        let ended = old.people.ended_in(&gateway.people);
         self.current.store(Arc::new(gateway));
         self.metrics.reloads.inc();
         Ok(ended)

@@ -132,6 +132,16 @@ fn check(path: &Path) -> ExitCode {
             path.display()
         );
     }
+    if let crate::config::ExecutorConfig::Remote(remote) = &config.executor {
+        println!(
+            "{}: OK ({} route{}, flows run by the remote executor at {})",
+            path.display(),
+            config.routes.len(),
+            plural(config.routes.len()),
+            remote.url,
+        );
+        return ExitCode::SUCCESS;
+    }
     match crate::directory::FileDirectory::load(&config.directory.users_file) {
         Ok(users) => {
             println!(

@@ -88,7 +88,7 @@ pub struct Server {
     pub prefix: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -199,10 +199,45 @@ pub struct DirectoryConfig {
     pub users_file: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[executor]`: who runs the login flows.
+#[derive(Debug, Clone)]
 pub enum ExecutorConfig {
-    /// `executor.kind = "embedded"` (the default).
+    /// `executor.kind = "embedded"` (the default): the flows of this
+    /// file, the users of `directory.users_file`.
     Embedded,
+    /// `executor.kind = "remote"`: authentik, or another flowgate's
+    /// `[executor_api]`, driven over its flow executor API.
+    Remote(Box<RemoteConfig>),
+}
+
+impl ExecutorConfig {
+    pub fn is_remote(&self) -> bool {
+        matches!(self, ExecutorConfig::Remote(_))
+    }
+}
+
+/// A remote flow executor and how to reach it.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// `executor.url`: scheme and authority only (`https://auth.example.com`).
+    pub url: http::Uri,
+    /// `executor.api_prefix`, default `/api/v3`.
+    pub api_prefix: String,
+    /// `executor.ca_file`: roots trusted besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// `executor.client_cert` + `client_key`: a client certificate (mTLS).
+    pub client_auth: Option<TlsConfig>,
+    /// `executor.timeout`, default 10s: each request to the remote.
+    pub timeout: Duration,
+    /// `executor.outpost_token_file`: an authentik outpost's token, so that
+    /// the client's address may be sent as `X-authentik-remote-ip`.
+    pub outpost_token: Option<Secret>,
+    /// `executor.revalidate`, default 5m: how often a session is checked
+    /// against the remote's.
+    pub revalidate: Duration,
+    /// `executor.invalidation_flow`, default `default-invalidation-flow`:
+    /// run at sign-out to end the remote session.
+    pub invalidation_flow: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

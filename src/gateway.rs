@@ -7,14 +7,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::app::Shared;
-use crate::config::{Config, CookieSecure, RouteConfig};
+use crate::config::{Config, CookieSecure, ExecutorConfig, RouteConfig};
 use crate::context::Context;
 use crate::directory::FileDirectory;
 use crate::engine::Engine;
 use crate::flow::FlowExecutor;
+use crate::identity::Identity;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pages::Pages;
 use crate::redirect::RedirectPolicy;
+use crate::remote::RemoteExecutor;
 use crate::session::{CookieSigner, SessionStore};
 use crate::upstream::{Target, Upstreams};
 
@@ -24,9 +26,8 @@ use crate::upstream::{Target, Upstreams};
 pub struct Gateway {
     pub config: Config,
     pub(crate) executor: Arc<dyn FlowExecutor>,
-    /// The users file as of this gateway's load: sessions are resolved
-    /// against it on every decision (`gate::live`).
-    pub(crate) directory: Arc<FileDirectory>,
+    /// Who the users are now, for sessions minted earlier (`gate::live`).
+    pub(crate) people: People,
     /// Logins started per client address (shared by every gateway).
     pub(crate) client_starts: Arc<crate::session::ClientStarts>,
     pub(crate) sessions: Arc<dyn SessionStore>,
@@ -48,21 +49,30 @@ impl Gateway {
     /// only on what validation cannot see (a users file that went missing
     /// since, unreadable CA roots).
     pub fn new(config: Config, shared: &Shared) -> Result<Gateway, String> {
-        let users = config.directory.users_file.clone();
-        let directory = Arc::new(
-            FileDirectory::load(&users)
-                .map_err(|e| e.to_string())?
-                .sharing_used_codes(shared.used_codes.clone()),
-        );
-        if directory.is_empty() {
-            tracing::warn!(file = %users.display(), "the users file has no users: nobody can log in");
-        }
-        let executor: Arc<dyn FlowExecutor> = Arc::new(Engine::with_shared(
-            &config,
-            directory.clone(),
-            shared.throttle.clone(),
-            Some(shared.metrics.clone()),
-        ));
+        let (executor, people): (Arc<dyn FlowExecutor>, People) = match &config.executor {
+            ExecutorConfig::Embedded => {
+                let users = config.directory.users_file.clone();
+                let directory = Arc::new(
+                    FileDirectory::load(&users)
+                        .map_err(|e| e.to_string())?
+                        .sharing_used_codes(shared.used_codes.clone()),
+                );
+                if directory.is_empty() {
+                    tracing::warn!(file = %users.display(), "the users file has no users: nobody can log in");
+                }
+                let engine = Engine::with_shared(
+                    &config,
+                    directory.clone(),
+                    shared.throttle.clone(),
+                    Some(shared.metrics.clone()),
+                );
+                (Arc::new(engine), People::File(directory))
+            }
+            ExecutorConfig::Remote(remote) => (
+                Arc::new(RemoteExecutor::new(&config, remote)?),
+                People::Remote,
+            ),
+        };
         let metrics = shared.metrics.clone();
         let sessions = shared.sessions.clone();
         let fallback_secret = shared.fallback_secret.as_slice();
@@ -83,7 +93,7 @@ impl Gateway {
             .collect();
         Ok(Gateway {
             executor,
-            directory,
+            people,
             client_starts: shared.client_starts.clone(),
             sessions,
             signer: CookieSigner::new(secret),
@@ -135,6 +145,34 @@ impl Gateway {
             CookieSecure::Auto => context.https,
             CookieSecure::Always => true,
             CookieSecure::Never => false,
+        }
+    }
+}
+
+/// Who a session's user is now.
+pub enum People {
+    /// The users file as of this gateway's load: groups and names as it
+    /// says now; a user deleted or disabled since has no session.
+    File(Arc<FileDirectory>),
+    /// A remote executor's users: as the remote said at login.
+    Remote,
+}
+
+impl People {
+    /// `frozen` (a session's identity) as it is now, or nobody.
+    pub fn current(&self, frozen: &Arc<Identity>) -> Option<Arc<Identity>> {
+        match self {
+            People::File(directory) => directory.current(&frozen.username),
+            People::Remote => Some(frozen.clone()),
+        }
+    }
+
+    /// The users whose sessions must end now that `newer` replaces this
+    /// (`FileDirectory::ended_in`); none for a remote's.
+    pub fn ended_in(&self, newer: &People) -> Vec<String> {
+        match (self, newer) {
+            (People::File(old), People::File(new)) => old.ended_in(new),
+            _ => Vec::new(),
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod pages;
 pub mod proxy;
 pub mod redirect;
+pub mod remote;
 pub mod respond;
 pub mod router;
 pub mod session;

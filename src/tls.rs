@@ -11,7 +11,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{InconsistentKeys, ServerConfig, SupportedProtocolVersion};
+use rustls::{ClientConfig, InconsistentKeys, ServerConfig, SupportedProtocolVersion};
 
 use crate::config::TlsConfig;
 
@@ -151,6 +151,73 @@ pub fn check(tls: &TlsConfig) -> Result<(), TlsError> {
     let provider = rustls::crypto::ring::default_provider();
     let key = certified_key(tls, &provider)?;
     dns_names(&key, &tls.cert).map(|_| ())
+}
+
+/// Which certificate authorities a client trusts.
+#[derive(Clone, Copy)]
+pub enum Roots<'p> {
+    /// The system's (rustls-native-certs).
+    System,
+    /// Only those of this PEM file.
+    Only(&'p Path),
+    /// The system's and those of this PEM file.
+    SystemAnd(&'p Path),
+}
+
+/// rustls client settings (TLS 1.2 and 1.3, ring): `roots` to trust, a
+/// client certificate to present when asked, and the ALPN protocols.
+pub fn client_config(
+    roots: Roots<'_>,
+    client_auth: Option<&TlsConfig>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, String> {
+    let mut store = rustls::RootCertStore::empty();
+    if matches!(roots, Roots::System | Roots::SystemAnd(_)) {
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = store.add(cert);
+        }
+    }
+    if let Roots::Only(path) | Roots::SystemAnd(path) = roots {
+        let certs = read_pem(path, |r| {
+            rustls_pemfile::certs(r).collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(|e| e.to_string())?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate found", path.display()));
+        }
+        for cert in certs {
+            store
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    if store.is_empty() {
+        tracing::warn!("no system CA certificates found: https to other servers needs a ca_file");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(store);
+    let mut config = match client_auth {
+        Some(tls) => {
+            // Checked to belong together first, for a message naming both files.
+            certified_key(tls, &provider).map_err(|e| e.to_string())?;
+            let chain = read_pem(&tls.cert, |r| {
+                rustls_pemfile::certs(r).collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|e| e.to_string())?;
+            let key = read_pem(&tls.key, rustls_pemfile::private_key)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| TlsError::NoKey(tls.key.clone()).to_string())?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("{}: {e}", tls.key.display()))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
 }
 
 /// The chain of `tls.cert` with the key of `tls.key`, checked to belong

@@ -168,7 +168,7 @@ impl Upstreams {
                         request = unsent;
                         sender = Box::pin(self.connect(target)).await?;
                     }
-                    _ => return Err(UpstreamError::Failed(error_chain(error.error()))),
+                    _ => return Err(UpstreamError::Failed(crate::respond::chain(error.error()))),
                 },
             }
         };
@@ -350,10 +350,10 @@ where
     let (sender, connection) = http1::Builder::new()
         .handshake(io)
         .await
-        .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+        .map_err(|e| UpstreamError::Connect(crate::respond::chain(&e)))?;
     tokio::spawn(async move {
         if let Err(error) = connection.with_upgrades().await {
-            tracing::debug!(error = %error_chain(&error), "upstream connection ended with an error");
+            tracing::debug!(error = %crate::respond::chain(&error), "upstream connection ended with an error");
         }
     });
     Ok(sender)
@@ -421,51 +421,12 @@ impl Held {
 }
 
 /// rustls client config for `https://` upstreams: the system's roots, or
-/// the PEM roots of `ca_file`. Upstreams speak HTTP/1.1.
+/// only the PEM roots of `ca_file`. Upstreams speak HTTP/1.1.
 fn tls_connector(ca_file: Option<&std::path::Path>) -> Result<TlsConnector, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
-                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-            }
-            if roots.is_empty() {
-                return Err(format!("{}: no certificate found", path.display()));
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                tracing::warn!(
-                    "no system CA certificates found: https upstreams need proxy.ca_file"
-                );
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let roots = match ca_file {
+        Some(path) => crate::tls::Roots::Only(path),
+        None => crate::tls::Roots::System,
+    };
+    let config = crate::tls::client_config(roots, None, &[b"http/1.1"])?;
     Ok(TlsConnector::from(Arc::new(config)))
-}
-
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -7,15 +7,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::ca::{replace, Ca, Leaf};
 use common::*;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SerialNumber};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -23,72 +22,6 @@ use rustls::{DigitallySignedStruct, SignatureScheme, SupportedProtocolVersion};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// A certificate authority made for one test.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-/// A leaf certificate and its key, as PEM and DER.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: Vec<u8>,
-    key_der: Vec<u8>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    /// A leaf for `names` (DNS names or IP addresses), with its own new key.
-    fn issue(&self, names: &[&str], serial: u64) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.serial_number = Some(SerialNumber::from(serial));
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
-            key_der: key.serialize_der(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    fn root(&self) -> reqwest::Certificate {
-        reqwest::Certificate::from_pem(self.pem().as_bytes()).unwrap()
-    }
-}
-
-impl Leaf {
-    /// Write `{stem}.pem` and `{stem}.key` into `dir`, each replaced in one
-    /// step (as certbot and friends do), the key first.
-    fn write(&self, dir: &Path, stem: &str) {
-        replace(&dir.join(format!("{stem}.key")), &self.key_pem);
-        replace(&dir.join(format!("{stem}.pem")), &self.cert_pem);
-    }
-}
-
-fn replace(path: &Path, text: &str) {
-    let temporary = path.with_extension("new");
-    std::fs::write(&temporary, text).unwrap();
-    std::fs::rename(&temporary, path).unwrap();
-}
 
 /// `basic_config` listening with TLS: one `{ cert, key }` per stem, in order.
 fn tls_config(upstream: &str, stems: &[&str]) -> String {

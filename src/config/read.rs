@@ -19,7 +19,8 @@ use super::{
     resolve_against, AdminConfig, Allow, Config, ConfigError, ConfigErrors, CookieSecure,
     Designation, DirectoryConfig, ExecutorConfig, FlowAuthentication, FlowConfig, HeaderPreset,
     HeaderSet, HostPattern, LogConfig, LogFormat, NotConfiguredAction, PathRule, ProxyConfig,
-    RouteConfig, Secret, Server, SessionConfig, StageConfig, StoreKind, TlsConfig, UserField,
+    RemoteConfig, RouteConfig, Secret, Server, SessionConfig, StageConfig, StoreKind, TlsConfig,
+    UserField,
 };
 
 /// The slug of the flow used when a config declares none.
@@ -43,6 +44,15 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     run(&src, path, &env, Files::Read, |reader, root| {
         reader.config(root)
     })
+}
+
+/// The flows a route may name.
+#[derive(Clone, Copy)]
+enum Flows<'f> {
+    /// The `[[flow]]`s of this file.
+    Embedded(&'f [FlowConfig]),
+    /// Whatever the remote executor runs: any slug.
+    Remote,
 }
 
 /// Whether the files a config names are read while it is validated.
@@ -566,14 +576,43 @@ impl<'a> Reader<'a> {
         ]);
         let server = self.server(root);
         let session = self.session(root);
-        let directory = self.directory(root);
         let executor = self.executor(root);
+        let remote = executor.is_remote();
+        if remote {
+            // What only the embedded engine reads would silently do nothing.
+            for key in ["directory", "flow", "stage"] {
+                if let Some((k, item)) = root.get_key_value(key) {
+                    let line = self.line_of(k.span()).or_else(|| self.line_of(item.span()));
+                    self.error(
+                        line,
+                        key,
+                        "only for the embedded executor: with executor.kind = \"remote\" \
+                         the remote's flows and users are used",
+                    );
+                }
+            }
+        }
+        let directory = self.directory(root, remote);
         let log = self.log(root);
         let proxy = self.proxy(root);
         let admin = self.admin(root);
-        let stages = self.stages(root);
-        let flows = self.flows(root, &stages);
-        let routes = self.routes(root, &flows, &proxy, session.cookie_domain.as_deref());
+        let (stages, flows) = match remote {
+            true => (BTreeMap::new(), Vec::new()),
+            false => {
+                let stages = self.stages(root);
+                let flows = self.flows(root, &stages);
+                (stages, flows)
+            }
+        };
+        let routes = self.routes(
+            root,
+            match remote {
+                true => Flows::Remote,
+                false => Flows::Embedded(&flows),
+            },
+            &proxy,
+            session.cookie_domain.as_deref(),
+        );
         self.finish(top);
         Config {
             path: self.path.to_path_buf(),
@@ -961,7 +1000,7 @@ impl<'a> Reader<'a> {
         Some(Secret(bytes))
     }
 
-    fn directory(&mut self, root: &dyn TableLike) -> DirectoryConfig {
+    fn directory(&mut self, root: &dyn TableLike, remote: bool) -> DirectoryConfig {
         let mut s = self.section(root, "directory", "directory".into(), Some("DIRECTORY"));
         let (users_file, place) = match self.string(&mut s, "users_file") {
             Some((file, place)) => {
@@ -974,7 +1013,7 @@ impl<'a> Reader<'a> {
         };
         // The users file is judged with the config: its problems (each
         // with its own file and line) are this config's problems.
-        if self.files == Files::Read {
+        if self.files == Files::Read && !remote {
             match std::fs::read_to_string(&users_file) {
                 Ok(text) => {
                     let file = users_file.display().to_string();
@@ -998,18 +1037,156 @@ impl<'a> Reader<'a> {
 
     fn executor(&mut self, root: &dyn TableLike) -> ExecutorConfig {
         let mut s = self.section(root, "executor", "executor".into(), Some("EXECUTOR"));
-        if let Some((kind, place)) = self.string(&mut s, "kind") {
-            match kind.as_str() {
-                "embedded" => {}
-                "remote" => self.error_at(
-                    &place,
-                    "remote executors are not supported yet; use \"embedded\"",
-                ),
-                other => self.error_at(&place, format!("\"{other}\" is not one of \"embedded\"")),
+        let remote = self.choice(
+            &mut s,
+            "kind",
+            &[("embedded", false), ("remote", true)],
+            false,
+        );
+        const REMOTE_ONLY: [&str; 9] = [
+            "url",
+            "api_prefix",
+            "ca_file",
+            "client_cert",
+            "client_key",
+            "timeout",
+            "outpost_token_file",
+            "revalidate",
+            "invalidation_flow",
+        ];
+        if !remote {
+            for key in REMOTE_ONLY {
+                if let Some((_, place)) = self.get(&mut s, key) {
+                    self.error_at(&place, "only for executor.kind = \"remote\"");
+                }
+            }
+            self.finish(s);
+            return ExecutorConfig::Embedded;
+        }
+        let url = match self.string(&mut s, "url") {
+            Some((text, place)) => self.remote_url(&text, &place),
+            None => {
+                self.error(
+                    s.line,
+                    "executor.url",
+                    "missing: where the remote executor is, e.g. \"https://auth.example.com\"",
+                );
+                None
+            }
+        };
+        let api_prefix = match self.string(&mut s, "api_prefix") {
+            Some((prefix, place)) => {
+                let trimmed = prefix.trim_end_matches('/').to_owned();
+                if !trimmed.starts_with('/') || prefix_problem(&trimmed).is_err() {
+                    self.error_at(&place, "expected a path like \"/api/v3\"");
+                }
+                trimmed
+            }
+            None => "/api/v3".to_owned(),
+        };
+        let ca_file = self.optional_file(&mut s, "ca_file");
+        let client_cert = self.optional_file(&mut s, "client_cert");
+        let client_key = self.optional_file(&mut s, "client_key");
+        let client_auth = match (client_cert, client_key) {
+            (Some(cert), Some(key)) => {
+                let pair = TlsConfig { cert, key };
+                if let Err(problem) = crate::tls::check(&pair) {
+                    self.error(s.line, "executor.client_cert", problem.to_string());
+                }
+                Some(pair)
+            }
+            (None, None) => None,
+            _ => {
+                self.error(
+                    s.line,
+                    "executor.client_cert",
+                    "client_cert and client_key go together",
+                );
+                None
+            }
+        };
+        let timeout = self.duration(&mut s, "timeout", Duration::from_secs(10), false);
+        let outpost_token = self
+            .optional_file(&mut s, "outpost_token_file")
+            .and_then(|path| match std::fs::read_to_string(&path) {
+                Ok(token) if !token.trim().is_empty() => {
+                    Some(Secret(token.trim().as_bytes().to_vec()))
+                }
+                Ok(_) => {
+                    self.error(s.line, "executor.outpost_token_file", "the file is empty");
+                    None
+                }
+                Err(e) => {
+                    let message = format!("cannot read {}: {e}", path.display());
+                    self.error(s.line, "executor.outpost_token_file", message);
+                    None
+                }
+            });
+        let revalidate = self.duration(&mut s, "revalidate", Duration::from_secs(300), false);
+        let invalidation_flow = match self.string(&mut s, "invalidation_flow") {
+            Some((slug, place)) => {
+                if !is_slug(&slug) {
+                    self.error_at(&place, "expected a flow slug (letters, digits, - and _)");
+                }
+                slug
+            }
+            None => "default-invalidation-flow".to_owned(),
+        };
+        self.finish(s);
+        match url {
+            Some(url) => ExecutorConfig::Remote(Box::new(RemoteConfig {
+                url,
+                api_prefix,
+                ca_file,
+                client_auth,
+                timeout,
+                outpost_token,
+                revalidate,
+                invalidation_flow,
+            })),
+            None => ExecutorConfig::Embedded,
+        }
+    }
+
+    /// `executor.url`: `http(s)://host[:port]`, nothing else.
+    fn remote_url(&mut self, text: &str, place: &Place) -> Option<http::Uri> {
+        let uri: http::Uri = match text.parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.error_at(place, format!("\"{text}\" is not a URL: {e}"));
+                return None;
+            }
+        };
+        let problem = match (uri.scheme_str(), uri.authority()) {
+            (Some("http" | "https"), Some(authority)) if authority.as_str().contains('@') => {
+                Some("credentials (`user:pw@`) do not belong in the URL")
+            }
+            (Some("http" | "https"), Some(_)) => None,
+            _ => Some("expected http:// or https:// and a host"),
+        };
+        let problem = problem.or_else(|| {
+            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+            (path_and_query != "/" || text.contains('#'))
+                .then_some("only scheme and host (and port): set a path with executor.api_prefix")
+        });
+        if let Some(problem) = problem {
+            self.error_at(place, problem);
+            return None;
+        }
+        Some(uri)
+    }
+
+    /// An optional path to a readable file, resolved against the config's folder.
+    fn optional_file(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<PathBuf> {
+        let (text, place) = self.string(section, key)?;
+        let path = resolve_against(self.path, Path::new(&text));
+        match std::fs::File::open(&path) {
+            Ok(_) => Some(path),
+            Err(e) => {
+                self.error_at(&place, format!("cannot read {}: {e}", path.display()));
+                None
             }
         }
-        self.finish(s);
-        ExecutorConfig::Embedded
     }
 
     fn log(&mut self, root: &dyn TableLike) -> LogConfig {
@@ -1300,7 +1477,7 @@ impl<'a> Reader<'a> {
     fn routes(
         &mut self,
         root: &dyn TableLike,
-        flows: &[FlowConfig],
+        flows: Flows<'_>,
         proxy: &ProxyConfig,
         cookie_domain: Option<&str>,
     ) -> Vec<RouteConfig> {
@@ -1322,10 +1499,13 @@ impl<'a> Reader<'a> {
             );
             return routes;
         };
-        let default_flow = flows
-            .iter()
-            .find(|f| f.designation == Designation::Authentication)
-            .map(|f| f.slug.clone());
+        let default_flow = match flows {
+            Flows::Embedded(flows) => flows
+                .iter()
+                .find(|f| f.designation == Designation::Authentication)
+                .map(|f| f.slug.clone()),
+            Flows::Remote => Some(DEFAULT_FLOW.to_owned()),
+        };
         let mut seen: Vec<(String, String, usize)> = Vec::new();
         for (i, table) in array.iter().enumerate() {
             let path = format!("route[{i}]");
@@ -1365,12 +1545,18 @@ impl<'a> Reader<'a> {
             };
             let flow = match self.string(&mut s, "flow") {
                 Some((slug, place)) => {
-                    if !flows.iter().any(|f| f.slug == slug) {
-                        let known: Vec<&str> = flows.iter().map(|f| f.slug.as_str()).collect();
-                        self.error_at(
-                            &place,
-                            format!("no flow \"{slug}\"; declared: {}", known.join(", ")),
-                        );
+                    match flows {
+                        Flows::Embedded(flows) if !flows.iter().any(|f| f.slug == slug) => {
+                            let known: Vec<&str> = flows.iter().map(|f| f.slug.as_str()).collect();
+                            self.error_at(
+                                &place,
+                                format!("no flow \"{slug}\"; declared: {}", known.join(", ")),
+                            );
+                        }
+                        Flows::Remote if !is_slug(&slug) => {
+                            self.error_at(&place, "expected the slug of one of the remote's flows")
+                        }
+                        _ => {}
                     }
                     slug
                 }

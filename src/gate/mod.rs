@@ -22,9 +22,8 @@ pub use decide::{
 };
 pub use visitor::{visitor, PreAuthError, Visitor};
 
-use crate::directory::FileDirectory;
 use crate::flow::Login;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, People};
 use crate::session::{Session, StoreError};
 
 /// The session named by the request's cookie, whole (for the login pages,
@@ -54,7 +53,7 @@ pub(super) async fn lookup(gateway: &Gateway, headers: &HeaderMap) -> Lookup {
         match gateway.sessions.get(id).await {
             Ok(Some(mut session)) => {
                 if let Some(identity) = &session.identity {
-                    match gateway.directory.current(&identity.username) {
+                    match gateway.people.current(identity) {
                         Some(live) => session.identity = Some(live),
                         None => continue,
                     }
@@ -114,12 +113,12 @@ pub async fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<SignedI
 /// disabled since they signed in). Groups and names come from the
 /// directory too, so a change in the users file applies at its reload.
 pub fn live(gateway: &Gateway, session: Arc<Session>) -> Option<SignedIn> {
-    resolve(&gateway.directory, session)
+    resolve(&gateway.people, session)
 }
 
-fn resolve(directory: &FileDirectory, session: Arc<Session>) -> Option<SignedIn> {
+fn resolve(people: &People, session: Arc<Session>) -> Option<SignedIn> {
     let frozen = session.identity.as_ref()?;
-    let identity = directory.current(&frozen.username)?;
+    let identity = people.current(frozen)?;
     Some(SignedIn { session, identity })
 }
 
@@ -190,12 +189,13 @@ mod tests {
     /// directory now says otherwise, and the decision follows it.
     #[test]
     fn sessions_are_decided_on_the_directory_as_it_is_now() {
-        let directory = FileDirectory::parse(
+        let directory = crate::directory::FileDirectory::parse(
             "[[user]]\nusername = \"alice\"\ngroups = []\n\n\
              [[user]]\nusername = \"carol\"\ndisabled = true\n",
             "users.toml",
         )
         .unwrap();
+        let directory = People::File(Arc::new(directory));
         let routes = [RouteConfig {
             host: HostPattern::Any,
             path_prefix: "/".into(),

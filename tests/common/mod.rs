@@ -3,6 +3,7 @@
 //! client that keeps cookies. Every test talks to them over real sockets.
 #![allow(dead_code)]
 
+pub mod ca;
 pub mod h2;
 pub mod raw;
 pub mod totp;

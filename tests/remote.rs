@@ -1,0 +1,342 @@
+//! The remote executor, end to end: flowgate B (in front of an app, flows
+//! run remotely) drives flowgate A (the users and flows, over real TLS
+//! under a CA made by the test) through the flow executor API, as it would
+//! drive authentik. HTML and JSON logins, errors from A shown by B, A's
+//! groups deciding B's `allow`, and what B answers when A is down, talks
+//! nonsense or hangs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::ca::Ca;
+use common::totp::{base32, totp_now};
+use common::*;
+use serde_json::{json, Value};
+
+const TOTP_KEY: &[u8] = b"remote-totp-key-0123";
+
+/// A with its users (alice: admins; bob: staff, with a TOTP device) over
+/// TLS for `localhost`, believing B's X-Forwarded-For.
+fn start_a(ca: &Ca) -> Flowgate {
+    let upstream = "http://127.0.0.1:9";
+    let dir = tempfile::tempdir().unwrap();
+    ca.issue(&["localhost"], 1).write(dir.path(), "a");
+    let config = basic_config(upstream, "").replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\ntls = { cert = \"a.pem\", key = \"a.key\" }\n\
+         trusted_proxies = [\"127.0.0.1/32\"]\n",
+    );
+    let users = users_file(&[&ALICE, &BOB]).replace(
+        "email = \"bob@example.test\"",
+        &format!(
+            "email = \"bob@example.test\"\ntotp = [\"{}\"]",
+            base32(TOTP_KEY)
+        ),
+    );
+    std::fs::write(dir.path().join("flowgate.toml"), config).unwrap();
+    std::fs::write(dir.path().join("users.toml"), users).unwrap();
+    Flowgate::start_in(dir)
+}
+
+/// B in front of `upstream`, its flows run by the executor at `url`
+/// (`/_flowgate/api/v3` of another flowgate), trusting `ca`. `/admin` is
+/// for A's admins only.
+fn start_b(upstream: &str, url: &str, ca: Option<&Ca>, extra: &str) -> Flowgate {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_line = match ca {
+        Some(ca) => {
+            std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+            "ca_file = \"ca.pem\"\n"
+        }
+        None => "",
+    };
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[session]
+secret = "b-secret-b-secret-b-secret-b-secret-0123456789"
+
+[executor]
+kind = "remote"
+url = "{url}"
+api_prefix = "/_flowgate/api/v3"
+{ca_line}{extra}
+
+[[route]]
+path_prefix = "/admin"
+upstream = "{upstream}"
+allow = {{ groups = ["admins"] }}
+
+[[route]]
+upstream = "{upstream}"
+skip_auth = ["^/public(/|$)"]
+"#
+    );
+    std::fs::write(dir.path().join("flowgate.toml"), config).unwrap();
+    Flowgate::start_in(dir)
+}
+
+fn a_url(a: &Flowgate) -> String {
+    format!("https://localhost:{}", a.addr.port())
+}
+
+/// The JSON executor of B, run to the end with `answers` in order; the
+/// last answer's body.
+async fn json_run(client: &reqwest::Client, b: &Flowgate, answers: &[Value]) -> Vec<Value> {
+    let url = b.url(&format!(
+        "/_flowgate/api/v3/flows/executor/{FLOW}/?query=next%3D%252Freports"
+    ));
+    let mut seen = vec![get_json(client, &url).await];
+    for answer in answers {
+        let mut response = client.post(&url).json(answer).send().await.unwrap();
+        while response.status() == 302 {
+            response = client.get(&url).send().await.unwrap();
+        }
+        assert_eq!(response.status(), 200);
+        seen.push(response.json().await.unwrap());
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_json_login_through_b_runs_on_a_and_b_forwards_as_a_says() {
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let upstream = Upstream::start().await;
+    let b = start_b(&upstream.url(), &a_url(&a), Some(&ca), "");
+    let client = client();
+    let seen = json_run(
+        &client,
+        &b,
+        &[
+            json!({"uid_field": "alice"}),
+            json!({"password": ALICE.password}),
+        ],
+    )
+    .await;
+    assert_eq!(seen[0]["component"], "ak-stage-identification", "{seen:?}");
+    assert_eq!(seen[1]["component"], "ak-stage-password", "{seen:?}");
+    assert_eq!(
+        seen[2],
+        json!({"component": "xak-flow-redirect", "to": "/reports"})
+    );
+    // A's cookies stay with B: the client holds only B's.
+    let echo: Value = client
+        .get(b.url("/admin/x"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
+    assert_eq!(echo["headers"]["x-forwarded-email"], "alice@example.test");
+    assert_eq!(echo["headers"]["x-forwarded-groups"], "admins,staff");
+    assert!(
+        !echo["headers"]["cookie"]
+            .as_str()
+            .unwrap_or("")
+            .contains("flowgate_session"),
+        "no session cookie upstream: {echo}"
+    );
+    // B's users/me says what A said.
+    let me = get_json(&client, b.url("/_flowgate/api/v3/core/users/me/")).await;
+    assert_eq!(me["user"]["username"], "alice");
+    assert_eq!(me["user"]["name"], "Alice Example");
+    // A saw the client's address as B passed it on, not B's alone.
+    assert!(
+        a.log()
+            .contains("login succeeded user=alice client=127.0.0.1"),
+        "{}",
+        a.log()
+    );
+    assert!(
+        b.log().contains("login succeeded user=alice"),
+        "{}",
+        b.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_totp_user_signs_in_through_b_and_a_non_admin_is_refused_admin() {
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let upstream = Upstream::start().await;
+    let b = start_b(&upstream.url(), &a_url(&a), Some(&ca), "");
+    let client = client();
+    let seen = json_run(
+        &client,
+        &b,
+        &[
+            json!({"uid_field": "bob"}),
+            json!({"password": BOB.password}),
+            json!({"code": totp_now(TOTP_KEY)}),
+        ],
+    )
+    .await;
+    assert_eq!(
+        seen[2]["component"], "ak-stage-authenticator-validate",
+        "{seen:?}"
+    );
+    assert_eq!(seen[3]["component"], "xak-flow-redirect", "{seen:?}");
+    let ok = client.get(b.url("/reports")).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let refused = client
+        .get(b.url("/admin/x"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403, "bob is not in A's admins");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_html_login_through_b_shows_a_s_errors_and_then_lets_in() {
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let upstream = Upstream::start().await;
+    let b = start_b(&upstream.url(), &a_url(&a), Some(&ca), "");
+    let client = client();
+    let first = client
+        .get(b.url("/reports"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 302);
+    let started = client.get(b.url(&location(&first))).send().await.unwrap();
+    assert_eq!(started.status(), 303);
+    let flow_url = location(&started);
+    let form = |html: &str| {
+        (
+            form_action(html).expect("a form"),
+            input_value(html, "csrf_token").expect("a csrf token"),
+        )
+    };
+    let html = client
+        .get(b.url(&flow_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("name=\"uid_field\""), "{html}");
+    let (action, csrf) = form(&html);
+    let posted = client
+        .post(b.url(&action))
+        .form(&[("csrf_token", csrf.as_str()), ("uid_field", "alice")])
+        .send()
+        .await
+        .unwrap();
+    // The remote follows its own 302 to the next stage: B shows it at once.
+    assert_eq!(posted.status(), 200);
+    let html = posted.text().await.unwrap();
+    assert!(html.contains("name=\"password\""), "{html}");
+    let (action, csrf) = form(&html);
+    let wrong = client
+        .post(b.url(&action))
+        .form(&[("csrf_token", csrf.as_str()), ("password", "not it")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 200, "the form again, with A's error");
+    let html = wrong.text().await.unwrap();
+    assert!(html.contains("Invalid password"), "{html}");
+    let (action, csrf) = form(&html);
+    let done = client
+        .post(b.url(&action))
+        .form(&[("csrf_token", csrf.as_str()), ("password", ALICE.password)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 303);
+    assert_eq!(location(&done), "/reports");
+    let echo: Value = client
+        .get(b.url("/reports"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
+}
+
+/// A is not there: 503 for pages and JSON, one line in B's log saying what
+/// happened, nothing of it in the answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_that_is_down_is_a_503_page_and_json() {
+    let upstream = Upstream::start().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    let b = start_b(&upstream.url(), &url, None, "");
+    let client = client();
+    let api = client
+        .get(b.url(&format!("/_flowgate/api/v3/flows/executor/{FLOW}/")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 503);
+    let body = api.text().await.unwrap();
+    assert!(body.contains("temporarily unavailable"), "{body}");
+    assert!(!body.contains("127.0.0.1"), "no internals: {body}");
+    let started = client
+        .get(b.url(&format!("/_flowgate/flow/{FLOW}/?next=%2F")))
+        .send()
+        .await
+        .unwrap();
+    let page = client.get(b.url(&location(&started))).send().await.unwrap();
+    assert_eq!(page.status(), 503);
+    assert!(page.text().await.unwrap().contains("Try again"));
+    b.wait_for_log("login temporarily unavailable", Duration::from_secs(5));
+    let log = b.log();
+    assert!(
+        log.contains("Connection refused") || log.contains("connection refused"),
+        "the cause reaches the log: {log}"
+    );
+}
+
+/// Something answers, but not as an executor: 502. Something accepts and
+/// never answers: the timeout, then 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_answering_nonsense_is_502_and_one_hanging_is_the_timeout() {
+    let upstream = Upstream::start().await;
+    let nonsense = common::raw::Scripted::start(|_| {
+        common::raw::Reply::keep(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 9\r\n\r\n<html>hi!"
+                .to_vec(),
+        )
+    });
+    let b = start_b(&upstream.url(), &nonsense.url(), None, "");
+    let api = client()
+        .get(b.url(&format!("/_flowgate/api/v3/flows/executor/{FLOW}/")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 502);
+    assert!(b.log().contains("answer is not JSON"), "{}", b.log());
+
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}", hanging.local_addr().unwrap().port());
+    let b = start_b(&upstream.url(), &url, None, "timeout = \"1s\"\n");
+    let started = std::time::Instant::now();
+    let api = client()
+        .get(b.url(&format!("/_flowgate/api/v3/flows/executor/{FLOW}/")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 503);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    drop(hanging);
+}
