@@ -203,7 +203,7 @@ async fn run(
                 crate::gate::set_csrf_cookie(gateway, context, &session.csrf, &mut response);
                 response
             }
-            Finished::NobodyLoggedIn => response,
+            Finished::NobodyLoggedIn | Finished::SignedOut => response,
             Finished::WrongAccount { signed_in } => {
                 let denied = Challenge::access_denied(
                     None,

@@ -578,6 +578,7 @@ impl FlowExecutor for Engine {
         Ok(self.flows.get(slug).map(|f| FlowSummary {
             slug: f.slug.clone(),
             title: f.title.clone(),
+            invalidates: f.designation == crate::config::Designation::Invalidation,
         }))
     }
 
@@ -635,6 +636,7 @@ impl FlowExecutor for Engine {
             .map(|u| Login {
                 identity: u.identity(),
                 second_factor: state.second_factor,
+                executor_session: None,
             }))
     }
 }

@@ -461,6 +461,22 @@ pub trait FlowExecutor: Send + Sync {
     /// After `Step::Done`: who logged in, or `None` when the flow logged no
     /// one in (e.g. a flow without a login stage).
     async fn login(&self, state: &FlowState) -> Result<Option<Login>, FlowError>;
+
+    /// A session minted from `Login::executor_session` is ending here: end
+    /// the executor's side too (a remote runs its invalidation flow).
+    async fn sign_out(&self, _session: &FlowState, _client_ip: IpAddr) -> Result<(), FlowError> {
+        Ok(())
+    }
+
+    /// Whether the executor's side of a session still holds (a remote
+    /// session signed out elsewhere, its user disabled, does not).
+    async fn still_signed_in(
+        &self,
+        _session: &FlowState,
+        _client_ip: IpAddr,
+    ) -> Result<bool, FlowError> {
+        Ok(true)
+    }
 }
 
 /// A flow in an executor's catalogue.
@@ -469,12 +485,17 @@ pub struct FlowSummary {
     pub slug: String,
     /// What the login page calls it.
     pub title: String,
+    /// An invalidation flow: running it to the end signs the visitor out.
+    pub invalidates: bool,
 }
 
 /// Who a finished flow logged in, and how.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Login {
     pub identity: Identity,
     /// A second factor (a TOTP code) was checked on the way.
     pub second_factor: bool,
+    /// What the executor keeps for the new session (a remote's cookie jar),
+    /// handed back to `sign_out` and `still_signed_in`.
+    pub executor_session: Option<FlowState>,
 }

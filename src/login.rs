@@ -353,7 +353,7 @@ async fn finish(
         .finish(gateway, context, visitor, &mut response, "page")
         .await
     {
-        Finished::SignedIn(_) | Finished::NobodyLoggedIn => response,
+        Finished::SignedIn(_) | Finished::NobodyLoggedIn | Finished::SignedOut => response,
         Finished::WrongAccount { signed_in } => gateway.page(
             StatusCode::FORBIDDEN,
             "Wrong account",
@@ -531,15 +531,11 @@ pub async fn sign_out(
                     Some((&action, "Sign out")),
                 );
             }
-            let _ = gateway.sessions.delete(&id).await;
-            if let Some(identity) = &session.identity {
-                tracing::info!(user = %identity.username, "signed out");
-            }
             let mut response = match rd.as_deref().and_then(|r| gateway.redirects.check(r)) {
                 Some(to) => see_other(to),
                 None => signed_out(gateway),
             };
-            crate::gate::clear_cookie(gateway, context, &mut response);
+            end_session(gateway, context, &id, &session, &mut response).await;
             response
         }
         _ => gateway.page(
@@ -549,6 +545,29 @@ pub async fn sign_out(
             None,
         ),
     }
+}
+
+/// Sign a session out: the executor's side first (a remote's session ends
+/// with it), then ours; the cookie cleared on `response`.
+pub(crate) async fn end_session(
+    gateway: &Gateway,
+    context: &Context,
+    id: &str,
+    session: &crate::session::Session,
+    response: &mut Response<Body>,
+) {
+    if let Some(remote) = &session.executor_session {
+        if let Err(error) = gateway.executor.sign_out(remote, context.client_ip).await {
+            tracing::warn!(reason = %crate::respond::chain(&error), "the remote session could not be ended; ours ends all the same");
+        }
+    }
+    if let Err(error) = gateway.sessions.delete(id).await {
+        tracing::warn!(%error, "the session could not be deleted from the store");
+    }
+    if let Some(identity) = &session.identity {
+        tracing::info!(user = %identity.username, "signed out");
+    }
+    crate::gate::clear_cookie(gateway, context, response);
 }
 
 // --- The login log lines ----------------------------------------------------

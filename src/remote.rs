@@ -49,6 +49,8 @@ pub struct RemoteExecutor {
     slugs: HashSet<String>,
     /// Flow titles as the remote's challenges name them.
     titles: Mutex<BTreeMap<String, String>>,
+    /// Run with a session's jar to end the remote session at sign-out.
+    invalidation_flow: String,
 }
 
 /// A login's state on this side: the remote's cookies, and, once the flow
@@ -177,8 +179,7 @@ impl RemoteExecutor {
             ),
             None => None,
         };
-        let mut slugs: HashSet<String> = config.routes.iter().map(|r| r.flow.clone()).collect();
-        slugs.insert(remote.invalidation_flow.clone());
+        let slugs: HashSet<String> = config.routes.iter().map(|r| r.flow.clone()).collect();
         Ok(RemoteExecutor {
             origin,
             api_prefix: remote.api_prefix.clone(),
@@ -187,6 +188,7 @@ impl RemoteExecutor {
             outpost_token,
             slugs,
             titles: Mutex::default(),
+            invalidation_flow: remote.invalidation_flow.clone(),
         })
     }
 
@@ -306,7 +308,8 @@ impl RemoteExecutor {
         })
     }
 
-    /// Send, follow what the remote sends back until a challenge or the end.
+    /// Send, follow what the remote sends back until a challenge or the end
+    /// (`Step::Done`; who logged in is not asked here).
     async fn drive(
         &self,
         request: &FlowRequest<'_>,
@@ -367,9 +370,9 @@ impl RemoteExecutor {
                                 // Back to the executor: ask again (§1.4).
                                 Some(next) if self.is_executor(&next) => path = next,
                                 _ => {
-                                    let to = redirect.to.clone();
-                                    state.login = Some(self.who(state, request.client_ip).await?);
-                                    return Ok(Step::Done { to });
+                                    return Ok(Step::Done {
+                                        to: redirect.to.clone(),
+                                    })
                                 }
                             }
                         }
@@ -387,6 +390,25 @@ impl RemoteExecutor {
             "{}: more than {MAX_ROUNDS} redirects in one step",
             self.origin
         )))
+    }
+
+    /// One executor call: drive it, and at the end learn who logged in.
+    async fn step(
+        &self,
+        request: &FlowRequest<'_>,
+        state: &mut FlowState,
+        answer: Option<Value>,
+    ) -> Result<Step, FlowError> {
+        let mut remote = RemoteState::read(state);
+        let mut step = self.drive(request, &mut remote, answer).await;
+        if let Ok(Step::Done { .. }) = step {
+            match self.who(&mut remote, request.client_ip).await {
+                Ok(identity) => remote.login = Some(identity),
+                Err(error) => step = Err(error),
+            }
+        }
+        remote.write(state);
+        step
     }
 
     /// Who the login's remote session belongs to (`core/users/me/`).
@@ -448,6 +470,7 @@ impl FlowExecutor for RemoteExecutor {
         Ok(Some(FlowSummary {
             slug: slug.to_owned(),
             title,
+            invalidates: slug == self.invalidation_flow,
         }))
     }
 
@@ -456,10 +479,7 @@ impl FlowExecutor for RemoteExecutor {
         request: FlowRequest<'_>,
         state: &mut FlowState,
     ) -> Result<Step, FlowError> {
-        let mut remote = RemoteState::read(state);
-        let step = self.drive(&request, &mut remote, None).await;
-        remote.write(state);
-        step
+        self.step(&request, state, None).await
     }
 
     async fn respond(
@@ -468,18 +488,62 @@ impl FlowExecutor for RemoteExecutor {
         state: &mut FlowState,
         response: Value,
     ) -> Result<Step, FlowError> {
-        let mut remote = RemoteState::read(state);
-        let step = self.drive(&request, &mut remote, Some(response)).await;
-        remote.write(state);
-        step
+        self.step(&request, state, Some(response)).await
     }
 
     async fn login(&self, state: &FlowState) -> Result<Option<Login>, FlowError> {
-        Ok(RemoteState::read(state).login.map(|identity| Login {
+        let remote = RemoteState::read(state);
+        Ok(remote.login.map(|identity| Login {
             identity,
             // The remote decides what its flow checks; flowgate cannot tell.
             second_factor: false,
+            executor_session: Some(FlowState(
+                serde_json::to_value(RemoteState {
+                    jar: remote.jar,
+                    login: None,
+                })
+                .unwrap_or(Value::Null),
+            )),
         }))
+    }
+
+    async fn sign_out(&self, session: &FlowState, client_ip: IpAddr) -> Result<(), FlowError> {
+        let mut remote = RemoteState::read(session);
+        let request = FlowRequest {
+            slug: &self.invalidation_flow,
+            query: "",
+            user: None,
+            client_ip: Some(client_ip),
+        };
+        match self.drive(&request, &mut remote, None).await? {
+            Step::Done { .. } => Ok(()),
+            Step::Challenge(challenge) => Err(FlowError::bad_gateway(format!(
+                "the invalidation flow `{}` asked for {} instead of ending the session",
+                self.invalidation_flow,
+                challenge.component.name()
+            ))),
+            Step::Next => Ok(()),
+        }
+    }
+
+    async fn still_signed_in(
+        &self,
+        session: &FlowState,
+        client_ip: IpAddr,
+    ) -> Result<bool, FlowError> {
+        let mut remote = RemoteState::read(session);
+        let path = format!("{}/core/users/me/", self.api_prefix);
+        let answer = self
+            .send(Method::GET, &path, None, &mut remote, Some(client_ip))
+            .await?;
+        match answer.status {
+            StatusCode::OK => Ok(true),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(false),
+            status => Err(FlowError::bad_gateway(format!(
+                "{}{path}: answered HTTP {status}",
+                self.origin
+            ))),
+        }
     }
 }
 

@@ -56,6 +56,11 @@ pub struct Session {
     /// Authenticated: one of those flows checked a second factor.
     #[serde(default)]
     pub second_factor: bool,
+    /// Authenticated by a remote executor: what it needs to check and end
+    /// the remote's session (its cookie jar). Never logged, never sent to
+    /// the browser.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor_session: Option<crate::flow::FlowState>,
 }
 
 /// How many flows one session holds at once; the least recently used goes first.
@@ -71,6 +76,7 @@ impl Session {
             flows: Vec::new(),
             completed: Vec::new(),
             second_factor: false,
+            executor_session: None,
         }
     }
 
@@ -83,6 +89,7 @@ impl Session {
             flows: Vec::new(),
             completed: Vec::new(),
             second_factor: false,
+            executor_session: None,
         }
     }
 

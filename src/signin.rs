@@ -36,6 +36,9 @@ pub enum Finished {
     SignedIn(Session),
     /// The flow logged nobody in (a flow without a login stage).
     NobodyLoggedIn,
+    /// An invalidation flow ended the visitor's session (its cookie cleared
+    /// on the response).
+    SignedOut,
     /// A step up finished as another user than the one signed in: refused.
     WrongAccount { signed_in: String },
     /// The executor could not say who logged in.
@@ -163,6 +166,23 @@ impl Flow {
         let login = match gateway.executor.login(&self.state).await {
             Ok(Some(login)) => login,
             Ok(None) => {
+                let invalidates = matches!(
+                    gateway.executor.find_flow(&self.slug).await,
+                    Ok(Some(summary)) if summary.invalidates
+                );
+                if invalidates {
+                    // An invalidation flow run to its end: the visitor's
+                    // session ends, as sign-out ends it.
+                    crate::login::end_session(
+                        gateway,
+                        context,
+                        &visitor.id,
+                        &visitor.session,
+                        response,
+                    )
+                    .await;
+                    return Finished::SignedOut;
+                }
                 let _ = self.end(gateway, context, visitor).await;
                 return Finished::NobodyLoggedIn;
             }
@@ -180,7 +200,7 @@ impl Flow {
         let minted = crate::gate::mint(
             gateway,
             context,
-            login.identity,
+            login,
             assurance,
             Some(&visitor.id),
             response,

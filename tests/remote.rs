@@ -22,7 +22,9 @@ fn start_a(ca: &Ca) -> Flowgate {
     let upstream = "http://127.0.0.1:9";
     let dir = tempfile::tempdir().unwrap();
     ca.issue(&["localhost"], 1).write(dir.path(), "a");
-    let config = basic_config(upstream, "").replace(
+    let invalidation = "[[flow]]\nslug = \"default-invalidation-flow\"\ntitle = \"Sign out\"\n\
+                        designation = \"invalidation\"\nstages = []\n";
+    let config = basic_config(upstream, invalidation).replace(
         "listen = \"127.0.0.1:0\"\n",
         "listen = \"127.0.0.1:0\"\ntls = { cert = \"a.pem\", key = \"a.key\" }\n\
          trusted_proxies = [\"127.0.0.1/32\"]\n",
@@ -339,4 +341,70 @@ async fn a_remote_answering_nonsense_is_502_and_one_hanging_is_the_timeout() {
         "{took:?}"
     );
     drop(hanging);
+}
+
+/// Active sessions on A, from its metrics.
+async fn sessions_on(a: &Flowgate) -> String {
+    let admin = a.admin.expect("admin listener");
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("flowgate_active_sessions "))
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Signing out at B ends the session at A too: B runs A's invalidation
+/// flow with the session's own jar.
+#[tokio::test(flavor = "multi_thread")]
+async fn signing_out_at_b_ends_the_session_at_a() {
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let upstream = Upstream::start().await;
+    let b = start_b(&upstream.url(), &a_url(&a), Some(&ca), "");
+    let client = client();
+    let seen = json_run(
+        &client,
+        &b,
+        &[
+            json!({"uid_field": "alice"}),
+            json!({"password": ALICE.password}),
+        ],
+    )
+    .await;
+    assert_eq!(seen[2]["component"], "xak-flow-redirect");
+    assert_eq!(sessions_on(&a).await, "flowgate_active_sessions 1");
+    let confirm = client
+        .get(b.url("/_flowgate/sign_out"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = input_value(&confirm, "csrf_token").unwrap();
+    let out = client
+        .post(b.url("/_flowgate/sign_out"))
+        .form(&[("csrf_token", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 200);
+    assert_eq!(
+        sessions_on(&a).await,
+        "flowgate_active_sessions 0",
+        "A's session ended with B's"
+    );
+    assert!(a.log().contains("signed out"), "{}", a.log());
+    let after = client
+        .get(b.url("/reports"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 401);
 }

@@ -25,6 +25,8 @@ use super::{
 
 /// The slug of the flow used when a config declares none.
 pub const DEFAULT_FLOW: &str = "default-authentication-flow";
+/// The slug of the invalidation flow used when a config declares none.
+pub const DEFAULT_INVALIDATION_FLOW: &str = "default-invalidation-flow";
 
 /// A signing secret shorter than this is refused: HMAC-SHA256 wants 32 bytes.
 const MIN_SECRET_BYTES: usize = 32;
@@ -1130,7 +1132,7 @@ impl<'a> Reader<'a> {
                 }
                 slug
             }
-            None => "default-invalidation-flow".to_owned(),
+            None => DEFAULT_INVALIDATION_FLOW.to_owned(),
         };
         self.finish(s);
         match url {
@@ -1360,15 +1362,26 @@ impl<'a> Reader<'a> {
     ) -> Vec<FlowConfig> {
         let mut flows: Vec<FlowConfig> = Vec::new();
         let Some((key, item)) = root.get_key_value("flow") else {
-            return vec![FlowConfig {
-                slug: DEFAULT_FLOW.to_owned(),
-                title: "Sign in".to_owned(),
-                designation: Designation::Authentication,
-                authentication: FlowAuthentication::None,
-                stages: ["identification", "password", "mfa", "login"]
-                    .map(str::to_owned)
-                    .to_vec(),
-            }];
+            return vec![
+                FlowConfig {
+                    slug: DEFAULT_FLOW.to_owned(),
+                    title: "Sign in".to_owned(),
+                    designation: Designation::Authentication,
+                    authentication: FlowAuthentication::None,
+                    stages: ["identification", "password", "mfa", "login"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                },
+                // Run to its end, it signs the visitor out: what remote
+                // flowgates (and authentik's clients) call at sign-out.
+                FlowConfig {
+                    slug: DEFAULT_INVALIDATION_FLOW.to_owned(),
+                    title: "Sign out".to_owned(),
+                    designation: Designation::Invalidation,
+                    authentication: FlowAuthentication::None,
+                    stages: Vec::new(),
+                },
+            ];
         };
         let Some(array) = item.as_array_of_tables() else {
             let line = self.line_of(key.span());
@@ -1435,7 +1448,8 @@ impl<'a> Reader<'a> {
             let mut flow_stages = Vec::new();
             match self.strings(&mut s, "stages") {
                 Some((items, list_place)) => {
-                    if items.is_empty() {
+                    // An invalidation flow may be nothing but its end.
+                    if items.is_empty() && designation != Designation::Invalidation {
                         self.error_at(&list_place, "a flow needs at least one stage");
                     }
                     for (name, place) in items {
@@ -2007,8 +2021,9 @@ mod tests {
             config.directory.users_file,
             PathBuf::from("/etc/flowgate/users.toml")
         );
-        assert_eq!(config.flows.len(), 1);
+        assert_eq!(config.flows.len(), 2);
         assert_eq!(config.flows[0].slug, DEFAULT_FLOW);
+        assert_eq!(config.flows[1].slug, DEFAULT_INVALIDATION_FLOW);
         assert_eq!(config.routes[0].flow, DEFAULT_FLOW);
         assert_eq!(config.routes[0].host, HostPattern::Any);
         assert_eq!(config.routes[0].path_prefix, "/");

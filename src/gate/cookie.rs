@@ -9,8 +9,8 @@ use http::header::{HeaderValue, COOKIE, SET_COOKIE};
 use http::{HeaderMap, Response};
 
 use crate::context::Context;
+use crate::flow::Login;
 use crate::gateway::Gateway;
-use crate::identity::Identity;
 use crate::session::{now_secs, Session, StoreError};
 use crate::Body;
 
@@ -52,16 +52,17 @@ pub struct Assurance {
 pub async fn mint(
     gateway: &Gateway,
     context: &Context,
-    identity: Identity,
+    login: Login,
     assurance: Assurance,
     old_id: Option<&str>,
     response: &mut Response<Body>,
 ) -> Result<Session, StoreError> {
     gateway.metrics.logins_succeeded.inc();
     let lifetime = gateway.config.session.lifetime;
-    let mut session = Session::authenticated(identity, now_secs(), lifetime);
+    let mut session = Session::authenticated(login.identity, now_secs(), lifetime);
     session.completed = assurance.completed;
     session.second_factor = assurance.second_factor;
+    session.executor_session = login.executor_session;
     let id = crate::session::random_token();
     gateway
         .sessions
