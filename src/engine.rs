@@ -154,20 +154,26 @@ impl Engine {
     }
 
     /// A credential check failed: log it (one line, the name as typed),
-    /// remember it for the throttle, count it.
-    fn failed(&self, reason: &'static str, identifier: &str, request: &FlowRequest<'_>) {
+    /// count it against the throttle and in the metrics.
+    fn failed(
+        &self,
+        reason: &'static str,
+        identifier: &str,
+        request: &FlowRequest<'_>,
+        attempt: Attempt<'_>,
+    ) {
         crate::login::log_failed(reason, identifier, request.client_ip, request.slug);
-        self.throttle.failed(identifier, request.client_ip);
+        attempt.failed();
         if let Some(metrics) = &self.metrics {
             metrics.logins_failed.inc();
         }
     }
 
-    /// Whether the throttle refuses this attempt unchecked; a refusal is
-    /// logged (one line), an attempt let through is not.
-    fn throttled(&self, identifier: &str, request: &FlowRequest<'_>) -> bool {
-        let blocked = self.throttle.blocked(identifier, request.client_ip);
-        if blocked {
+    /// A credential check the throttle lets through, or `None` when it
+    /// refuses it unchecked (logged, one line).
+    fn attempt(&self, identifier: &str, request: &FlowRequest<'_>) -> Option<Attempt<'_>> {
+        let attempt = self.throttle.begin(identifier, request.client_ip);
+        if attempt.is_none() {
             crate::login::log_failed(
                 crate::login::FAILED_THROTTLED,
                 identifier,
@@ -175,7 +181,7 @@ impl Engine {
                 request.slug,
             );
         }
-        blocked
+        attempt
     }
 
     fn flow(&self, slug: &str) -> Result<&FlowConfig, FlowError> {
@@ -431,19 +437,19 @@ impl Engine {
                 let user = self.directory.find(identifier, &user_fields);
                 if password {
                     let secret = body.get("password").and_then(Value::as_str).unwrap_or("");
-                    if self.throttled(identifier, request) {
+                    let Some(attempt) = self.attempt(identifier, request) else {
                         return Outcome::Invalid(field_error(
                             "non_field_errors",
                             THROTTLED,
                             "throttled",
                         ));
-                    }
+                    };
                     if !self
                         .directory
                         .verify_password(user.as_deref(), secret)
                         .await
                     {
-                        self.failed(FAILED_PASSWORD, identifier, request);
+                        self.failed(FAILED_PASSWORD, identifier, request, attempt);
                         return Outcome::Invalid(field_error(
                             "non_field_errors",
                             FAILED_TO_AUTHENTICATE,
@@ -479,9 +485,9 @@ impl Engine {
                         ))
                     }
                 };
-                if self.throttled(&identifier, request) {
+                let Some(attempt) = self.attempt(&identifier, request) else {
                     return Outcome::Invalid(field_error("password", THROTTLED, "throttled"));
-                }
+                };
                 let user = self.user(plan);
                 if self
                     .directory
@@ -491,7 +497,7 @@ impl Engine {
                     plan.password_ok = true;
                     return Outcome::Pass;
                 }
-                self.failed(FAILED_PASSWORD, &identifier, request);
+                self.failed(FAILED_PASSWORD, &identifier, request, attempt);
                 plan.failed_attempts += 1;
                 if failed_attempts_before_cancel > 0
                     && plan.failed_attempts >= failed_attempts_before_cancel
@@ -517,14 +523,14 @@ impl Engine {
                     }
                 };
                 let identifier = plan.identifier.clone().unwrap_or_default();
-                if self.throttled(&identifier, request) {
+                let Some(attempt) = self.attempt(&identifier, request) else {
                     return Outcome::Invalid(field_error("code", THROTTLED, "throttled"));
-                }
+                };
                 if self.directory.verify_totp(&user, &code, now_secs()) {
                     plan.second_factor = true;
                     Outcome::Pass
                 } else {
-                    self.failed(FAILED_TOTP, &identifier, request);
+                    self.failed(FAILED_TOTP, &identifier, request, attempt);
                     Outcome::Invalid(field_error("code", INVALID_TOKEN, "invalid"))
                 }
             }
@@ -644,16 +650,39 @@ impl FlowExecutor for Engine {
 /// Slows password and code guessing: after `LIMIT` failures within `WINDOW`
 /// for one identifier, or `IP_LIMIT` from one address, further attempts are
 /// refused unchecked until `WINDOW` has passed since the last failure.
-/// Failed attempts per identifier and per client address, in a window.
+/// Checks in progress count as failures until they are done, so guesses
+/// sent side by side are held to the same limit as guesses sent in turn.
 #[derive(Default)]
 pub struct Throttle {
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+    counts: Mutex<HashMap<String, Count>>,
+}
+
+struct Count {
+    failures: u32,
+    last: Instant,
+    in_flight: u32,
+}
+
+impl Count {
+    fn failures_now(&self) -> u32 {
+        match self.last.elapsed() < WINDOW {
+            true => self.failures,
+            false => 0,
+        }
+    }
+}
+
+/// A credential check let through by the throttle. Dropped, it is done;
+/// `failed` records it as a failure first.
+pub struct Attempt<'t> {
+    throttle: &'t Throttle,
+    keys: Vec<String>,
 }
 
 const LIMIT: u32 = 10;
 const IP_LIMIT: u32 = 50;
 const WINDOW: Duration = Duration::from_secs(5 * 60);
-/// Past this many tracked keys, expired entries are swept on the next failure.
+/// Past this many tracked keys, expired entries are swept on the next check.
 const SWEEP_AT: usize = 10_000;
 
 impl Throttle {
@@ -667,27 +696,63 @@ impl Throttle {
         ]
     }
 
-    fn blocked(&self, identifier: &str, ip: Option<IpAddr>) -> bool {
-        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        Self::keys(identifier, ip).into_iter().any(|(key, limit)| {
-            key.and_then(|k| map.get(&k).copied())
-                .is_some_and(|(count, last)| count >= limit && last.elapsed() < WINDOW)
-        })
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Count>> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn failed(&self, identifier: &str, ip: Option<IpAddr>) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+    /// A check for `identifier` from `ip` may run: `None` when failures
+    /// (and checks still running) reach a limit.
+    fn begin(&self, identifier: &str, ip: Option<IpAddr>) -> Option<Attempt<'_>> {
+        let mut map = self.lock();
         if map.len() > SWEEP_AT {
-            map.retain(|_, (_, last)| last.elapsed() < WINDOW);
+            map.retain(|_, c| c.in_flight > 0 || c.last.elapsed() < WINDOW);
         }
-        for (key, _) in Self::keys(identifier, ip) {
-            let Some(key) = key else { continue };
-            let entry = map.entry(key).or_insert((0, Instant::now()));
-            if entry.1.elapsed() >= WINDOW {
-                entry.0 = 0;
+        let keys = Self::keys(identifier, ip);
+        let blocked = keys.iter().any(|(key, limit)| {
+            key.as_ref()
+                .and_then(|k| map.get(k))
+                .is_some_and(|c| c.failures_now() + c.in_flight >= *limit)
+        });
+        if blocked {
+            return None;
+        }
+        let keys: Vec<String> = keys.into_iter().filter_map(|(key, _)| key).collect();
+        for key in &keys {
+            map.entry(key.clone())
+                .or_insert(Count {
+                    failures: 0,
+                    last: Instant::now(),
+                    in_flight: 0,
+                })
+                .in_flight += 1;
+        }
+        Some(Attempt {
+            throttle: self,
+            keys,
+        })
+    }
+}
+
+impl Attempt<'_> {
+    /// The check failed: it counts against the limits for `WINDOW`.
+    fn failed(self) {
+        let mut map = self.throttle.lock();
+        for key in &self.keys {
+            if let Some(count) = map.get_mut(key) {
+                count.failures = count.failures_now() + 1;
+                count.last = Instant::now();
             }
-            entry.0 += 1;
-            entry.1 = Instant::now();
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        let mut map = self.throttle.lock();
+        for key in &self.keys {
+            if let Some(count) = map.get_mut(key) {
+                count.in_flight = count.in_flight.saturating_sub(1);
+            }
         }
     }
 }
@@ -875,7 +940,7 @@ mod tests {
         );
         let ip = Some("192.0.2.1".parse().unwrap());
         for _ in 0..LIMIT {
-            engine.throttle.failed("alice", ip);
+            engine.throttle.begin("alice", ip).unwrap().failed();
         }
         let mut state = FlowState::default();
         let req = FlowRequest {
@@ -902,9 +967,32 @@ mod tests {
             Some("throttled"),
             "even the right password"
         );
-        assert!(!engine
+        assert!(engine
             .throttle
-            .blocked("bob", Some("192.0.2.2".parse().unwrap())));
+            .begin("bob", Some("192.0.2.2".parse().unwrap()))
+            .is_some());
+    }
+
+    /// Checks side by side count as they run: a burst of guesses for one
+    /// name gets `LIMIT` checks, not one per request.
+    #[test]
+    fn checks_in_progress_count_against_the_limit() {
+        let throttle = Throttle::default();
+        let ip = |i: u8| Some(IpAddr::from([192, 0, 2, i]));
+        let running: Vec<_> = (0..LIMIT as u8)
+            .map(|i| throttle.begin("alice", ip(i)).expect("under the limit"))
+            .collect();
+        assert!(
+            throttle.begin("alice", ip(99)).is_none(),
+            "the 11th at once"
+        );
+        drop(running);
+        // Done without failing: room again; failures take it for good.
+        for i in 0..LIMIT as u8 {
+            throttle.begin("alice", ip(i)).unwrap().failed();
+        }
+        assert!(throttle.begin("alice", ip(99)).is_none());
+        assert!(throttle.begin("bob", ip(99)).is_some());
     }
 
     #[tokio::test]

@@ -34,7 +34,10 @@ fn check_accepts_the_shipped_example_config() {
         "stdout: {stdout}\nstderr: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("OK (1 route, 2 flows, 0 users)"), "{stdout}");
+    assert!(
+        stdout.contains("OK (1 route, 2 flows, 0 users)"),
+        "{stdout}"
+    );
 }
 
 #[test]

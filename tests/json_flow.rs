@@ -349,3 +349,54 @@ async fn first_challenges_cost_no_stored_state() {
     assert_eq!(answer(client()).await, 302, "the second place");
     assert_eq!(answer(client()).await, 503, "the store is full now");
 }
+
+/// Guesses sent side by side are held to the same limit as guesses sent
+/// in turn: 40 wrong passwords for one name at once get at most 10 checks,
+/// the rest refused unchecked.
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_guesses_meet_the_same_throttle() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let url = gate.url(&format!("/_flowgate/api/v3/flows/executor/{FLOW}/"));
+    // Every client at the password stage first, then all guesses at once.
+    let mut ready = Vec::new();
+    for _ in 0..40 {
+        let client = client();
+        let posted = client
+            .post(&url)
+            .json(&json!({"uid_field": "alice"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(posted.status(), 302);
+        ready.push(client);
+    }
+    let guesses = ready.into_iter().map(|client| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let answer: Value = client
+                .post(&url)
+                .json(&json!({"password": "wrong guess"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answer["response_errors"]["password"][0]["code"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+    });
+    let mut codes = Vec::new();
+    for guess in guesses {
+        codes.push(guess.await.unwrap());
+    }
+    let checked = codes.iter().filter(|c| *c == "invalid").count();
+    let refused = codes.iter().filter(|c| *c == "throttled").count();
+    assert_eq!(checked + refused, 40, "{codes:?}");
+    assert!(checked <= 10, "{checked} guesses checked: {codes:?}");
+    let logged = gate.log().matches("login failed reason=password").count();
+    assert!(logged <= 10, "{logged} checked in the log");
+}
