@@ -25,6 +25,9 @@ pub struct App {
     stopping: AtomicBool,
     /// The watched files as they were when the first config was read.
     startup_stamps: std::sync::Mutex<Option<Stamps>>,
+    /// The config the process started with: what the listeners, the log
+    /// and the workers still run on, whatever reloads came since.
+    started: Config,
 }
 
 /// What every gateway of this process shares, reload after reload.
@@ -62,8 +65,10 @@ impl App {
             used_codes: Arc::default(),
             client_starts: Arc::default(),
         };
+        let started = config.clone();
         let gateway = Gateway::new(config, &shared)?;
         Ok(Arc::new(App {
+            started,
             current: ArcSwap::from_pointee(gateway),
             config_path,
             shared,
@@ -109,7 +114,9 @@ impl App {
             )
         })?;
         let old = self.gateway();
-        for change in restart_only_changes(&old.config, &config) {
+        // Against what runs, not the last file read: a key changed back
+        // needs nothing, one still changed is named at every reload.
+        for change in restart_only_changes(&self.started, &config) {
             tracing::warn!(
                 "{change} changed: that takes a restart; the rest of the new config applies now"
             );

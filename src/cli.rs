@@ -128,7 +128,8 @@ fn check(path: &Path) -> ExitCode {
         // As `serve` says it at start: not an error, but worth knowing.
         eprintln!(
             "{}: warning: no session secret (session.secret_file or FLOWGATE_SESSION_SECRET): \
-             flowgate will make a random one per process, and every restart signs everybody out",
+             flowgate will make a random one per process (sessions are kept in memory and end \
+             on restart either way)",
             path.display()
         );
     }

@@ -549,6 +549,10 @@ fn https_redirect<B>(request: &http::Request<B>, port: u16) -> http::Response<cr
         })
         .unwrap_or_default();
     let host = crate::context::host_key(&authority);
+    if host.is_empty() {
+        // HTTP/1.0 may send no Host: there is nowhere to send it.
+        return crate::respond::text(StatusCode::BAD_REQUEST, "a request needs one valid Host\n");
+    }
     let host = match host.contains(':') {
         true => format!("[{host}]"),
         false => host.into_owned(),

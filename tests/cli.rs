@@ -181,6 +181,31 @@ fn check_judges_every_broken_config_as_serve_would() {
     assert!(seen >= 5, "only {seen} cases in {}", cases.display());
 }
 
+/// A misspelt override is an error, as a misspelt key is; the good ones
+/// and variables of no section pass.
+#[test]
+fn check_names_environment_variables_no_setting_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flowgate.toml");
+    std::fs::write(&path, "[[route]]\nupstream = \"http://127.0.0.1:9\"\n").unwrap();
+    std::fs::write(dir.path().join("users.toml"), "").unwrap();
+    let output = flowgate()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("FLOWGATE_SESSION_IDLE_TIMOUT", "3m")
+        .env("FLOWGATE_SESSION_IDLE_TIMEOUT", "3m")
+        .env("FLOWGATE_REQUIRE_ALL", "1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr,
+        "env FLOWGATE_SESSION_IDLE_TIMOUT: no setting reads this variable \
+         (did you mean FLOWGATE_SESSION_IDLE_TIMEOUT?)\n1 problem found\n"
+    );
+}
+
 #[test]
 fn serve_refuses_a_bad_config_and_says_why() {
     let dir = tempfile::tempdir().unwrap();

@@ -598,3 +598,31 @@ async fn a_flood_from_one_address_does_not_stop_a_login_from_another() {
         gate.log()
     );
 }
+
+/// A catch-all route also serves hosts outside `cookie_domain`: there the
+/// cookie is host-only (a `Domain` the browser would drop would leave
+/// nobody signed in); under the domain it names the domain.
+#[tokio::test(flavor = "multi_thread")]
+async fn cookies_are_host_only_on_hosts_outside_the_cookie_domain() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), "")
+        .replace("[session]\n", "[session]\ncookie_domain = \"lab.test\"\n");
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let login = format!("/_flowgate/flow/{FLOW}/?next=%2F");
+    let cookie_on = |host: &'static str| {
+        let url = gate.url(&login);
+        async move {
+            let response = client().get(url).header("host", host).send().await.unwrap();
+            set_cookies(&response)
+                .into_iter()
+                .find(|c| c.starts_with("flowgate_session="))
+                .expect("a session cookie")
+        }
+    };
+    let inside = cookie_on("app.lab.test").await;
+    assert!(inside.contains("Domain=lab.test"), "{inside}");
+    let outside = cookie_on("other.example").await;
+    assert!(!outside.contains("Domain="), "{outside}");
+    let lookalike = cookie_on("evillab.test").await;
+    assert!(!lookalike.contains("Domain="), "{lookalike}");
+}

@@ -516,6 +516,12 @@ async fn the_redirect_listener_sends_browsers_to_https() {
     assert!(answer.to_ascii_lowercase().contains(&location), "{answer}");
     let answer = ask("GET / HTTP/1.1\r\nConnection: close\r\n\r\n".into()).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // HTTP/1.0 may leave Host out: nowhere to send it either.
+    let answer = ask("GET / HTTP/1.0\r\n\r\n".into()).await;
+    assert!(
+        answer.starts_with("HTTP/1.0 400") || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
 }
 
 /// The gate over TLS, HTTP/1.1 and HTTP/2 by ALPN: the same canonical-path

@@ -103,6 +103,7 @@ fn run<T>(
         lines: line_starts(src),
         env,
         files,
+        asked: HashSet::new(),
         errors: Vec::new(),
     };
     let doc = match ImDocument::parse(src) {
@@ -122,6 +123,9 @@ fn run<T>(
         }
     };
     let value = read(&mut reader, doc.as_table());
+    if files == Files::Read {
+        reader.unknown_variables(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()));
+    }
     if reader.errors.is_empty() {
         Ok(value)
     } else {
@@ -168,6 +172,8 @@ pub(crate) struct Reader<'a> {
     lines: Vec<usize>,
     env: &'a dyn Fn(&str) -> Option<String>,
     files: Files,
+    /// Every `FLOWGATE_<SECTION>_<KEY>` variable a key was looked up under.
+    asked: HashSet<String>,
     errors: Vec<ConfigError>,
 }
 
@@ -190,6 +196,57 @@ impl<'a> Reader<'a> {
             key: key.to_owned(),
             message: message.into(),
         });
+    }
+
+    /// A `FLOWGATE_<SECTION>_…` variable that no key reads is a misspelt
+    /// override: an error, as an unknown key in the file is.
+    fn unknown_variables(&mut self, names: impl Iterator<Item = String>) {
+        const SECTIONS: [&str; 7] = [
+            "SERVER",
+            "SESSION",
+            "DIRECTORY",
+            "EXECUTOR",
+            "LOG",
+            "PROXY",
+            "ADMIN",
+        ];
+        let mut unknown: Vec<String> = names
+            .filter(|name| {
+                SECTIONS
+                    .iter()
+                    .any(|section| name.starts_with(&format!("FLOWGATE_{section}_")))
+            })
+            .filter(|name| !self.asked.contains(name) && name != "FLOWGATE_SERVER_TLS")
+            .collect();
+        unknown.sort();
+        for name in unknown {
+            // Suggest within the section, on the key part alone.
+            let (prefix, key) = SECTIONS
+                .iter()
+                .map(|section| format!("FLOWGATE_{section}_"))
+                .find_map(|prefix| {
+                    let key = name.strip_prefix(&prefix)?.to_owned();
+                    Some((prefix, key))
+                })
+                .unwrap_or_default();
+            let keys: Vec<&str> = self
+                .asked
+                .iter()
+                .filter_map(|asked| asked.strip_prefix(&prefix))
+                .collect();
+            let message = match closest(&key, &keys) {
+                Some(guess) => {
+                    format!("no setting reads this variable (did you mean {prefix}{guess}?)")
+                }
+                None => "no setting reads this variable".to_owned(),
+            };
+            self.errors.push(ConfigError {
+                file: format!("env {name}"),
+                line: None,
+                key: String::new(),
+                message,
+            });
+        }
     }
 
     /// Problems found so far.
@@ -270,6 +327,7 @@ impl<'a> Reader<'a> {
         };
         if let Some(prefix) = section.env {
             let var = format!("FLOWGATE_{prefix}_{}", key.to_ascii_uppercase());
+            self.asked.insert(var.clone());
             if let Some(value) = (self.env)(&var) {
                 return Some((
                     Raw::Env(value),
@@ -598,6 +656,7 @@ impl<'a> Reader<'a> {
         let log = self.log(root);
         let proxy = self.proxy(root);
         let admin = self.admin(root);
+        self.listeners_apart(&server, &admin);
         let (stages, flows) = match remote {
             true => (BTreeMap::new(), Vec::new()),
             false => {
@@ -628,6 +687,34 @@ impl<'a> Reader<'a> {
             flows,
             stages,
             routes,
+        }
+    }
+
+    /// No two listeners on one address: `serve` could not bind the second.
+    fn listeners_apart(&mut self, server: &Server, admin: &AdminConfig) {
+        let listeners = [
+            ("server.listen", Some(server.listen)),
+            ("server.redirect_http", server.redirect_http),
+            ("admin.listen", admin.listen),
+        ];
+        for (i, (key, addr)) in listeners.iter().enumerate() {
+            let Some(addr) = addr else { continue };
+            let clash = listeners[..i].iter().find(|(_, other)| {
+                other.is_some_and(|other| {
+                    addr.port() != 0
+                        && other.port() == addr.port()
+                        && (other.ip() == addr.ip()
+                            || other.ip().is_unspecified()
+                            || addr.ip().is_unspecified())
+                })
+            });
+            if let Some((other, _)) = clash {
+                self.error(
+                    None,
+                    key,
+                    format!("{addr} is {other}'s address too: each listener needs its own"),
+                );
+            }
         }
     }
 
@@ -1752,6 +1839,10 @@ impl<'a> Reader<'a> {
                 continue;
             };
             match custom_header_name(&name) {
+                Ok(name) if fields.iter().any(|(taken, _)| *taken == name) => self.error_at(
+                    &place,
+                    format!("{name} is already another field's header: an app would read one as the other"),
+                ),
                 Ok(name) => fields.push((name, field)),
                 Err(why) => self.error_at(&place, why),
             }

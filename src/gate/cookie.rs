@@ -79,6 +79,21 @@ pub async fn mint(
     Ok(session)
 }
 
+/// The `Domain` of our cookies on this request: `session.cookie_domain`
+/// when the request's host is under it, else none (a host-only cookie). A
+/// catch-all route also serves hosts outside the domain, where a cookie
+/// for the domain would be dropped and nobody could stay signed in.
+fn cookie_domain<'g>(gateway: &'g Gateway, context: &Context) -> Option<&'g str> {
+    let domain = gateway.config.session.cookie_domain.as_deref()?;
+    let bare = domain.trim_start_matches('.');
+    let host = context.host.as_str();
+    let under = host.eq_ignore_ascii_case(bare)
+        || (host.len() > bare.len()
+            && host.as_bytes()[host.len() - bare.len() - 1] == b'.'
+            && host[host.len() - bare.len()..].eq_ignore_ascii_case(bare));
+    under.then_some(domain)
+}
+
 pub fn set_cookie(
     gateway: &Gateway,
     context: &Context,
@@ -103,8 +118,8 @@ pub(super) fn cookie_header(
         .http_only(true)
         .same_site(SameSite::Lax)
         .secure(gateway.secure_cookies(context));
-    if let Some(domain) = &session.cookie_domain {
-        cookie = cookie.domain(domain.clone());
+    if let Some(domain) = cookie_domain(gateway, context) {
+        cookie = cookie.domain(domain.to_owned());
     }
     if let Some(age) = max_age {
         cookie = cookie.max_age(cookie::time::Duration::seconds(age.as_secs() as i64));
@@ -120,8 +135,8 @@ pub fn clear_cookie(gateway: &Gateway, context: &Context, response: &mut Respons
         .same_site(SameSite::Lax)
         .secure(gateway.secure_cookies(context))
         .max_age(cookie::time::Duration::ZERO);
-    if let Some(domain) = &session.cookie_domain {
-        cookie = cookie.domain(domain.clone());
+    if let Some(domain) = cookie_domain(gateway, context) {
+        cookie = cookie.domain(domain.to_owned());
     }
     append_cookie(response, cookie);
     // The JSON API's CSRF companion goes with it.
@@ -130,8 +145,8 @@ pub fn clear_cookie(gateway: &Gateway, context: &Context, response: &mut Respons
         .same_site(SameSite::Lax)
         .secure(gateway.secure_cookies(context))
         .max_age(cookie::time::Duration::ZERO);
-    if let Some(domain) = &session.cookie_domain {
-        csrf = csrf.domain(domain.clone());
+    if let Some(domain) = cookie_domain(gateway, context) {
+        csrf = csrf.domain(domain.to_owned());
     }
     append_cookie(response, csrf);
 }
@@ -155,8 +170,8 @@ pub fn set_csrf_cookie(
         .path("/")
         .same_site(SameSite::Lax)
         .secure(gateway.secure_cookies(context));
-    if let Some(domain) = &gateway.config.session.cookie_domain {
-        cookie = cookie.domain(domain.clone());
+    if let Some(domain) = cookie_domain(gateway, context) {
+        cookie = cookie.domain(domain.to_owned());
     }
     append_cookie(response, cookie);
 }
