@@ -28,6 +28,8 @@ pub struct Gateway {
     pub(crate) executor: Arc<dyn FlowExecutor>,
     /// Who the users are now, for sessions minted earlier (`gate::live`).
     pub(crate) people: People,
+    /// A remote executor's sessions, checked against the remote's.
+    pub(crate) revalidation: Option<Arc<crate::remote::Revalidation>>,
     /// Logins started per client address (shared by every gateway).
     pub(crate) client_starts: Arc<crate::session::ClientStarts>,
     pub(crate) sessions: Arc<dyn SessionStore>,
@@ -91,9 +93,18 @@ impl Gateway {
             .iter()
             .map(|r| metrics.route(&route_name(r)))
             .collect();
+        let revalidation = match &config.executor {
+            ExecutorConfig::Remote(remote) => Some(Arc::new(crate::remote::Revalidation::new(
+                remote.revalidate,
+                executor.clone(),
+                shared.sessions.clone(),
+            ))),
+            ExecutorConfig::Embedded => None,
+        };
         Ok(Gateway {
             executor,
             people,
+            revalidation,
             client_starts: shared.client_starts.clone(),
             sessions,
             signer: CookieSigner::new(secret),

@@ -7,9 +7,9 @@
 //! "ask again", any other is the end of the flow, and then
 //! `core/users/me/` says who logged in.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,7 +27,10 @@ use crate::config::{Config, RemoteConfig};
 use crate::flow::{
     Challenge, Component, FlowError, FlowExecutor, FlowRequest, FlowState, FlowSummary, Login, Step,
 };
+use crate::gate::SignedIn;
+use crate::gateway::Gateway;
 use crate::identity::Identity;
+use crate::session::{now_secs, SessionStore};
 
 /// Requests one executor call may take, redirects included (the Go
 /// outposts allow 10 rounds).
@@ -59,6 +62,10 @@ pub struct RemoteExecutor {
 struct RemoteState {
     #[serde(default)]
     jar: BTreeMap<String, String>,
+    /// The client's address as the login presented it: the session's later
+    /// requests (revalidation, sign-out) present the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     login: Option<Identity>,
 }
@@ -400,6 +407,7 @@ impl RemoteExecutor {
         answer: Option<Value>,
     ) -> Result<Step, FlowError> {
         let mut remote = RemoteState::read(state);
+        remote.client = remote.client.or(request.client_ip);
         let mut step = self.drive(request, &mut remote, answer).await;
         if let Ok(Step::Done { .. }) = step {
             match self.who(&mut remote, request.client_ip).await {
@@ -448,6 +456,92 @@ impl RemoteExecutor {
             header_values: Default::default(),
         })
     }
+}
+
+/// Sessions minted from a remote login follow the remote session: at most
+/// every `revalidate`, when a session is used, a task off the request path
+/// asks the remote whether its side still holds, and ends ours when not
+/// (signed out there, the user disabled, the session revoked).
+pub struct Revalidation {
+    every: u64,
+    executor: Arc<dyn FlowExecutor>,
+    sessions: Arc<dyn SessionStore>,
+    /// When each session was last checked (or first seen), Unix seconds.
+    /// Keyed by session id; lives as long as this gateway.
+    checked: Mutex<HashMap<String, u64>>,
+}
+
+/// Past this many sessions tracked, those unseen for a day are forgotten.
+const TRACKED: usize = 100_000;
+
+impl Revalidation {
+    pub fn new(
+        every: Duration,
+        executor: Arc<dyn FlowExecutor>,
+        sessions: Arc<dyn SessionStore>,
+    ) -> Revalidation {
+        Revalidation {
+            every: every.as_secs().max(1),
+            executor,
+            sessions,
+            checked: Mutex::default(),
+        }
+    }
+
+    /// `signed` was just used under `id`: check it if it is due. One short
+    /// lock, never held across an await; the check itself is spawned.
+    pub fn touch(&self, gateway: &Gateway, id: &str, signed: &SignedIn) {
+        let Some(remote) = &signed.session.executor_session else {
+            return;
+        };
+        let now = now_secs();
+        {
+            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+            if checked.len() > TRACKED {
+                checked.retain(|_, at| now.saturating_sub(*at) < 86_400);
+            }
+            match checked.get(id) {
+                Some(at) if now.saturating_sub(*at) < self.every => return,
+                // First seen here: it was checked at login (or at the last
+                // gateway's last check, at most `every` ago).
+                None => {
+                    checked.insert(id.to_owned(), now);
+                    return;
+                }
+                Some(_) => {
+                    checked.insert(id.to_owned(), now);
+                }
+            }
+        }
+        let executor = self.executor.clone();
+        let sessions = self.sessions.clone();
+        let id = id.to_owned();
+        let remote = remote.clone();
+        let user = signed.identity.username.clone();
+        let fallback = gateway_address(gateway);
+        tokio::spawn(async move {
+            match executor.still_signed_in(&remote, fallback).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(user = %user, "session ended: the remote executor's session is gone (signed out there, or the user disabled)");
+                    if let Err(error) = sessions.delete(&id).await {
+                        tracing::warn!(%error, "the session could not be deleted from the store");
+                    }
+                }
+                Err(error) => tracing::warn!(
+                    user = %user,
+                    reason = %crate::respond::chain(&error),
+                    "could not check the session with the remote executor; it stays until the next check"
+                ),
+            }
+        });
+    }
+}
+
+/// The address sent when a session recorded none (sessions from before
+/// the client address was kept): flowgate's own listener's.
+fn gateway_address(gateway: &Gateway) -> IpAddr {
+    gateway.config.server.listen.ip()
 }
 
 /// A path without its query (which may carry `next`), for log lines.
@@ -500,6 +594,7 @@ impl FlowExecutor for RemoteExecutor {
             executor_session: Some(FlowState(
                 serde_json::to_value(RemoteState {
                     jar: remote.jar,
+                    client: remote.client,
                     login: None,
                 })
                 .unwrap_or(Value::Null),
@@ -513,7 +608,7 @@ impl FlowExecutor for RemoteExecutor {
             slug: &self.invalidation_flow,
             query: "",
             user: None,
-            client_ip: Some(client_ip),
+            client_ip: Some(remote.client.unwrap_or(client_ip)),
         };
         match self.drive(&request, &mut remote, None).await? {
             Step::Done { .. } => Ok(()),
@@ -532,9 +627,10 @@ impl FlowExecutor for RemoteExecutor {
         client_ip: IpAddr,
     ) -> Result<bool, FlowError> {
         let mut remote = RemoteState::read(session);
+        let client = remote.client.unwrap_or(client_ip);
         let path = format!("{}/core/users/me/", self.api_prefix);
         let answer = self
-            .send(Method::GET, &path, None, &mut remote, Some(client_ip))
+            .send(Method::GET, &path, None, &mut remote, Some(client))
             .await?;
         match answer.status {
             StatusCode::OK => Ok(true),

@@ -98,16 +98,21 @@ async fn a_reload_names_the_keys_that_take_a_restart() {
         while reloads(&gate.log()) < n && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(reloads(&gate.log()), n, "{}", gate.log());
+        assert!(reloads(&gate.log()) >= n, "{}", gate.log());
     };
+    // (The file watcher may reload on its own too: count from now.)
+    std::thread::sleep(Duration::from_millis(1500));
     let before = gate.log().len();
+    let n = reloads(&gate.log());
     gate.signal("HUP");
-    wait_reload(2);
+    wait_reload(n + 1);
     assert!(gate.log()[before..].contains("log.format changed: that takes a restart"));
     std::fs::write(gate.path().join("flowgate.toml"), &config).unwrap();
     let before = gate.log().len();
+    let n = reloads(&gate.log());
     gate.signal("HUP");
-    wait_reload(3);
+    wait_reload(n + 1);
+    std::thread::sleep(Duration::from_millis(1500));
     let after = &gate.log()[before..];
     assert!(!after.contains("takes a restart"), "{after}");
 }

@@ -408,3 +408,71 @@ async fn signing_out_at_b_ends_the_session_at_a() {
         .unwrap();
     assert_eq!(after.status(), 401);
 }
+
+/// A session follows the remote one: alice disabled at A (her sessions
+/// there ended), B ends hers within `revalidate`, off the request path.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_signed_out_at_a_is_signed_out_at_b_within_revalidate() {
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let upstream = Upstream::start().await;
+    let b = start_b(
+        &upstream.url(),
+        &a_url(&a),
+        Some(&ca),
+        "revalidate = \"1s\"\n",
+    );
+    let client = client();
+    let seen = json_run(
+        &client,
+        &b,
+        &[
+            json!({"uid_field": "alice"}),
+            json!({"password": ALICE.password}),
+        ],
+    )
+    .await;
+    assert_eq!(seen[2]["component"], "xak-flow-redirect");
+    let status = |client: &reqwest::Client| {
+        let url = b.url("/reports");
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .header("accept", "application/json")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status(&client).await, 200);
+    // Still signed in at A after a check: B keeps the session.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(status(&client).await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status(&client).await, 200, "A still has the session");
+
+    let users = a.path().join("users.toml");
+    let text = std::fs::read_to_string(&users).unwrap().replace(
+        "email = \"alice@example.test\"",
+        "email = \"alice@example.test\"\ndisabled = true",
+    );
+    std::fs::write(&users, text).unwrap();
+    a.signal("HUP");
+    a.wait_for_log("sessions ended", Duration::from_secs(5));
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    let mut last = 200;
+    while std::time::Instant::now() < deadline {
+        last = status(&client).await;
+        if last == 401 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last, 401, "B's session ended after A's: {}", b.log());
+    assert!(b
+        .log()
+        .contains("session ended: the remote executor's session is gone"));
+}

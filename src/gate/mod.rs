@@ -94,7 +94,7 @@ pub async fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<SignedI
             continue;
         };
         match gateway.sessions.authenticated(id, idle).await {
-            Ok(Some(session)) => match live(gateway, session) {
+            Ok(Some(session)) => match live(gateway, id, session) {
                 Some(signed) => return Some(signed),
                 None => continue,
             },
@@ -112,8 +112,12 @@ pub async fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<SignedI
 /// with its user as the directory has them, or nobody (a user deleted or
 /// disabled since they signed in). Groups and names come from the
 /// directory too, so a change in the users file applies at its reload.
-pub fn live(gateway: &Gateway, session: Arc<Session>) -> Option<SignedIn> {
-    resolve(&gateway.people, session)
+pub fn live(gateway: &Gateway, id: &str, session: Arc<Session>) -> Option<SignedIn> {
+    let signed = resolve(&gateway.people, session)?;
+    if let Some(revalidation) = &gateway.revalidation {
+        revalidation.touch(gateway, id, &signed);
+    }
+    Some(signed)
 }
 
 fn resolve(people: &People, session: Arc<Session>) -> Option<SignedIn> {

@@ -940,7 +940,7 @@ fn session(gateway: &Gateway, verified: &mut Verified, headers: &[httparse::Head
             match gateway.sessions.authenticated_now(id, idle) {
                 None => return Lookup::General,
                 Some(Ok(Some(session))) => {
-                    if let Some(signed_in) = crate::gate::live(gateway, session) {
+                    if let Some(signed_in) = crate::gate::live(gateway, id, session) {
                         return Lookup::Found(signed_in);
                     }
                 }
