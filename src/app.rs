@@ -187,6 +187,16 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             a.shutdown_delay != b.shutdown_delay,
         ),
         ("admin.listen", old.admin.listen != new.admin.listen),
+        (
+            "executor_api",
+            old.executor_api
+                .as_ref()
+                .map(|api| (api.listen, api.tls.clone()))
+                != new
+                    .executor_api
+                    .as_ref()
+                    .map(|api| (api.listen, api.tls.clone())),
+        ),
         ("log.format", old.log.format != new.log.format),
         ("log.level", old.log.level != new.log.level),
         ("session.store", old.session.store != new.session.store),

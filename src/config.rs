@@ -33,6 +33,8 @@ pub struct Config {
     pub log: LogConfig,
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
+    /// `[executor_api]`: the embedded executor for others, if served.
+    pub executor_api: Option<ExecutorApiConfig>,
     /// `[[flow]]`, in file order; slugs are unique.
     pub flows: Vec<FlowConfig>,
     /// `[stage.<name>]`, plus the built-in stage names (see `StageConfig::builtin`).
@@ -214,6 +216,16 @@ impl ExecutorConfig {
     pub fn is_remote(&self) -> bool {
         matches!(self, ExecutorConfig::Remote(_))
     }
+}
+
+/// `[executor_api]`: a listener serving the embedded executor at
+/// authentik's paths (`/api/v3/flows/executor/{slug}/`,
+/// `/api/v3/core/users/me/`), for remote flowgates and authentik clients.
+#[derive(Debug, Clone)]
+pub struct ExecutorApiConfig {
+    pub listen: SocketAddr,
+    /// Certificates, as `server.tls`; none: plain HTTP (loopback only, please).
+    pub tls: Vec<TlsConfig>,
 }
 
 /// A remote flow executor and how to reach it.

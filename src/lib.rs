@@ -16,6 +16,7 @@ pub mod context;
 pub mod demo;
 pub mod directory;
 pub mod engine;
+pub mod executor_api;
 pub mod flow;
 pub mod gate;
 pub mod gateway;

@@ -615,6 +615,21 @@ pub async fn serve(app: Arc<App>) -> Result<(), String> {
         let open_connections = Arc::new(move || open.open_connections());
         tokio::spawn(crate::admin::serve(admin, app.clone(), open_connections));
     }
+    if let Some(api) = &gateway.config.executor_api {
+        let acceptor = match api.tls.is_empty() {
+            true => None,
+            false => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                crate::tls::server_config(&api.tls)?,
+            ))),
+        };
+        let bound = TcpListener::bind(api.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} (executor_api.listen): {e}", api.listen))?;
+        let at = bound.local_addr().map_err(|e| e.to_string())?;
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        tracing::info!("executor API serving on {at} ({scheme}, /api/v3/flows/executor/)");
+        tokio::spawn(crate::executor_api::serve(bound, app.clone(), acceptor));
+    }
     if let Some(plain) = server.redirect_http {
         let plain = TcpListener::bind(plain)
             .await

@@ -28,7 +28,7 @@ fn start_a(ca: &Ca) -> Flowgate {
         "listen = \"127.0.0.1:0\"\n",
         "listen = \"127.0.0.1:0\"\ntls = { cert = \"a.pem\", key = \"a.key\" }\n\
          trusted_proxies = [\"127.0.0.1/32\"]\n",
-    );
+    ) + "\n[executor_api]\nlisten = \"127.0.0.1:0\"\ntls = { cert = \"a.pem\", key = \"a.key\" }\n";
     let users = users_file(&[&ALICE, &BOB]).replace(
         "email = \"bob@example.test\"",
         &format!(
@@ -45,6 +45,16 @@ fn start_a(ca: &Ca) -> Flowgate {
 /// (`/_flowgate/api/v3` of another flowgate), trusting `ca`. `/admin` is
 /// for A's admins only.
 fn start_b(upstream: &str, url: &str, ca: Option<&Ca>, extra: &str) -> Flowgate {
+    start_b_at(upstream, url, "/_flowgate/api/v3", ca, extra)
+}
+
+fn start_b_at(
+    upstream: &str,
+    url: &str,
+    api_prefix: &str,
+    ca: Option<&Ca>,
+    extra: &str,
+) -> Flowgate {
     let dir = tempfile::tempdir().unwrap();
     let ca_line = match ca {
         Some(ca) => {
@@ -64,7 +74,7 @@ secret = "b-secret-b-secret-b-secret-b-secret-0123456789"
 [executor]
 kind = "remote"
 url = "{url}"
-api_prefix = "/_flowgate/api/v3"
+api_prefix = "{api_prefix}"
 {ca_line}{extra}
 
 [[route]]
@@ -475,4 +485,62 @@ async fn a_user_signed_out_at_a_is_signed_out_at_b_within_revalidate() {
     assert!(b
         .log()
         .contains("session ended: the remote executor's session is gone"));
+}
+
+/// A's `[executor_api]` listener: the same executor at authentik's own
+/// paths (`/api/v3/…`), over TLS, as B drives authentik.
+#[tokio::test(flavor = "multi_thread")]
+async fn b_drives_a_through_its_executor_api_listener_at_authentik_paths() {
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let log = a.log();
+    let api = log
+        .split("executor API serving on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no executor API address in:\n{log}"));
+    let upstream = Upstream::start().await;
+    let url = format!("https://localhost:{}", api.port());
+    let b = start_b_at(&upstream.url(), &url, "/api/v3", Some(&ca), "");
+    let client = client();
+    let seen = json_run(
+        &client,
+        &b,
+        &[
+            json!({"uid_field": "alice"}),
+            json!({"password": ALICE.password}),
+        ],
+    )
+    .await;
+    assert_eq!(seen[2]["component"], "xak-flow-redirect", "{seen:?}");
+    let echo: Value = client
+        .get(b.url("/admin/x"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
+    // authentik's own paths answer as authentik does: users/me without a
+    // session is 403, anything else 404.
+    let direct = reqwest::Client::builder()
+        .add_root_certificate(ca.root())
+        .resolve("localhost", api)
+        .build()
+        .unwrap();
+    let me = direct
+        .get(format!("{url}/api/v3/core/users/me/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 403);
+    let other = direct
+        .get(format!("{url}/_flowgate/sign_out"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
 }

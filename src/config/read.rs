@@ -17,10 +17,10 @@ use crate::identity::Field;
 
 use super::{
     resolve_against, AdminConfig, Allow, Config, ConfigError, ConfigErrors, CookieSecure,
-    Designation, DirectoryConfig, ExecutorConfig, FlowAuthentication, FlowConfig, HeaderPreset,
-    HeaderSet, HostPattern, LogConfig, LogFormat, NotConfiguredAction, PathRule, ProxyConfig,
-    RemoteConfig, RouteConfig, Secret, Server, SessionConfig, StageConfig, StoreKind, TlsConfig,
-    UserField,
+    Designation, DirectoryConfig, ExecutorApiConfig, ExecutorConfig, FlowAuthentication,
+    FlowConfig, HeaderPreset, HeaderSet, HostPattern, LogConfig, LogFormat, NotConfiguredAction,
+    PathRule, ProxyConfig, RemoteConfig, RouteConfig, Secret, Server, SessionConfig, StageConfig,
+    StoreKind, TlsConfig, UserField,
 };
 
 /// The slug of the flow used when a config declares none.
@@ -630,6 +630,7 @@ impl<'a> Reader<'a> {
             "log",
             "proxy",
             "admin",
+            "executor_api",
             "flow",
             "stage",
             "route",
@@ -656,7 +657,8 @@ impl<'a> Reader<'a> {
         let log = self.log(root);
         let proxy = self.proxy(root);
         let admin = self.admin(root);
-        self.listeners_apart(&server, &admin);
+        let executor_api = self.executor_api(root, remote);
+        self.listeners_apart(&server, &admin, executor_api.as_ref());
         let (stages, flows) = match remote {
             true => (BTreeMap::new(), Vec::new()),
             false => {
@@ -684,6 +686,7 @@ impl<'a> Reader<'a> {
             log,
             proxy,
             admin,
+            executor_api,
             flows,
             stages,
             routes,
@@ -691,11 +694,17 @@ impl<'a> Reader<'a> {
     }
 
     /// No two listeners on one address: `serve` could not bind the second.
-    fn listeners_apart(&mut self, server: &Server, admin: &AdminConfig) {
+    fn listeners_apart(
+        &mut self,
+        server: &Server,
+        admin: &AdminConfig,
+        executor_api: Option<&ExecutorApiConfig>,
+    ) {
         let listeners = [
             ("server.listen", Some(server.listen)),
             ("server.redirect_http", server.redirect_http),
             ("admin.listen", admin.listen),
+            ("executor_api.listen", executor_api.map(|api| api.listen)),
         ];
         for (i, (key, addr)) in listeners.iter().enumerate() {
             let Some(addr) = addr else { continue };
@@ -859,6 +868,51 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `[executor_api]`: the embedded executor served to other flowgates
+    /// and authentik clients at authentik's own paths.
+    fn executor_api(&mut self, root: &dyn TableLike, remote: bool) -> Option<ExecutorApiConfig> {
+        let mut s = self.section(
+            root,
+            "executor_api",
+            "executor_api".into(),
+            Some("EXECUTOR_API"),
+        );
+        let listen = self.string(&mut s, "listen");
+        let tls = self.tls(&mut s);
+        let present = s.table.is_some() || listen.is_some();
+        let line = s.line;
+        self.finish(s);
+        if !present {
+            return None;
+        }
+        if remote {
+            self.error(
+                line,
+                "executor_api",
+                "only for the embedded executor: a remote executor has no flows of its own to serve",
+            );
+            return None;
+        }
+        let Some((text, place)) = listen else {
+            self.error(
+                line,
+                "executor_api.listen",
+                "missing: an address like \"127.0.0.1:9443\"",
+            );
+            return None;
+        };
+        match text.parse::<SocketAddr>() {
+            Ok(listen) => Some(ExecutorApiConfig { listen, tls }),
+            Err(_) => {
+                self.error_at(
+                    &place,
+                    format!("\"{text}\" is not an address like \"127.0.0.1:9443\""),
+                );
+                None
+            }
+        }
+    }
+
     fn admin(&mut self, root: &dyn TableLike) -> AdminConfig {
         let mut s = self.section(root, "admin", "admin".into(), Some("ADMIN"));
         let enabled = self.bool(&mut s, "enabled", true);
@@ -881,9 +935,10 @@ impl<'a> Reader<'a> {
     /// `tls = { cert, key }`, `tls = [{ … }, { … }]` or `[[server.tls]]`.
     fn tls(&mut self, server: &mut Section<'_>) -> Vec<TlsConfig> {
         server.known.push("tls");
+        let key_path = format!("{}.tls", server.path);
         // A table, which no single variable can hold: say so rather than
         // ignore it.
-        if server.env.is_some() && (self.env)("FLOWGATE_SERVER_TLS").is_some() {
+        if server.path == "server" && (self.env)("FLOWGATE_SERVER_TLS").is_some() {
             self.errors.push(ConfigError {
                 file: "env FLOWGATE_SERVER_TLS".into(),
                 line: None,
@@ -908,7 +963,7 @@ impl<'a> Reader<'a> {
                     Some(table) => tables.push((table, self.line_of(value.span()).or(line))),
                     None => self.error(
                         line,
-                        "server.tls",
+                        &key_path,
                         "expected a list of `{ cert = \"…\", key = \"…\" }`",
                     ),
                 }
@@ -918,7 +973,7 @@ impl<'a> Reader<'a> {
         } else {
             self.error(
                 line,
-                "server.tls",
+                &key_path,
                 format!(
                     "expected a table `{{ cert = \"…\", key = \"…\" }}`, found {}",
                     type_name(item)
@@ -930,9 +985,9 @@ impl<'a> Reader<'a> {
         let mut certificates = Vec::new();
         for (i, (table, line)) in tables.into_iter().enumerate() {
             let path = if many {
-                format!("server.tls[{i}]")
+                format!("{key_path}[{i}]")
             } else {
-                "server.tls".to_owned()
+                key_path.clone()
             };
             let mut t = self.table_section(table, path.clone(), line);
             let cert = self.existing_file(&mut t, "cert");
