@@ -343,6 +343,9 @@ pub async fn users_me(gateway: &Gateway, request: &Request<Incoming>) -> Respons
     };
     let mut groups: Vec<&String> = identity.groups.iter().collect();
     groups.sort();
+    // authentik 2026.8 added `users` (every account signed in in this
+    // browser session; here the one) and `is_current`, and its clients
+    // require both; older clients ignore them.
     let body = json!({
         "user": {
             "pk": identity.pk,
@@ -358,8 +361,11 @@ pub async fn users_me(gateway: &Gateway, request: &Request<Incoming>) -> Respons
             "settings": {},
             "type": "internal",
             "system_permissions": [],
+            "is_current": true,
         }
     });
+    let mut body = body;
+    body["users"] = json!([body["user"].clone()]);
     let mut response = json_response(StatusCode::OK, &body);
     response
         .headers_mut()

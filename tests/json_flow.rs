@@ -400,3 +400,27 @@ async fn parallel_guesses_meet_the_same_throttle() {
     let logged = gate.log().matches("login failed reason=password").count();
     assert!(logged <= 10, "{logged} checked in the log");
 }
+
+/// `users/me` has every key of authentik's recorded answer (2025.8) with
+/// the same JSON types, and what the 2026.8 schema requires besides:
+/// `users`, and `is_current` on each user.
+#[tokio::test(flavor = "multi_thread")]
+async fn users_me_has_the_shape_of_authentik_2025_and_2026() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let client = client();
+    json_login(&client, &gate.url(""), "alice", ALICE.password, "/").await;
+    let me = get_json(&client, gate.url("/_flowgate/api/v3/core/users/me/")).await;
+    let recorded: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("authentik/api/core-users-me.json")).unwrap(),
+    )
+    .unwrap();
+    let mut user = me["user"].clone();
+    // 2026.8's addition, not in the 2025.8 recording.
+    user.as_object_mut().unwrap().remove("is_current");
+    let differences = shape_differences("", &user, &recorded["user"]);
+    assert!(differences.is_empty(), "{differences:?}");
+    assert_eq!(me["user"]["is_current"], true);
+    assert_eq!(me["users"].as_array().map(Vec::len), Some(1));
+    assert_eq!(me["users"][0]["username"], "alice");
+}
