@@ -365,35 +365,52 @@ impl<'a> Reader<'a> {
             return Vec::new();
         };
         let line = self.line_of(k.span());
+        let tables = self.table_list(item, line, key, false, &format!("`[[{key}]]` tables"));
+        tables
+            .into_iter()
+            .enumerate()
+            .map(|(i, (table, line))| self.table_section(table, format!("{key}[{i}]"), line))
+            .collect()
+    }
+
+    /// The tables `item` holds: `[[key]]`, `key = [{ … }, { … }]`, or (when
+    /// `single`) one table; each with its line. Anything else is an error
+    /// naming `expected`.
+    fn table_list<'t>(
+        &mut self,
+        item: &'t Item,
+        line: Option<usize>,
+        key_path: &str,
+        single: bool,
+        expected: &str,
+    ) -> Vec<(&'t dyn TableLike, Option<usize>)> {
         let mut tables: Vec<(&'t dyn TableLike, Option<usize>)> = Vec::new();
         if let Some(array) = item.as_array_of_tables() {
             for table in array.iter() {
                 tables.push((table, self.line_of(table.span()).or(line)));
             }
         } else if let Some(array) = item.as_array() {
-            // `key = [{ … }, { … }]`
             for value in array.iter() {
+                let at = self.line_of(value.span()).or(line);
                 match value.as_inline_table() {
-                    Some(table) => tables.push((table, self.line_of(value.span()).or(line))),
+                    Some(table) => tables.push((table, at)),
                     None => self.error(
-                        self.line_of(value.span()).or(line),
-                        key,
+                        at,
+                        key_path,
                         format!("expected a table, found {}", value_type(value)),
                     ),
                 }
             }
+        } else if let Some(table) = item.as_table_like().filter(|_| single) {
+            tables.push((table, line));
         } else {
             self.error(
                 line,
-                key,
-                format!("expected `[[{key}]]` tables, found {}", type_name(item)),
+                key_path,
+                format!("expected {expected}, found {}", type_name(item)),
             );
         }
         tables
-            .into_iter()
-            .enumerate()
-            .map(|(i, (table, line))| self.table_section(table, format!("{key}[{i}]"), line))
-            .collect()
     }
 
     /// Report every key of `section` that nothing asked for.
@@ -952,34 +969,13 @@ impl<'a> Reader<'a> {
             return Vec::new();
         };
         let line = self.line_of(key.span());
-        let mut tables: Vec<(&dyn TableLike, Option<usize>)> = Vec::new();
-        if let Some(array) = item.as_array_of_tables() {
-            for table in array.iter() {
-                tables.push((table, self.line_of(table.span()).or(line)));
-            }
-        } else if let Some(array) = item.as_array() {
-            for value in array.iter() {
-                match value.as_inline_table() {
-                    Some(table) => tables.push((table, self.line_of(value.span()).or(line))),
-                    None => self.error(
-                        line,
-                        &key_path,
-                        "expected a list of `{ cert = \"…\", key = \"…\" }`",
-                    ),
-                }
-            }
-        } else if let Some(table) = item.as_table_like() {
-            tables.push((table, line));
-        } else {
-            self.error(
-                line,
-                &key_path,
-                format!(
-                    "expected a table `{{ cert = \"…\", key = \"…\" }}`, found {}",
-                    type_name(item)
-                ),
-            );
-        }
+        let tables = self.table_list(
+            item,
+            line,
+            &key_path,
+            true,
+            "a table `{ cert = \"…\", key = \"…\" }`",
+        );
         let many =
             tables.len() > 1 || item.as_array().is_some() || item.as_array_of_tables().is_some();
         let mut certificates = Vec::new();
