@@ -299,3 +299,106 @@ async fn a_recorded_deny_flow_is_denied() {
     let (gate, client) = play("deny_flow", &slug).await;
     assert_eq!(signed_in_as(&gate, &client).await, None);
 }
+
+/// A 2022-era server (challenges with a top-level `type`, users/me without
+/// `roles`, `type` or `system_permissions`): the same login completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_2022_server_is_driven_as_well() {
+    let legacy = |name: &str| -> Value {
+        let path = fixtures().join(format!("authentik/legacy-2022/challenges/{name}.json"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let executor = format!("/api/v3/flows/executor/{FLOW}/?query=next%3D%252F");
+    let cookie = (
+        "set-cookie".to_owned(),
+        "authentik_session=legacy; Path=/; HttpOnly".to_owned(),
+    );
+    let json = ("content-type".to_owned(), "application/json".to_owned());
+    let step = |method: &str, path: &str, status: u16, body: Value, request: Value| Step {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        status,
+        headers: match status {
+            302 => vec![cookie.clone(), ("location".to_owned(), path.to_owned())],
+            _ => vec![cookie.clone(), json.clone()],
+        },
+        body,
+        request_body: request,
+    };
+    let me = serde_json::json!({"user": {
+        "pk": 1, "username": "akadmin", "name": "authentik Default Admin",
+        "is_active": true, "is_superuser": true,
+        "groups": [{"name": "authentik Admins", "pk": "0e1c0a7d-0000-0000-0000-000000000000"}],
+        "email": "root@localhost", "avatar": "/static/dist/assets/images/user_default.png",
+        "uid": "abc", "settings": {}
+    }});
+    let steps = vec![
+        step(
+            "GET",
+            &executor,
+            200,
+            legacy("ak-stage-identification"),
+            Value::Null,
+        ),
+        step(
+            "POST",
+            &executor,
+            302,
+            Value::Null,
+            serde_json::json!({"uid_field": "akadmin"}),
+        ),
+        step(
+            "GET",
+            &executor,
+            200,
+            legacy("ak-stage-password"),
+            Value::Null,
+        ),
+        step(
+            "POST",
+            &executor,
+            302,
+            Value::Null,
+            serde_json::json!({"password": "pw"}),
+        ),
+        step(
+            "GET",
+            &executor,
+            200,
+            legacy("xak-flow-redirect"),
+            Value::Null,
+        ),
+        step("GET", "/api/v3/core/users/me/", 200, me, Value::Null),
+    ];
+    let (remote, cursor) = replay(steps.clone());
+    let gate = gateway_for(&remote, FLOW);
+    let client = client();
+    let url = gate.url(&format!("/_flowgate{executor}"));
+    let first: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(first["component"], "ak-stage-identification", "{first}");
+    for (answer, shown_next) in [
+        (&steps[1].request_body, "ak-stage-password"),
+        (&steps[3].request_body, "xak-flow-redirect"),
+    ] {
+        let mut response = client.post(&url).json(answer).send().await.unwrap();
+        while response.status() == 302 {
+            response = client.get(&url).send().await.unwrap();
+        }
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["component"], shown_next, "{body}");
+    }
+    assert!(cursor.lock().unwrap().unexpected.is_empty());
+    assert_eq!(
+        signed_in_as(&gate, &client).await.as_deref(),
+        Some("akadmin")
+    );
+    let echo_groups = client
+        .get(gate.url("/_flowgate/api/v3/core/users/me/"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(echo_groups["user"]["groups"][0]["name"], "authentik Admins");
+}
