@@ -275,12 +275,29 @@ impl RemoteExecutor {
         let request = request
             .body(Full::new(payload))
             .map_err(|e| FlowError::unavailable(what.clone(), e))?;
+        // A GET that could not connect is sent once more, a moment later:
+        // it never reached the remote. (Connections the remote closed in
+        // the pool are retried by the client itself.) Never a POST.
+        let again = (method == Method::GET).then(|| {
+            let mut copy = Request::new(Full::new(Bytes::new()));
+            *copy.method_mut() = request.method().clone();
+            *copy.uri_mut() = request.uri().clone();
+            *copy.headers_mut() = request.headers().clone();
+            copy
+        });
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| FlowError::unavailable(what.clone(), e))?;
+            let response = match (self.client.request(request).await, again) {
+                (Ok(response), _) => response,
+                (Err(error), Some(again)) if error.is_connect() => {
+                    tracing::debug!(reason = %crate::respond::chain(&error), "{what}: asking again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.client
+                        .request(again)
+                        .await
+                        .map_err(|e| FlowError::unavailable(what.clone(), e))?
+                }
+                (Err(error), _) => return Err(FlowError::unavailable(what.clone(), error)),
+            };
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_ANSWER)
                 .collect()

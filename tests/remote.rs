@@ -547,3 +547,56 @@ async fn b_drives_a_through_its_executor_api_listener_at_authentik_paths() {
         .unwrap();
     assert_eq!(other.status(), 404);
 }
+
+/// A GET that could not connect is asked once more a moment later (it
+/// never reached the remote): a remote back within that moment is not an
+/// error page.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_get_that_could_not_connect_is_asked_once_more() {
+    let upstream = Upstream::start().await;
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = reserved.local_addr().unwrap().port();
+    drop(reserved);
+    let b = start_b(
+        &upstream.url(),
+        &format!("http://127.0.0.1:{port}"),
+        None,
+        "",
+    );
+    let late = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        std::thread::sleep(Duration::from_millis(40));
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(_) => return,
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
+        let mut head = [0u8; 4096];
+        let _ = stream.read(&mut head);
+        let body = r#"{"component":"ak-stage-identification","user_fields":["username"],"password_fields":false,"primary_action":"Log in","flow_designation":"authentication"}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(answer.as_bytes()).unwrap();
+    });
+    let answer: Value = client()
+        .get(b.url(&format!("/_flowgate/api/v3/flows/executor/{FLOW}/")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    late.join().unwrap();
+    assert_eq!(answer["component"], "ak-stage-identification", "{answer}");
+    b.wait_for_log("asking again", Duration::from_secs(5));
+}
