@@ -493,6 +493,9 @@ pub struct RouteConfig {
     pub escaped_slashes: PathRule,
     /// `path_parameters`, default `proxy.path_parameters`.
     pub path_parameters: PathRule,
+    /// `authentik_application` (remote executor only): the authentik
+    /// application whose policy bindings decide who may use this route.
+    pub authentik_application: Option<String>,
 }
 
 /// One problem in a configuration, placed as precisely as known.

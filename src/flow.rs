@@ -468,6 +468,12 @@ pub trait FlowExecutor: Send + Sync {
         Ok(())
     }
 
+    /// Whether the remote's policies let this session's user use
+    /// `application` (authentik's `check_access`).
+    async fn may_use(&self, _session: &FlowState, _application: &str) -> Result<bool, FlowError> {
+        Ok(true)
+    }
+
     /// Whether the executor's side of a session still holds (a remote
     /// session signed out elsewhere, its user disabled, does not).
     async fn still_signed_in(

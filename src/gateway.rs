@@ -124,6 +124,19 @@ impl Gateway {
         })
     }
 
+    /// Every `route.authentik_application`, once each.
+    pub fn applications(&self) -> Vec<&str> {
+        let mut apps: Vec<&str> = self
+            .config
+            .routes
+            .iter()
+            .filter_map(|r| r.authentik_application.as_deref())
+            .collect();
+        apps.sort_unstable();
+        apps.dedup();
+        apps
+    }
+
     /// Whether `peer` is one of `server.trusted_proxies`.
     pub fn trusts(&self, peer: IpAddr) -> bool {
         self.config

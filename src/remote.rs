@@ -536,9 +536,27 @@ impl Revalidation {
         let remote = remote.clone();
         let user = signed.identity.username.clone();
         let fallback = gateway_address(gateway);
+        let applications: Vec<String> = gateway
+            .applications()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let session = signed.session.clone();
+        let idle = gateway.config.session.idle_timeout;
         tokio::spawn(async move {
             match executor.still_signed_in(&remote, fallback).await {
-                Ok(true) => {}
+                Ok(true) => {
+                    // The remote's application policies, asked again.
+                    let refused = crate::gate::refused_by(&*executor, &remote, &applications).await;
+                    if refused != session.refused_applications {
+                        let mut updated = (*session).clone();
+                        updated.refused_applications = refused;
+                        let left = Duration::from_secs(updated.expires.saturating_sub(now_secs()));
+                        if let Err(error) = sessions.put(&id, &updated, idle.min(left)).await {
+                            tracing::warn!(%error, "the session could not be updated in the store");
+                        }
+                    }
+                }
                 Ok(false) => {
                     tracing::info!(user = %user, "session ended: the remote executor's session is gone (signed out there, or the user disabled)");
                     if let Err(error) = sessions.delete(&id).await {
@@ -636,6 +654,32 @@ impl FlowExecutor for RemoteExecutor {
             ))),
             Step::Next => Ok(()),
         }
+    }
+
+    async fn may_use(&self, session: &FlowState, application: &str) -> Result<bool, FlowError> {
+        let mut remote = RemoteState::read(session);
+        let client = remote.client;
+        let path = format!(
+            "{}/core/applications/{application}/check_access/",
+            self.api_prefix
+        );
+        let answer = self
+            .send(Method::GET, &path, None, &mut remote, client)
+            .await?;
+        let what = format!("{}{path}", self.origin);
+        if answer.status != StatusCode::OK {
+            return Err(FlowError::bad_gateway(format!(
+                "{what}: answered HTTP {}",
+                answer.status
+            )));
+        }
+        #[derive(Deserialize)]
+        struct PolicyTestResult {
+            passing: bool,
+        }
+        let result: PolicyTestResult = serde_json::from_slice(&answer.body)
+            .map_err(|e| FlowError::bad_gateway(format!("{what}: {e}")))?;
+        Ok(result.passing)
     }
 
     async fn still_signed_in(

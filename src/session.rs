@@ -61,6 +61,10 @@ pub struct Session {
     /// the browser.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor_session: Option<crate::flow::FlowState>,
+    /// The remote's applications (`route.authentik_application`) whose
+    /// policies refused this user, as of login or the last revalidation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_applications: Vec<String>,
 }
 
 /// How many flows one session holds at once; the least recently used goes first.
@@ -77,6 +81,7 @@ impl Session {
             completed: Vec::new(),
             second_factor: false,
             executor_session: None,
+            refused_applications: Vec::new(),
         }
     }
 
@@ -90,6 +95,7 @@ impl Session {
             completed: Vec::new(),
             second_factor: false,
             executor_session: None,
+            refused_applications: Vec::new(),
         }
     }
 

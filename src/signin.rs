@@ -195,7 +195,9 @@ impl Flow {
             return Finished::WrongAccount { signed_in };
         }
         let username = login.identity.username.clone();
-        let assurance = crate::gate::assurance_after(&visitor.session, &login, &self.slug);
+        let mut assurance = crate::gate::assurance_after(&visitor.session, &login, &self.slug);
+        assurance.refused_applications =
+            crate::gate::refused_applications(gateway, login.executor_session.as_ref()).await;
         let second_factor = assurance.second_factor;
         let minted = crate::gate::mint(
             gateway,

@@ -89,11 +89,20 @@ fn raw_answer(step: &Step) -> Vec<u8> {
 }
 
 fn replay(steps: Vec<Step>) -> (Scripted, Arc<Mutex<Cursor>>) {
+    replay_with(steps, Vec::new())
+}
+
+/// `replay`, with `side` answers served whenever their path is asked,
+/// outside the recorded order.
+fn replay_with(steps: Vec<Step>, side: Vec<Step>) -> (Scripted, Arc<Mutex<Cursor>>) {
     let cursor = Arc::new(Mutex::new(Cursor::default()));
     let state = cursor.clone();
     let server = Scripted::start(move |seen: &Seen| {
         let mut cursor = state.lock().unwrap();
         let (method, target) = (seen.method().to_owned(), seen.target().to_owned());
+        if let Some(step) = side.iter().find(|s| s.method == method && s.path == target) {
+            return Reply::keep(raw_answer(step));
+        }
         let at = cursor.next;
         if let Some(step) = steps
             .get(at)
@@ -127,6 +136,13 @@ fn replay(steps: Vec<Step>) -> (Scripted, Arc<Mutex<Cursor>>) {
 
 /// flowgate in front of an app, its flows run by the replay server.
 fn gateway_for(remote: &Scripted, slug: &str) -> Flowgate {
+    gateway_with(
+        remote,
+        &format!("[[route]]\nupstream = \"http://127.0.0.1:9\"\nflow = \"{slug}\"\n"),
+    )
+}
+
+fn gateway_with(remote: &Scripted, routes: &str) -> Flowgate {
     let config = format!(
         r#"
 [server]
@@ -139,9 +155,7 @@ secret = "replay-secret-replay-secret-replay-secret-0123"
 kind = "remote"
 url = "{}"
 
-[[route]]
-upstream = "http://127.0.0.1:9"
-flow = "{slug}"
+{routes}
 "#,
         remote.url()
     );
@@ -177,6 +191,17 @@ async fn play(name: &str, slug: &str) -> (Flowgate, reqwest::Client) {
     let steps = transcript(name);
     let (remote, cursor) = replay(steps.clone());
     let gate = gateway_for(&remote, slug);
+    let client = play_on(name, &steps, &gate, &cursor).await;
+    drop(remote);
+    (gate, client)
+}
+
+async fn play_on(
+    name: &str,
+    steps: &[Step],
+    gate: &Flowgate,
+    cursor: &Mutex<Cursor>,
+) -> reqwest::Client {
     let client = client();
     let executor_path = steps[0].path.clone();
     let url = gate.url(&format!("/_flowgate{executor_path}"));
@@ -233,7 +258,7 @@ async fn play(name: &str, slug: &str) -> (Flowgate, reqwest::Client) {
         cursor.unexpected,
         gate.log()
     );
-    (gate, client)
+    client
 }
 
 async fn signed_in_as(gate: &Flowgate, client: &reqwest::Client) -> Option<String> {
@@ -401,4 +426,54 @@ async fn a_2022_server_is_driven_as_well() {
         .await
         .unwrap();
     assert_eq!(echo_groups["user"]["groups"][0]["name"], "authentik Admins");
+}
+
+/// A route naming an authentik application is decided by that
+/// application's policies too (`check_access`, asked at login): refused,
+/// the user gets the access-denied page, not a login loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_with_an_authentik_application_follows_its_policy() {
+    let upstream = Upstream::start().await;
+    let steps = transcript("login_success");
+    let check = |app: &str, passing: bool| Step {
+        method: "GET".into(),
+        path: format!("/api/v3/core/applications/{app}/check_access/"),
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: serde_json::json!({"passing": passing, "messages": []}),
+        request_body: Value::Null,
+    };
+    let (remote, cursor) = replay_with(
+        steps.clone(),
+        vec![check("wiki", true), check("billing", false)],
+    );
+    let routes = format!(
+        "[[route]]\npath_prefix = \"/billing\"\nupstream = \"{u}\"\nauthentik_application = \"billing\"\n\n\
+         [[route]]\npath_prefix = \"/wiki\"\nupstream = \"{u}\"\nauthentik_application = \"wiki\"\n\n\
+         [[route]]\nupstream = \"{u}\"\n",
+        u = upstream.url()
+    );
+    let gate = gateway_with(&remote, &routes);
+    let client = play_on("login_success", &steps, &gate, &cursor).await;
+    let status = |path: &'static str| {
+        let client = client.clone();
+        let url = gate.url(path);
+        async move {
+            client
+                .get(url)
+                .header("accept", "text/html")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status("/wiki/page").await, 200);
+    assert_eq!(
+        status("/billing/invoices").await,
+        403,
+        "billing's policy refuses"
+    );
+    assert_eq!(status("/other").await, 200);
 }

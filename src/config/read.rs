@@ -1273,19 +1273,19 @@ impl<'a> Reader<'a> {
             None => DEFAULT_INVALIDATION_FLOW.to_owned(),
         };
         self.finish(s);
-        match url {
-            Some(url) => ExecutorConfig::Remote(Box::new(RemoteConfig {
-                url,
-                api_prefix,
-                ca_file,
-                client_auth,
-                timeout,
-                outpost_token,
-                revalidate,
-                invalidation_flow,
-            })),
-            None => ExecutorConfig::Embedded,
-        }
+        // A bad or missing url is an error already; the rest of the config
+        // is still judged as a remote executor's.
+        let url = url.unwrap_or_else(|| http::Uri::from_static("http://invalid.invalid"));
+        ExecutorConfig::Remote(Box::new(RemoteConfig {
+            url,
+            api_prefix,
+            ca_file,
+            client_auth,
+            timeout,
+            outpost_token,
+            revalidate,
+            invalidation_flow,
+        }))
     }
 
     /// `executor.url`: `http(s)://host[:port]`, nothing else.
@@ -1726,6 +1726,20 @@ impl<'a> Reader<'a> {
             };
             let case_insensitive = self.bool(&mut s, "case_insensitive", false);
             let skip_auth_preflight = self.bool(&mut s, "skip_auth_preflight", false);
+            let authentik_application = match self.string(&mut s, "authentik_application") {
+                Some((slug, place)) => {
+                    if !matches!(flows, Flows::Remote) {
+                        self.error_at(
+                            &place,
+                            "only with executor.kind = \"remote\" (an authentik)",
+                        );
+                    } else if !is_slug(&slug) {
+                        self.error_at(&place, "expected an application slug");
+                    }
+                    Some(slug)
+                }
+                None => None,
+            };
             let mut skip_auth = Vec::new();
             if let Some((items, _)) = self.strings(&mut s, "skip_auth") {
                 for (pattern, place) in items {
@@ -1775,6 +1789,7 @@ impl<'a> Reader<'a> {
                     skip_auth_preflight,
                     escaped_slashes,
                     path_parameters,
+                    authentik_application,
                 });
             }
         }
@@ -2506,6 +2521,47 @@ upstream = \"http://127.0.0.1:1/base\"
             assert!(errors.contains(expected), "{expected}:\n{errors}");
         }
         assert!(!errors.contains("route[3].host"), "{errors}");
+    }
+
+    #[test]
+    fn remote_only_keys_are_refused_with_the_embedded_executor_and_back() {
+        let embedded = errors(
+            "[[route]]\nupstream = \"http://127.0.0.1:9\"\nauthentik_application = \"wiki\"\n\n\
+             [executor]\nrevalidate = \"1m\"\n",
+        );
+        let text: Vec<String> = embedded
+            .iter()
+            .map(|e| format!("{}: {}", e.key, e.message))
+            .collect();
+        assert!(
+            text.iter()
+                .any(|e| e.starts_with("route[0].authentik_application: only with")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|e| e.starts_with("executor.revalidate: only for")),
+            "{text:?}"
+        );
+        let remote = errors(
+            "[executor]\nkind = \"remote\"\nurl = \"https://auth.test/path\"\n\n\
+             [[flow]]\nslug = \"x\"\nstages = [\"password\"]\n\n\
+             [[route]]\nupstream = \"http://127.0.0.1:9\"\n",
+        );
+        let text: Vec<String> = remote
+            .iter()
+            .map(|e| format!("{}: {}", e.key, e.message))
+            .collect();
+        assert!(
+            text.iter()
+                .any(|e| e.starts_with("executor.url: only scheme and host")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|e| e.starts_with("flow: only for the embedded executor")),
+            "{text:?}"
+        );
     }
 
     #[test]

@@ -39,12 +39,15 @@ pub(super) fn idle_ttl(gateway: &Gateway, session: &Session) -> Duration {
         .min(Duration::from_secs(left))
 }
 
-/// What a new session has been through (`gate::assurance_after`).
+/// What a new session has been through (`gate::assurance_after`), and what
+/// the remote's policies refused it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assurance {
     /// Every flow's slug.
     pub completed: Vec<String>,
     pub second_factor: bool,
+    /// `route.authentik_application`s the user may not use.
+    pub refused_applications: Vec<String>,
 }
 
 /// Log a user in: a new session under a new id (never the pre-auth one, nor
@@ -63,6 +66,7 @@ pub async fn mint(
     session.completed = assurance.completed;
     session.second_factor = assurance.second_factor;
     session.executor_session = login.executor_session;
+    session.refused_applications = assurance.refused_applications;
     let id = crate::session::random_token();
     gateway
         .sessions

@@ -134,17 +134,15 @@ pub fn decide<'r>(
         || route.skip_auth.iter().any(|re| re.is_match(&path));
     let flow = route.flow.as_str();
     match session {
-        Some(signed) if allowed(route, &signed.identity) && signed.completed(flow) => {
-            Verdict::Forward {
-                route: index,
-                identity: Some(signed.identity.clone()),
-            }
-        }
+        Some(signed) if permitted(route, signed) && signed.completed(flow) => Verdict::Forward {
+            route: index,
+            identity: Some(signed.identity.clone()),
+        },
         _ if public => Verdict::Forward {
             route: index,
             identity: None,
         },
-        Some(signed) if !allowed(route, &signed.identity) => Verdict::Forbidden {
+        Some(signed) if !permitted(route, signed) => Verdict::Forbidden {
             route: index,
             identity: signed.identity.clone(),
         },
@@ -231,6 +229,19 @@ pub fn allowed(route: &RouteConfig, identity: &Identity) -> bool {
             .any(|g| identity.groups.iter().any(|have| have == g))
 }
 
+/// `allowed`, and the remote's application policy, when the route names
+/// one: refused at login or at the last revalidation is refused.
+fn permitted(route: &RouteConfig, signed: &SignedIn) -> bool {
+    allowed(route, &signed.identity)
+        && route.authentik_application.as_ref().is_none_or(|app| {
+            !signed
+                .session
+                .refused_applications
+                .iter()
+                .any(|refused| refused == app)
+        })
+}
+
 /// A CORS preflight (Fetch standard): what a browser sends, without
 /// cookies, before a cross-origin request that is not "simple".
 pub fn is_preflight(method: &str, origin: bool, request_method: bool) -> bool {
@@ -283,6 +294,7 @@ mod tests {
             skip_auth_preflight: false,
             escaped_slashes: PathRule::Refuse,
             path_parameters: PathRule::Refuse,
+            authentik_application: None,
         }
     }
 

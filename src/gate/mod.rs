@@ -154,7 +154,46 @@ pub fn assurance_after(old: &Session, login: &Login, flow: &str) -> Assurance {
     Assurance {
         completed,
         second_factor: login.second_factor || (same && old.second_factor),
+        refused_applications: Vec::new(),
     }
+}
+
+/// The applications routes name (`route.authentik_application`) whose
+/// policies refuse the user of `executor_session`.
+pub async fn refused_applications(
+    gateway: &Gateway,
+    executor_session: Option<&crate::flow::FlowState>,
+) -> Vec<String> {
+    let Some(remote) = executor_session else {
+        return Vec::new();
+    };
+    let apps: Vec<String> = gateway
+        .applications()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    refused_by(&*gateway.executor, remote, &apps).await
+}
+
+/// Which of `apps` the executor's policies refuse the user of `remote`;
+/// one that cannot be asked counts as refused (and is logged).
+pub async fn refused_by(
+    executor: &dyn crate::flow::FlowExecutor,
+    remote: &crate::flow::FlowState,
+    apps: &[String],
+) -> Vec<String> {
+    let mut refused = Vec::new();
+    for app in apps {
+        match executor.may_use(remote, app).await {
+            Ok(true) => {}
+            Ok(false) => refused.push(app.clone()),
+            Err(error) => {
+                tracing::warn!(application = %app, reason = %crate::respond::chain(&error), "could not ask the remote about an application; refused until it can be asked");
+                refused.push(app.clone());
+            }
+        }
+    }
+    refused
 }
 
 pub(crate) fn store_failed(error: &StoreError) {
@@ -216,6 +255,7 @@ mod tests {
             skip_auth_preflight: false,
             escaped_slashes: PathRule::Refuse,
             path_parameters: PathRule::Refuse,
+            authentik_application: None,
         }];
         let path = Canonical::of("/").unwrap();
         let request = Request {
