@@ -142,6 +142,28 @@ pub struct FlowErrorBody {
     pub error: Option<String>,
 }
 
+/// `ak-stage-consent`: what an application asks to be allowed, answered
+/// with the `token` it carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Consent {
+    #[serde(flatten)]
+    pub user: PendingUser,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_text: Option<String>,
+    #[serde(default)]
+    pub permissions: Vec<Permission>,
+    #[serde(default)]
+    pub additional_permissions: Vec<Permission>,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Permission {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+}
+
 /// What a challenge asks for, tagged by `component`. Components flowgate
 /// does not model (a remote authentik may send any of §2.3) are kept whole
 /// in `Other`, so they can still be relayed as JSON.
@@ -151,6 +173,7 @@ pub enum Component {
     Password(Password),
     AuthenticatorValidate(AuthenticatorValidate),
     UserLogin(PendingUser),
+    Consent(Consent),
     AccessDenied(AccessDenied),
     Redirect(Redirect),
     FlowError(FlowErrorBody),
@@ -167,6 +190,7 @@ impl Component {
             Component::Password(_) => "ak-stage-password",
             Component::AuthenticatorValidate(_) => "ak-stage-authenticator-validate",
             Component::UserLogin(_) => "ak-stage-user-login",
+            Component::Consent(_) => "ak-stage-consent",
             Component::AccessDenied(_) => "ak-stage-access-denied",
             Component::Redirect(_) => "xak-flow-redirect",
             Component::FlowError(_) => "ak-stage-flow-error",
@@ -180,6 +204,7 @@ impl Component {
             Component::Password(c) => serde_json::to_value(c),
             Component::AuthenticatorValidate(c) => serde_json::to_value(c),
             Component::UserLogin(c) => serde_json::to_value(c),
+            Component::Consent(c) => serde_json::to_value(c),
             Component::AccessDenied(c) => serde_json::to_value(c),
             Component::Redirect(c) => serde_json::to_value(c),
             Component::FlowError(c) => serde_json::to_value(c),
@@ -202,6 +227,7 @@ impl Component {
                 typed(&fields).map(Component::AuthenticatorValidate)
             }
             "ak-stage-user-login" => typed(&fields).map(Component::UserLogin),
+            "ak-stage-consent" => typed(&fields).map(Component::Consent),
             "ak-stage-access-denied" => typed(&fields).map(Component::AccessDenied),
             "xak-flow-redirect" => typed(&fields).map(Component::Redirect),
             "ak-stage-flow-error" => typed(&fields).map(Component::FlowError),

@@ -216,7 +216,7 @@ struct ChallengeView<'a> {
     flow_id: &'a str,
     restart_url: &'a str,
     /// Which part of the template: `identification`, `password`,
-    /// `authenticator_validate`, `user_login`, `access_denied`,
+    /// `authenticator_validate`, `user_login`, `consent`, `access_denied`,
     /// `flow_error` or `unsupported`.
     stage: &'static str,
     /// Whether the stage is answered with a form.
@@ -232,7 +232,17 @@ struct ChallengeView<'a> {
     code_numeric: bool,
     denied_message: &'a str,
     flow_error: Option<FlowErrorView<'a>>,
+    consent: Option<ConsentView<'a>>,
     links: Vec<Link<'a>>,
+}
+
+#[derive(Serialize)]
+struct ConsentView<'a> {
+    header: Option<&'a str>,
+    permissions: Vec<&'a str>,
+    /// Asked for the first time since the user last consented.
+    additional: Vec<&'a str>,
+    token: &'a str,
 }
 
 #[derive(Serialize)]
@@ -298,6 +308,7 @@ impl<'a> ChallengeView<'a> {
             code_numeric: true,
             denied_message: "",
             flow_error: None,
+            consent: None,
             links: Vec::new(),
         };
         let mut inputs: &[&str] = &[];
@@ -357,6 +368,23 @@ impl<'a> ChallengeView<'a> {
                 view.stage = "user_login";
                 view.form = true;
                 view.user = user(u);
+            }
+            Component::Consent(c) => {
+                view.stage = "consent";
+                view.form = true;
+                view.user = user(&c.user);
+                let name = |p: &'a crate::flow::Permission| -> &'a str {
+                    match p.name.trim().is_empty() {
+                        true => &p.id,
+                        false => &p.name,
+                    }
+                };
+                view.consent = Some(ConsentView {
+                    header: c.header_text.as_deref().filter(|h| !h.trim().is_empty()),
+                    permissions: c.permissions.iter().map(name).collect(),
+                    additional: c.additional_permissions.iter().map(name).collect(),
+                    token: &c.token,
+                });
             }
             Component::AccessDenied(c) => {
                 view.stage = "access_denied";
@@ -701,12 +729,19 @@ mod tests {
 
     #[test]
     fn unknown_components_are_explained_without_a_form() {
-        let html = render(&fixture("ak-stage-consent"));
+        let html = render(&fixture("ak-stage-captcha"));
         assert!(
-            html.contains("This sign-in step (ak-stage-consent) is not supported in the browser"),
+            html.contains("This sign-in step (ak-stage-captcha) is not supported in the browser"),
             "{html}"
         );
         assert!(!html.contains("<form"), "{html}");
+    }
+
+    #[test]
+    fn a_consent_asks_with_the_token_in_the_form() {
+        let html = render(&fixture("ak-stage-consent"));
+        assert!(html.contains("<form"), "{html}");
+        assert!(html.contains("name=\"token\""), "{html}");
     }
 
     #[test]

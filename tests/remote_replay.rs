@@ -477,3 +477,104 @@ async fn a_route_with_an_authentik_application_follows_its_policy() {
     );
     assert_eq!(status("/other").await, 200);
 }
+
+/// A consent stage from the remote is shown as a page (what is asked,
+/// the remote's token kept in the form) and answered with its token.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_consent_stage_is_shown_and_answered_on_the_page() {
+    let executor = format!("/api/v3/flows/executor/{FLOW}/?query=next%3D%252Freports");
+    let json = ("content-type".to_owned(), "application/json".to_owned());
+    let cookie = (
+        "set-cookie".to_owned(),
+        "authentik_session=c; Path=/".to_owned(),
+    );
+    let step = |method: &str, path: &str, status: u16, body: Value, request: Value| Step {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        status,
+        headers: match status {
+            302 => vec![cookie.clone(), ("location".to_owned(), path.to_owned())],
+            _ => vec![cookie.clone(), json.clone()],
+        },
+        body,
+        request_body: request,
+    };
+    let consent = serde_json::json!({
+        "component": "ak-stage-consent",
+        "flow_info": {"title": "Wiki", "cancel_url": "/", "layout": "stacked"},
+        "pending_user": "akadmin", "pending_user_avatar": "",
+        "header_text": "The wiki <b>asks</b> for:",
+        "permissions": [{"id": "profile", "name": "Your profile"}],
+        "additional_permissions": [{"id": "email", "name": ""}],
+        "token": "consent-token-1"
+    });
+    let me = serde_json::json!({"user": {"pk": 1, "username": "akadmin", "name": "Admin",
+        "is_active": true, "is_superuser": false, "groups": [], "email": "", "avatar": "",
+        "uid": "u", "settings": {}}});
+    let steps = vec![
+        step("GET", &executor, 200, consent, Value::Null),
+        step("POST", &executor, 302, Value::Null, Value::Null),
+        step(
+            "GET",
+            &executor,
+            200,
+            serde_json::json!({"component": "xak-flow-redirect", "to": "/reports"}),
+            Value::Null,
+        ),
+        step("GET", "/api/v3/core/users/me/", 200, me, Value::Null),
+    ];
+    let (remote, cursor) = replay(steps);
+    let gate = gateway_for(&remote, FLOW);
+    let client = client();
+    let started = client
+        .get(gate.url(&format!("/_flowgate/flow/{FLOW}/?next=%2Freports")))
+        .send()
+        .await
+        .unwrap();
+    let page = client
+        .get(gate.url(&location(&started)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Your profile"), "{html}");
+    assert!(
+        html.contains("email"),
+        "an unnamed permission by its id: {html}"
+    );
+    assert!(
+        !html.contains("<b>asks</b>"),
+        "the remote's text is escaped: {html}"
+    );
+    assert_eq!(
+        input_value(&html, "token").as_deref(),
+        Some("consent-token-1")
+    );
+    let posted = client
+        .post(gate.url(&form_action(&html).unwrap()))
+        .form(&[
+            (
+                "csrf_token",
+                input_value(&html, "csrf_token").unwrap().as_str(),
+            ),
+            ("token", "consent-token-1"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 303, "{}", gate.log());
+    assert_eq!(location(&posted), "/reports");
+    let seen = remote.seen();
+    let post = seen
+        .iter()
+        .find(|s| s.method() == "POST")
+        .expect("the answer reached the remote");
+    let answer: Value = serde_json::from_slice(&post.body).unwrap();
+    assert_eq!(answer["token"], "consent-token-1", "{answer}");
+    assert!(cursor.lock().unwrap().unexpected.is_empty());
+    assert_eq!(
+        signed_in_as(&gate, &client).await.as_deref(),
+        Some("akadmin")
+    );
+}

@@ -187,6 +187,7 @@ fn authentiks_examples_parse() {
                 "ak-stage-password",
                 "ak-stage-authenticator-validate",
                 "ak-stage-user-login",
+                "ak-stage-consent",
                 "ak-stage-access-denied",
                 "xak-flow-redirect",
                 "ak-stage-flow-error",
