@@ -285,10 +285,7 @@ pub(crate) fn quote_plus(s: &str) -> String {
 /// The CSRF token for API clients that keep driving flows once logged in:
 /// readable by scripts (not HttpOnly), sent back as `X-authentik-CSRF`.
 fn csrf_matches(sent: Option<&str>, expected: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    sent.is_some_and(|sent| {
-        sent.len() == expected.len() && bool::from(sent.as_bytes().ct_eq(expected.as_bytes()))
-    })
+    sent.is_some_and(|sent| crate::session::tokens_equal(sent, expected))
 }
 
 fn unavailable(reason: &str) -> Response<Body> {

@@ -424,10 +424,7 @@ fn see_other(location: &str) -> Response<Body> {
 }
 
 fn tokens_match(sent: &str, expected: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    !expected.is_empty()
-        && sent.len() == expected.len()
-        && bool::from(sent.as_bytes().ct_eq(expected.as_bytes()))
+    !expected.is_empty() && crate::session::tokens_equal(sent, expected)
 }
 
 /// An urlencoded form as a JSON object of strings.

@@ -139,6 +139,14 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether two secrets (tokens, MACs, cookie values) are the same, in time
+/// that does not depend on where they differ.
+pub fn tokens_equal(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    // `ct_eq` on slices of different lengths is false.
+    bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
 /// 32 random bytes, base64url: session ids, CSRF tokens, flow ids.
 pub fn random_token() -> String {
     let mut bytes = [0u8; 32];

@@ -113,6 +113,20 @@ async fn json_run(client: &reqwest::Client, b: &Flowgate, answers: &[Value]) -> 
     seen
 }
 
+/// alice signs in through B's JSON executor (run on A).
+async fn alice_signs_in(client: &reqwest::Client, b: &Flowgate) {
+    let seen = json_run(
+        client,
+        b,
+        &[
+            json!({"uid_field": "alice"}),
+            json!({"password": ALICE.password}),
+        ],
+    )
+    .await;
+    assert_eq!(seen[2]["component"], "xak-flow-redirect", "{seen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_json_login_through_b_runs_on_a_and_b_forwards_as_a_says() {
     let ca = Ca::new("remote test CA");
@@ -380,16 +394,7 @@ async fn signing_out_at_b_ends_the_session_at_a() {
     let upstream = Upstream::start().await;
     let b = start_b(&upstream.url(), &a_url(&a), Some(&ca), "");
     let client = client();
-    let seen = json_run(
-        &client,
-        &b,
-        &[
-            json!({"uid_field": "alice"}),
-            json!({"password": ALICE.password}),
-        ],
-    )
-    .await;
-    assert_eq!(seen[2]["component"], "xak-flow-redirect");
+    alice_signs_in(&client, &b).await;
     assert_eq!(sessions_on(&a).await, "flowgate_active_sessions 1");
     let confirm = client
         .get(b.url("/_flowgate/sign_out"))
@@ -436,16 +441,7 @@ async fn a_user_signed_out_at_a_is_signed_out_at_b_within_revalidate() {
         "revalidate = \"1s\"\n",
     );
     let client = client();
-    let seen = json_run(
-        &client,
-        &b,
-        &[
-            json!({"uid_field": "alice"}),
-            json!({"password": ALICE.password}),
-        ],
-    )
-    .await;
-    assert_eq!(seen[2]["component"], "xak-flow-redirect");
+    alice_signs_in(&client, &b).await;
     let status = |client: &reqwest::Client| {
         let url = b.url("/reports");
         let client = client.clone();
@@ -507,16 +503,7 @@ async fn b_drives_a_through_its_executor_api_listener_at_authentik_paths() {
     let url = format!("https://localhost:{}", api.port());
     let b = start_b_at(&upstream.url(), &url, "/api/v3", Some(&ca), "");
     let client = client();
-    let seen = json_run(
-        &client,
-        &b,
-        &[
-            json!({"uid_field": "alice"}),
-            json!({"password": ALICE.password}),
-        ],
-    )
-    .await;
-    assert_eq!(seen[2]["component"], "xak-flow-redirect", "{seen:?}");
+    alice_signs_in(&client, &b).await;
     let echo: Value = client
         .get(b.url("/admin/x"))
         .header("accept", "application/json")

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use http::header::{HeaderValue, SET_COOKIE};
 use http::{HeaderMap, Response};
-use subtle::ConstantTimeEq;
 
 use crate::context::Context;
 use crate::gateway::Gateway;
@@ -108,7 +107,7 @@ impl Visitor {
         let expected = gateway
             .signer
             .derive("flow id", &format!("{}.{nonce}", self.id));
-        tag.len() == expected.len() && bool::from(tag.as_bytes().ct_eq(expected.as_bytes()))
+        crate::session::tokens_equal(tag, &expected)
     }
 
     /// Store the session as it is now. A visitor not stored yet is counted
