@@ -186,7 +186,14 @@ impl RemoteExecutor {
             ),
             None => None,
         };
-        let slugs: HashSet<String> = config.routes.iter().map(|r| r.flow.clone()).collect();
+        // The routes' flows, and the invalidation flow API clients run to
+        // sign out as they would at authentik.
+        let slugs: HashSet<String> = config
+            .routes
+            .iter()
+            .map(|r| r.flow.clone())
+            .chain([remote.invalidation_flow.clone()])
+            .collect();
         Ok(RemoteExecutor {
             origin,
             api_prefix: remote.api_prefix.clone(),
@@ -428,7 +435,7 @@ impl RemoteExecutor {
         let mut step = self.drive(request, &mut remote, answer).await;
         if let Ok(Step::Done { .. }) = step {
             match self.who(&mut remote, request.client_ip).await {
-                Ok(identity) => remote.login = Some(identity),
+                Ok(identity) => remote.login = identity,
                 Err(error) => step = Err(error),
             }
         }
@@ -436,17 +443,22 @@ impl RemoteExecutor {
         step
     }
 
-    /// Who the login's remote session belongs to (`core/users/me/`).
+    /// Who the login's remote session belongs to (`core/users/me/`), or
+    /// nobody: a flow that logs no one in (an invalidation flow, say) ends
+    /// with users/me refused, 403, as authentik refuses anonymous callers.
     async fn who(
         &self,
         state: &mut RemoteState,
         client_ip: Option<IpAddr>,
-    ) -> Result<Identity, FlowError> {
+    ) -> Result<Option<Identity>, FlowError> {
         let path = format!("{}/core/users/me/", self.api_prefix);
         let answer = self
             .send(Method::GET, &path, None, state, client_ip)
             .await?;
         let what = format!("{}{path}", self.origin);
+        if answer.status == StatusCode::FORBIDDEN {
+            return Ok(None);
+        }
         if answer.status != StatusCode::OK {
             return Err(FlowError::bad_gateway(format!(
                 "{what}: answered HTTP {} after the flow ended",
@@ -458,7 +470,7 @@ impl RemoteExecutor {
         let user = me.user;
         let mut groups: Vec<String> = user.groups.into_iter().map(|g| g.name).collect();
         groups.sort();
-        Ok(Identity {
+        Ok(Some(Identity {
             name: if user.name.is_empty() {
                 user.username.clone()
             } else {
@@ -471,7 +483,7 @@ impl RemoteExecutor {
             pk: user.pk,
             is_superuser: user.is_superuser,
             header_values: Default::default(),
-        })
+        }))
     }
 }
 

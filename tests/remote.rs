@@ -91,6 +91,20 @@ skip_auth = ["^/public(/|$)"]
     Flowgate::start_in(dir)
 }
 
+/// A's `[executor_api]` listener, as its log names it.
+fn executor_api_addr(a: &Flowgate) -> std::net::SocketAddr {
+    let log = a.log();
+    log.split("executor API serving on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no executor API address in:\n{log}"))
+}
+
+fn executor_api_url(a: &Flowgate) -> String {
+    format!("https://localhost:{}", executor_api_addr(a).port())
+}
+
 fn a_url(a: &Flowgate) -> String {
     format!("https://localhost:{}", a.addr.port())
 }
@@ -492,15 +506,9 @@ async fn a_user_signed_out_at_a_is_signed_out_at_b_within_revalidate() {
 async fn b_drives_a_through_its_executor_api_listener_at_authentik_paths() {
     let ca = Ca::new("remote test CA");
     let a = start_a(&ca);
-    let log = a.log();
-    let api = log
-        .split("executor API serving on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|addr| addr.parse::<std::net::SocketAddr>().ok())
-        .unwrap_or_else(|| panic!("no executor API address in:\n{log}"));
+    let api = executor_api_addr(&a);
     let upstream = Upstream::start().await;
-    let url = format!("https://localhost:{}", api.port());
+    let url = executor_api_url(&a);
     let b = start_b_at(&upstream.url(), &url, "/api/v3", Some(&ca), "");
     let client = client();
     alice_signs_in(&client, &b).await;
@@ -586,4 +594,72 @@ async fn a_get_that_could_not_connect_is_asked_once_more() {
     late.join().unwrap();
     assert_eq!(answer["component"], "ak-stage-identification", "{answer}");
     b.wait_for_log("asking again", Duration::from_secs(5));
+}
+
+/// authentik's own Python client (`authentik-client`, the package its
+/// docs point API users to) signs in with `base` as its API root: every
+/// answer goes through the client's generated models, so what would not
+/// validate for its users fails here.
+fn official_client_signs_in(base: &str, ca: &Ca) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients/authentik_client_login.py");
+    let output = std::process::Command::new("python3")
+        .arg(script)
+        .arg(fixtures().join("authentik"))
+        .arg(base)
+        .arg(&ca_file)
+        .arg(FLOW)
+        .args([ALICE.username, ALICE.password, BOB.username, BOB.password])
+        .arg(base32(TOTP_KEY))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "authentik's client against {base}:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("control: "), "{stdout}");
+    assert!(
+        stdout.contains("users/me: alice groups=['admins', 'staff']"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("users/me: bob groups=['staff']"),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authentiks_own_client_signs_in_at_a_s_executor_api() {
+    if !require_python_module("authentik_client") {
+        return;
+    }
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let base = format!("{}/api/v3", executor_api_url(&a));
+    let run = tokio::task::spawn_blocking(move || official_client_signs_in(&base, &ca)).await;
+    if let Err(error) = run {
+        panic!("{error}\nA's log:\n{}", a.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authentiks_own_client_signs_in_through_b_run_on_a() {
+    if !require_python_module("authentik_client") {
+        return;
+    }
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let upstream = Upstream::start().await;
+    let b = start_b(&upstream.url(), &a_url(&a), Some(&ca), "");
+    let base = b.url("/_flowgate/api/v3");
+    let run = tokio::task::spawn_blocking(move || official_client_signs_in(&base, &ca)).await;
+    if let Err(error) = run {
+        panic!("{error}\nB's log:\n{}\nA's log:\n{}", b.log(), a.log());
+    }
 }

@@ -400,6 +400,21 @@ pub fn require_program(name: &str) -> bool {
     found
 }
 
+/// Skip (loudly) when a Python module is missing, unless CI demands it.
+pub fn require_python_module(name: &str) -> bool {
+    let found = Command::new("python3")
+        .args(["-c", &format!("import {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("FLOWGATE_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+            panic!("python3 module {name} is required (FLOWGATE_REQUIRE_ALL=1) but missing");
+        }
+        eprintln!("SKIPPED: python3 cannot import {name}; pip install it to run this test");
+    }
+    found
+}
+
 /// Keys authentik sends only in some configurations; either side may lack
 /// them. `error` and `traceback` are what authentik shows superusers when a
 /// flow fails: flowgate never puts internals in a response, to anyone.
