@@ -164,6 +164,43 @@ pub struct Permission {
     pub name: String,
 }
 
+/// `ak-stage-prompt`: a form of operator-defined fields, answered with one
+/// key per `field_key`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prompt {
+    pub fields: Vec<PromptField>,
+}
+
+/// One field of a prompt stage (authentik's `StagePrompt`). `kind` is the
+/// prompt type: `text`, `email`, `password`, `checkbox`, `dropdown`,
+/// `static`, … (authentik's `PromptTypeEnum`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptField {
+    pub field_key: String,
+    #[serde(default)]
+    pub label: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub placeholder: String,
+    #[serde(default)]
+    pub initial_value: String,
+    #[serde(default)]
+    pub order: i64,
+    #[serde(default)]
+    pub sub_text: String,
+    #[serde(default)]
+    pub choices: Option<Vec<PromptChoice>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptChoice {
+    pub label: String,
+    pub value: String,
+}
+
 /// What a challenge asks for, tagged by `component`. Components flowgate
 /// does not model (a remote authentik may send any of §2.3) are kept whole
 /// in `Other`, so they can still be relayed as JSON.
@@ -174,6 +211,7 @@ pub enum Component {
     AuthenticatorValidate(AuthenticatorValidate),
     UserLogin(PendingUser),
     Consent(Consent),
+    Prompt(Prompt),
     AccessDenied(AccessDenied),
     Redirect(Redirect),
     FlowError(FlowErrorBody),
@@ -191,6 +229,7 @@ impl Component {
             Component::AuthenticatorValidate(_) => "ak-stage-authenticator-validate",
             Component::UserLogin(_) => "ak-stage-user-login",
             Component::Consent(_) => "ak-stage-consent",
+            Component::Prompt(_) => "ak-stage-prompt",
             Component::AccessDenied(_) => "ak-stage-access-denied",
             Component::Redirect(_) => "xak-flow-redirect",
             Component::FlowError(_) => "ak-stage-flow-error",
@@ -205,6 +244,7 @@ impl Component {
             Component::AuthenticatorValidate(c) => serde_json::to_value(c),
             Component::UserLogin(c) => serde_json::to_value(c),
             Component::Consent(c) => serde_json::to_value(c),
+            Component::Prompt(c) => serde_json::to_value(c),
             Component::AccessDenied(c) => serde_json::to_value(c),
             Component::Redirect(c) => serde_json::to_value(c),
             Component::FlowError(c) => serde_json::to_value(c),
@@ -228,6 +268,7 @@ impl Component {
             }
             "ak-stage-user-login" => typed(&fields).map(Component::UserLogin),
             "ak-stage-consent" => typed(&fields).map(Component::Consent),
+            "ak-stage-prompt" => typed(&fields).map(Component::Prompt),
             "ak-stage-access-denied" => typed(&fields).map(Component::AccessDenied),
             "xak-flow-redirect" => typed(&fields).map(Component::Redirect),
             "ak-stage-flow-error" => typed(&fields).map(Component::FlowError),

@@ -216,8 +216,8 @@ struct ChallengeView<'a> {
     flow_id: &'a str,
     restart_url: &'a str,
     /// Which part of the template: `identification`, `password`,
-    /// `authenticator_validate`, `user_login`, `consent`, `access_denied`,
-    /// `flow_error` or `unsupported`.
+    /// `authenticator_validate`, `user_login`, `consent`, `prompt`,
+    /// `dummy`, `email`, `access_denied`, `flow_error` or `unsupported`.
     stage: &'static str,
     /// Whether the stage is answered with a form.
     form: bool,
@@ -233,7 +233,36 @@ struct ChallengeView<'a> {
     denied_message: &'a str,
     flow_error: Option<FlowErrorView<'a>>,
     consent: Option<ConsentView<'a>>,
+    prompt: Vec<PromptFieldView<'a>>,
     links: Vec<Link<'a>>,
+}
+
+/// One field of a prompt stage as the template lays it out.
+#[derive(Serialize)]
+struct PromptFieldView<'a> {
+    key: &'a str,
+    /// `input` (with `input_type`), `textarea`, `checkbox`, `select`,
+    /// `radio`, `hidden`, `static`, `separator` or `alert`.
+    widget: &'static str,
+    input_type: &'static str,
+    autocomplete: &'static str,
+    label: &'a str,
+    required: bool,
+    read_only: bool,
+    placeholder: &'a str,
+    value: &'a str,
+    sub_text: &'a str,
+    /// `info`, `warning` or `danger`, for alerts.
+    tone: &'static str,
+    choices: Vec<ChoiceView<'a>>,
+    errors: Vec<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ChoiceView<'a> {
+    label: &'a str,
+    value: &'a str,
+    selected: bool,
 }
 
 #[derive(Serialize)]
@@ -309,6 +338,7 @@ impl<'a> ChallengeView<'a> {
             denied_message: "",
             flow_error: None,
             consent: None,
+            prompt: Vec::new(),
             links: Vec::new(),
         };
         let mut inputs: &[&str] = &[];
@@ -402,8 +432,28 @@ impl<'a> ChallengeView<'a> {
                     error: c.error.as_deref().filter(|e| !e.trim().is_empty()),
                 });
             }
+            Component::Prompt(c) => {
+                // A file upload is sent as a data URI that only a script can
+                // make: such a prompt is not for a plain form.
+                if let Some(fields) = prompt_fields(c) {
+                    view.stage = "prompt";
+                    view.form = true;
+                    view.prompt = fields;
+                }
+            }
+            Component::Other { component, .. } => match component.as_str() {
+                // A stage that only asks to go on.
+                "ak-stage-dummy" => {
+                    view.stage = "dummy";
+                    view.form = true;
+                }
+                // The flow goes on from the link in the message, on the
+                // executor's own pages.
+                "ak-stage-email" => view.stage = "email",
+                _ => {}
+            },
             // `xak-flow-redirect` is followed by the relay before it gets here.
-            Component::Redirect(_) | Component::Other { .. } => {}
+            Component::Redirect(_) => {}
         }
         if let Some(errors) = &challenge.response_errors {
             view.sort_errors(errors, inputs);
@@ -412,6 +462,7 @@ impl<'a> ChallengeView<'a> {
     }
 
     fn sort_errors(&mut self, errors: &'a ErrorMap, inputs: &[&str]) {
+        let prompt_keys: Vec<&str> = self.prompt.iter().map(|f| f.key).collect();
         let messages = |field: &str| {
             errors
                 .get(field)
@@ -422,6 +473,15 @@ impl<'a> ChallengeView<'a> {
         };
         self.alerts.extend(messages("non_field_errors"));
         for field in errors.keys().filter(|f| *f != "non_field_errors") {
+            if let Some(at) = prompt_keys.iter().position(|k| *k == field.as_str()) {
+                let shown = self.prompt[at].widget;
+                let slot = match shown {
+                    "hidden" | "static" | "separator" | "alert" => &mut self.alerts,
+                    _ => &mut self.prompt[at].errors,
+                };
+                slot.extend(messages(field));
+                continue;
+            }
             let slot = match field.as_str() {
                 "uid_field" if inputs.contains(&"uid_field") => &mut self.errors.uid_field,
                 "password" if inputs.contains(&"password") => &mut self.errors.password,
@@ -431,6 +491,77 @@ impl<'a> ChallengeView<'a> {
             slot.extend(messages(field));
         }
     }
+}
+
+/// The fields of a prompt stage in their order, or `None` when one of them
+/// cannot be sent from a plain form.
+fn prompt_fields(prompt: &crate::flow::Prompt) -> Option<Vec<PromptFieldView<'_>>> {
+    let mut fields: Vec<&crate::flow::PromptField> = prompt.fields.iter().collect();
+    fields.sort_by_key(|f| f.order);
+    fields
+        .into_iter()
+        .map(|f| {
+            let (widget, input_type, autocomplete, read_only) = match f.kind.as_str() {
+                "text" => ("input", "text", "off", false),
+                "username" => ("input", "text", "username", false),
+                "email" => ("input", "email", "email", false),
+                "password" => ("input", "password", "new-password", false),
+                "number" => ("input", "number", "off", false),
+                "date" => ("input", "date", "off", false),
+                "date-time" => ("input", "datetime-local", "off", false),
+                "ak-locale" => ("input", "text", "language", false),
+                "text_read_only" => ("input", "text", "off", true),
+                "text_area" => ("textarea", "", "off", false),
+                "text_area_read_only" => ("textarea", "", "off", true),
+                "checkbox" => ("checkbox", "", "", false),
+                "dropdown" => ("select", "", "", false),
+                "radio-button-group" => ("radio", "", "", false),
+                "hidden" => ("hidden", "", "", false),
+                "static" => ("static", "", "", false),
+                "separator" => ("separator", "", "", false),
+                "alert_info" | "alert_warning" | "alert_danger" => ("alert", "", "", false),
+                _ => return None,
+            };
+            let value = f.initial_value.as_str();
+            let choices = f
+                .choices
+                .iter()
+                .flatten()
+                .map(|c| ChoiceView {
+                    label: if c.label.is_empty() {
+                        &c.value
+                    } else {
+                        &c.label
+                    },
+                    value: &c.value,
+                    selected: c.value == value,
+                })
+                .collect();
+            Some(PromptFieldView {
+                key: &f.field_key,
+                widget,
+                input_type,
+                autocomplete,
+                label: if f.label.trim().is_empty() {
+                    &f.field_key
+                } else {
+                    &f.label
+                },
+                required: f.required && !read_only,
+                read_only,
+                placeholder: &f.placeholder,
+                value,
+                sub_text: &f.sub_text,
+                tone: match f.kind.as_str() {
+                    "alert_warning" => "warning",
+                    "alert_danger" => "danger",
+                    _ => "info",
+                },
+                choices,
+                errors: Vec::new(),
+            })
+        })
+        .collect()
 }
 
 fn identification(c: &Identification) -> IdentificationView<'_> {

@@ -478,27 +478,62 @@ async fn a_route_with_an_authentik_application_follows_its_policy() {
     assert_eq!(status("/other").await, 200);
 }
 
-/// A consent stage from the remote is shown as a page (what is asked,
-/// the remote's token kept in the form) and answered with its token.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_remote_consent_stage_is_shown_and_answered_on_the_page() {
-    let executor = format!("/api/v3/flows/executor/{FLOW}/?query=next%3D%252Freports");
-    let json = ("content-type".to_owned(), "application/json".to_owned());
+/// The executor path of the made-up exchanges below.
+fn executor_path() -> String {
+    format!("/api/v3/flows/executor/{FLOW}/?query=next%3D%252Freports")
+}
+
+/// One made-up exchange, as authentik answers: JSON, or a 302 to the same
+/// path, each with its session cookie.
+fn made_up(method: &str, path: &str, status: u16, body: Value, request: Value) -> Step {
     let cookie = (
         "set-cookie".to_owned(),
         "authentik_session=c; Path=/".to_owned(),
     );
-    let step = |method: &str, path: &str, status: u16, body: Value, request: Value| Step {
+    Step {
         method: method.to_owned(),
         path: path.to_owned(),
         status,
         headers: match status {
-            302 => vec![cookie.clone(), ("location".to_owned(), path.to_owned())],
-            _ => vec![cookie.clone(), json.clone()],
+            302 => vec![cookie, ("location".to_owned(), path.to_owned())],
+            _ => vec![
+                cookie,
+                ("content-type".to_owned(), "application/json".to_owned()),
+            ],
         },
         body,
         request_body: request,
-    };
+    }
+}
+
+fn akadmin_me() -> Value {
+    serde_json::json!({"user": {"pk": 1, "username": "akadmin", "name": "Admin",
+        "is_active": true, "is_superuser": false, "groups": [], "email": "", "avatar": "",
+        "uid": "u", "settings": {}}})
+}
+
+/// The first login page of `gate`'s flow, its HTML.
+async fn first_page(gate: &Flowgate, client: &reqwest::Client) -> String {
+    let started = client
+        .get(gate.url(&format!("/_flowgate/flow/{FLOW}/?next=%2Freports")))
+        .send()
+        .await
+        .unwrap();
+    let page = client
+        .get(gate.url(&location(&started)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200, "{}", gate.log());
+    page.text().await.unwrap()
+}
+
+/// A consent stage from the remote is shown as a page (what is asked,
+/// the remote's token kept in the form) and answered with its token.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_consent_stage_is_shown_and_answered_on_the_page() {
+    let executor = executor_path();
+    let step = made_up;
     let consent = serde_json::json!({
         "component": "ak-stage-consent",
         "flow_info": {"title": "Wiki", "cancel_url": "/", "layout": "stacked"},
@@ -508,9 +543,7 @@ async fn a_remote_consent_stage_is_shown_and_answered_on_the_page() {
         "additional_permissions": [{"id": "email", "name": ""}],
         "token": "consent-token-1"
     });
-    let me = serde_json::json!({"user": {"pk": 1, "username": "akadmin", "name": "Admin",
-        "is_active": true, "is_superuser": false, "groups": [], "email": "", "avatar": "",
-        "uid": "u", "settings": {}}});
+    let me = akadmin_me();
     let steps = vec![
         step("GET", &executor, 200, consent, Value::Null),
         step("POST", &executor, 302, Value::Null, Value::Null),
@@ -577,4 +610,186 @@ async fn a_remote_consent_stage_is_shown_and_answered_on_the_page() {
         signed_in_as(&gate, &client).await.as_deref(),
         Some("akadmin")
     );
+}
+
+/// A prompt stage from the remote (authentik's recorded one, plus a
+/// checkbox, a dropdown and a static text) is a form of its fields; the
+/// remote's errors are shown next to their field, and the answer carries
+/// every field by its key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_prompt_stage_is_a_form_of_its_fields() {
+    let executor = executor_path();
+    let path = fixtures().join("authentik/challenges/ak-stage-prompt.json");
+    let mut prompt: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let extra = serde_json::json!([
+        {"field_key": "terms", "label": "I accept the <b>terms</b>", "type": "checkbox",
+         "required": true, "placeholder": "", "initial_value": "", "order": 5,
+         "sub_text": "", "choices": null},
+        {"field_key": "team", "label": "Team", "type": "dropdown", "required": true,
+         "placeholder": "", "initial_value": "ops", "order": 6, "sub_text": "Pick one",
+         "choices": [{"label": "Developers", "value": "dev"}, {"label": "Operations", "value": "ops"}]},
+        {"field_key": "note", "label": "", "type": "static", "required": false,
+         "placeholder": "", "initial_value": "<script>alert(1)</script>Welcome", "order": -1,
+         "sub_text": "", "choices": null}
+    ]);
+    prompt["fields"]
+        .as_array_mut()
+        .unwrap()
+        .extend(extra.as_array().unwrap().iter().cloned());
+    let mut refused = prompt.clone();
+    refused["response_errors"] = serde_json::json!({
+        "password2_prompt": [{"string": "Passwords don't match.", "code": "invalid"}],
+        "non_field_errors": [{"string": "Please check the form.", "code": "invalid"}]
+    });
+    let redirect = serde_json::json!({"component": "xak-flow-redirect", "to": "/reports"});
+    let steps = vec![
+        made_up("GET", &executor, 200, prompt, Value::Null),
+        made_up("POST", &executor, 200, refused, Value::Null),
+        made_up("POST", &executor, 302, Value::Null, Value::Null),
+        made_up("GET", &executor, 200, redirect, Value::Null),
+        made_up(
+            "GET",
+            "/api/v3/core/users/me/",
+            200,
+            akadmin_me(),
+            Value::Null,
+        ),
+    ];
+    let (remote, cursor) = replay(steps);
+    let gate = gateway_for(&remote, FLOW);
+    let client = client();
+    let html = first_page(&gate, &client).await;
+    for expected in [
+        "USERNAME_LABEL",
+        "type=\"email\"",
+        "type=\"number\"",
+        "name=\"password2_prompt\" type=\"password\"",
+        "<option value=\"ops\" selected>Operations</option>",
+        "Pick one",
+    ] {
+        assert!(html.contains(expected), "{expected} in {html}");
+    }
+    assert_eq!(
+        input_value(&html, "hidden_prompt").as_deref(),
+        Some("something idk")
+    );
+    assert_eq!(
+        input_value(&html, "username_prompt").as_deref(),
+        Some("akuser")
+    );
+    assert!(
+        !html.contains("supersecurepassword"),
+        "passwords are not filled in: {html}"
+    );
+    assert!(
+        !html.contains("<script>alert(1)"),
+        "the remote's text is escaped: {html}"
+    );
+    assert!(!html.contains("<b>terms</b>"), "{html}");
+    assert!(
+        html.find("Welcome").unwrap() < html.find("USERNAME_LABEL").unwrap(),
+        "fields in their order: {html}"
+    );
+
+    let csrf = input_value(&html, "csrf_token").unwrap();
+    let fid = input_value(&html, "fid").unwrap();
+    let answer = |password2: &'static str| {
+        vec![
+            ("csrf_token", csrf.clone()),
+            ("fid", fid.clone()),
+            ("username_prompt", "newuser".to_owned()),
+            ("text_prompt", "hello".to_owned()),
+            ("email_prompt", "new@example.test".to_owned()),
+            ("password_prompt", "Pw-1-long-enough".to_owned()),
+            ("password2_prompt", password2.to_owned()),
+            ("number_prompt", "7".to_owned()),
+            ("hidden_prompt", "something idk".to_owned()),
+            ("terms", "false".to_owned()),
+            ("terms", "true".to_owned()),
+            ("team", "dev".to_owned()),
+        ]
+    };
+    let action = gate.url(&form_action(&html).unwrap());
+    let again = client
+        .post(&action)
+        .form(&answer("typo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200, "{}", gate.log());
+    let html = again.text().await.unwrap();
+    assert!(html.contains("Please check the form."), "{html}");
+    let error_at = html
+        .find("Passwords don&#x27;t match.")
+        .or(html.find("Passwords don't match."))
+        .expect(&html);
+    let field_at = html.find("name=\"password2_prompt\"").unwrap();
+    let next_field = html[field_at..]
+        .find("<div class=\"field")
+        .map_or(html.len(), |i| field_at + i);
+    assert!(
+        field_at < error_at && error_at < next_field,
+        "the error is shown with its field: {html}"
+    );
+
+    let done = client
+        .post(gate.url(&form_action(&html).unwrap()))
+        .form(&answer("Pw-1-long-enough"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 303, "{}", gate.log());
+    assert_eq!(location(&done), "/reports");
+    let posts: Vec<Value> = remote
+        .seen()
+        .iter()
+        .filter(|s| s.method() == "POST")
+        .map(|s| serde_json::from_slice(&s.body).unwrap())
+        .collect();
+    assert_eq!(posts.len(), 2);
+    let last = &posts[1];
+    for (key, value) in [
+        ("username_prompt", "newuser"),
+        ("email_prompt", "new@example.test"),
+        ("password2_prompt", "Pw-1-long-enough"),
+        ("number_prompt", "7"),
+        ("hidden_prompt", "something idk"),
+        ("terms", "true"),
+        ("team", "dev"),
+    ] {
+        assert_eq!(last[key], value, "{key} in {last}");
+    }
+    assert!(
+        last.get("csrf_token").is_none() && last.get("fid").is_none(),
+        "{last}"
+    );
+    assert!(cursor.lock().unwrap().unexpected.is_empty());
+    assert_eq!(
+        signed_in_as(&gate, &client).await.as_deref(),
+        Some("akadmin")
+    );
+}
+
+/// An email stage says to follow the link in the message (the flow goes on
+/// at the executor); a stage no form can answer names itself and offers a
+/// new start; neither is a form.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_email_stage_says_so_and_an_unknown_stage_names_itself() {
+    let executor = executor_path();
+    for (fixture, expected) in [
+        ("ak-stage-email", "Check your email"),
+        (
+            "ak-stage-captcha",
+            "(ak-stage-captcha) is not supported in the browser",
+        ),
+    ] {
+        let path = fixtures().join(format!("authentik/challenges/{fixture}.json"));
+        let body: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let (remote, _cursor) = replay(vec![made_up("GET", &executor, 200, body, Value::Null)]);
+        let gate = gateway_for(&remote, FLOW);
+        let html = first_page(&gate, &client()).await;
+        assert!(html.contains(expected), "{expected} in {html}");
+        assert!(!html.contains("<form"), "{html}");
+        assert!(html.contains("Start over"), "{html}");
+    }
 }
