@@ -432,7 +432,16 @@ impl RemoteExecutor {
     ) -> Result<Step, FlowError> {
         let mut remote = RemoteState::read(state);
         remote.client = remote.client.or(request.client_ip);
+        let typed = answer
+            .as_ref()
+            .and_then(|a| a.get("uid_field"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let answered = answer.is_some();
         let mut step = self.drive(request, &mut remote, answer).await;
+        if let (true, Ok(Step::Challenge(challenge))) = (answered, &step) {
+            log_refused(request, challenge, typed.as_deref());
+        }
         if let Ok(Step::Done { .. }) = step {
             match self.who(&mut remote, request.client_ip).await {
                 Ok(identity) => remote.login = identity,
@@ -485,6 +494,28 @@ impl RemoteExecutor {
             header_values: Default::default(),
         }))
     }
+}
+
+/// The remote refused a password or a code: the same `login failed` line as
+/// the embedded engine's, so that fail2ban on the gateway's host sees
+/// guesses made through it (the remote logs its own besides).
+fn log_refused(request: &FlowRequest<'_>, challenge: &Challenge, typed: Option<&str>) {
+    if challenge
+        .response_errors
+        .as_ref()
+        .is_none_or(|e| e.is_empty())
+    {
+        return;
+    }
+    let (reason, user) = match &challenge.component {
+        Component::Identification(_) => (crate::login::FAILED_PASSWORD, typed.unwrap_or("")),
+        Component::Password(c) => (crate::login::FAILED_PASSWORD, c.user.pending_user.as_str()),
+        Component::AuthenticatorValidate(c) => {
+            (crate::login::FAILED_TOTP, c.user.pending_user.as_str())
+        }
+        _ => return,
+    };
+    crate::login::log_failed(reason, user, request.client_ip, request.slug);
 }
 
 /// Sessions minted from a remote login follow the remote session: at most

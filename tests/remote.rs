@@ -290,6 +290,11 @@ async fn an_html_login_through_b_shows_a_s_errors_and_then_lets_in() {
     assert_eq!(wrong.status(), 200, "the form again, with A's error");
     let html = wrong.text().await.unwrap();
     assert!(html.contains("Invalid password"), "{html}");
+    // B logs the refusal as the embedded engine would, for fail2ban on B.
+    b.wait_for_log(
+        "login failed reason=password user=alice client=127.0.0.1 flow=default-authentication-flow",
+        Duration::from_secs(5),
+    );
     let (action, csrf) = form(&html);
     let done = client
         .post(b.url(&action))
