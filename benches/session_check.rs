@@ -21,7 +21,9 @@ use flowgate::app::Shared;
 use flowgate::engine::Throttle;
 use flowgate::identity::Identity;
 use flowgate::metrics::Metrics;
-use flowgate::session::{now_secs, random_token, CookieSigner, MemoryStore, Session, SessionStore};
+use flowgate::session::{
+    now_secs, random_token, CookieSigner, MemoryBackend, Session, Store, StoreOptions,
+};
 use flowgate::Gateway;
 
 const SECRET: &str = "a bench secret that is long enough to sign cookies with";
@@ -69,7 +71,10 @@ fn session_check(c: &mut Criterion) {
     let lifetime = config.session.lifetime;
     let ttl = config.session.idle_timeout;
 
-    let store = Arc::new(MemoryStore::new(config.session.max_pre_auth));
+    let store = Arc::new(Store::new(
+        Arc::new(MemoryBackend::new(config.session.max_pre_auth)),
+        StoreOptions::for_idle(ttl),
+    ));
     let shared = Shared {
         sessions: store.clone(),
         fallback_secret: random_token().into_bytes(),

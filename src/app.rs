@@ -12,7 +12,7 @@ use crate::config::{Config, StoreKind};
 use crate::engine::Throttle;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::session::{MemoryStore, SessionStore};
+use crate::session::{Backend, EmbeddedBackend, MemoryBackend, Store, StoreOptions};
 
 pub struct App {
     current: ArcSwap<Gateway>,
@@ -32,9 +32,10 @@ pub struct App {
 
 /// What every gateway of this process shares, reload after reload.
 pub struct Shared {
-    pub sessions: Arc<dyn SessionStore>,
-    /// Used when the config names no secret: made once per process, so a
-    /// reload does not sign everybody out.
+    pub sessions: Arc<Store>,
+    /// Used when the config names no secret: the one the state store keeps
+    /// (made at its first start), or with the memory store one made for
+    /// this process; a reload does not sign everybody out either way.
     pub fallback_secret: Vec<u8>,
     pub metrics: Arc<Metrics>,
     /// Failed logins per name and address.
@@ -50,16 +51,40 @@ impl App {
     /// reloads read again.
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<App>, String> {
         let startup_stamps = Stamps::stat(Stamps::paths(&config));
-        let sessions: Arc<dyn SessionStore> = match config.session.store {
-            StoreKind::Memory => Arc::new(MemoryStore::new(config.session.max_pre_auth)),
+        let max_pre_auth = config.session.max_pre_auth;
+        let backend: Arc<dyn Backend> = match config.state.store {
+            StoreKind::Memory => Arc::new(MemoryBackend::new(max_pre_auth)),
+            StoreKind::Embedded => Arc::new(
+                EmbeddedBackend::open(&config.state.path, max_pre_auth)
+                    .map_err(|e| format!("state.path: {e}"))?,
+            ),
         };
+        let fresh = crate::session::random_token().into_bytes();
+        let kept = backend
+            .kept_secret(&fresh)
+            .map_err(|e| format!("state: {e}"))?;
         if config.session.secret.is_none() {
-            tracing::warn!("no session secret configured (session.secret_file or FLOWGATE_SESSION_SECRET): using a random one for this process (sessions are kept in memory and end on restart either way)");
+            match &kept {
+                Some(_) => tracing::info!(
+                    path = %config.state.path.display(),
+                    "no session secret configured: using the one kept in the state store"
+                ),
+                None => tracing::warn!("no session secret configured (session.secret_file or FLOWGATE_SESSION_SECRET): using a random one for this process (the memory store keeps sessions only as long as the process either way)"),
+            }
         }
+        tracing::info!(
+            store = backend.kind(),
+            "sessions are kept in the {} store",
+            backend.kind()
+        );
+        let sessions = Arc::new(Store::new(
+            backend,
+            StoreOptions::for_idle(config.session.idle_timeout),
+        ));
         let metrics = Arc::new(Metrics::new());
         let shared = Shared {
             sessions,
-            fallback_secret: crate::session::random_token().into_bytes(),
+            fallback_secret: kept.unwrap_or(fresh),
             metrics: metrics.clone(),
             throttle: Arc::default(),
             used_codes: Arc::default(),
@@ -199,7 +224,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("log.format", old.log.format != new.log.format),
         ("log.level", old.log.level != new.log.level),
-        ("session.store", old.session.store != new.session.store),
+        ("state.store", old.state.store != new.state.store),
+        ("state.path", old.state.path != new.state.path),
     ]
     .into_iter()
     .filter_map(|(key, changed)| changed.then_some(key))

@@ -33,6 +33,8 @@ pub struct Config {
     pub log: LogConfig,
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
+    /// `[state]`: where sessions and flows in progress are kept.
+    pub state: StateConfig,
     /// `[executor_api]`: the embedded executor for others, if served.
     pub executor_api: Option<ExecutorApiConfig>,
     /// `[[flow]]`, in file order; slugs are unique.
@@ -165,8 +167,6 @@ pub struct SessionConfig {
     /// `None` and a random one is made at start (sessions then end with the
     /// process).
     pub secret: Option<Secret>,
-    /// `session.store`: only `memory` in this version.
-    pub store: StoreKind,
     /// `session.pre_auth_ttl`, default 15m: how long a started login lives.
     pub pre_auth_ttl: Duration,
     /// `session.max_pre_auth`, default 10000: logins in progress at once.
@@ -193,6 +193,17 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     Memory,
+    Embedded,
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateConfig {
+    /// `state.store`: `embedded` (default) | `memory`.
+    pub store: StoreKind,
+    /// `state.path`, default `flowgate.state` beside the config file: the
+    /// embedded store's database.
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone)]

@@ -88,6 +88,10 @@ cookie_secure = "never"
 # Made for this run: demo sessions end with the demo.
 secret = "{secret}"
 
+[state]
+# Demo only: everything is forgotten when the demo ends.
+store = "memory"
+
 [directory]
 users_file = "users.toml"
 

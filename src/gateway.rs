@@ -17,7 +17,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::pages::Pages;
 use crate::redirect::RedirectPolicy;
 use crate::remote::RemoteExecutor;
-use crate::session::{CookieSigner, SessionStore};
+use crate::session::{CookieSigner, Store};
 use crate::upstream::{Target, Upstreams};
 
 /// The running gateway: config and everything built from it. Replaced
@@ -32,7 +32,7 @@ pub struct Gateway {
     pub(crate) revalidation: Option<Arc<crate::remote::Revalidation>>,
     /// Logins started per client address (shared by every gateway).
     pub(crate) client_starts: Arc<crate::session::ClientStarts>,
-    pub(crate) sessions: Arc<dyn SessionStore>,
+    pub(crate) sessions: Arc<Store>,
     pub(crate) signer: CookieSigner,
     pub(crate) pages: Pages,
     pub(crate) upstreams: Upstreams,

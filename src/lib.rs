@@ -4,7 +4,7 @@
 //!
 //! The request path is laid out in `router` (read it first); the decision
 //! is `gate::decide`, for every lane; the seams are
-//! `flow::FlowExecutor`, `session::SessionStore` and `directory::Directory`.
+//! `flow::FlowExecutor`, `session::Store` (over a `session::Backend`) and `directory::Directory`.
 
 mod access_log;
 pub mod admin;

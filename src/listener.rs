@@ -93,6 +93,12 @@ impl Listener {
     /// Accept and serve until `shutdown` resolves, then drain.
     pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let sweeper = tokio::spawn(purge_sessions(self.app.clone()));
+        // Sessions ended by other processes (the CLI, other replicas) leave
+        // this one's cache within a quarter second.
+        self.app
+            .gateway()
+            .sessions
+            .watch(Duration::from_millis(250));
         tokio::pin!(shutdown);
         loop {
             // At the cap, stop accepting: further clients wait in the

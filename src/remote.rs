@@ -30,7 +30,7 @@ use crate::flow::{
 use crate::gate::SignedIn;
 use crate::gateway::Gateway;
 use crate::identity::Identity;
-use crate::session::{now_secs, SessionStore};
+use crate::session::{now_secs, Store};
 
 /// Requests one executor call may take, redirects included (the Go
 /// outposts allow 10 rounds).
@@ -525,7 +525,7 @@ fn log_refused(request: &FlowRequest<'_>, challenge: &Challenge, typed: Option<&
 pub struct Revalidation {
     every: u64,
     executor: Arc<dyn FlowExecutor>,
-    sessions: Arc<dyn SessionStore>,
+    sessions: Arc<Store>,
     /// When each session was last checked (or first seen), Unix seconds.
     /// Keyed by session id; lives as long as this gateway.
     checked: Mutex<HashMap<String, u64>>,
@@ -538,7 +538,7 @@ impl Revalidation {
     pub fn new(
         every: Duration,
         executor: Arc<dyn FlowExecutor>,
-        sessions: Arc<dyn SessionStore>,
+        sessions: Arc<Store>,
     ) -> Revalidation {
         Revalidation {
             every: every.as_secs().max(1),

@@ -188,6 +188,7 @@ fn authentiks_examples_parse() {
                 "ak-stage-authenticator-validate",
                 "ak-stage-user-login",
                 "ak-stage-consent",
+                "ak-stage-prompt",
                 "ak-stage-access-denied",
                 "xak-flow-redirect",
                 "ak-stage-flow-error",

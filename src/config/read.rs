@@ -20,7 +20,7 @@ use super::{
     Designation, DirectoryConfig, ExecutorApiConfig, ExecutorConfig, FlowAuthentication,
     FlowConfig, HeaderPreset, HeaderSet, HostPattern, LogConfig, LogFormat, NotConfiguredAction,
     PathRule, ProxyConfig, RemoteConfig, RouteConfig, Secret, Server, SessionConfig, StageConfig,
-    StoreKind, TlsConfig, UserField,
+    StateConfig, StoreKind, TlsConfig, UserField,
 };
 
 /// The slug of the flow used when a config declares none.
@@ -201,9 +201,10 @@ impl<'a> Reader<'a> {
     /// A `FLOWGATE_<SECTION>_…` variable that no key reads is a misspelt
     /// override: an error, as an unknown key in the file is.
     fn unknown_variables(&mut self, names: impl Iterator<Item = String>) {
-        const SECTIONS: [&str; 7] = [
+        const SECTIONS: [&str; 8] = [
             "SERVER",
             "SESSION",
+            "STATE",
             "DIRECTORY",
             "EXECUTOR",
             "LOG",
@@ -648,6 +649,7 @@ impl<'a> Reader<'a> {
             "proxy",
             "admin",
             "executor_api",
+            "state",
             "flow",
             "stage",
             "route",
@@ -674,6 +676,7 @@ impl<'a> Reader<'a> {
         let log = self.log(root);
         let proxy = self.proxy(root);
         let admin = self.admin(root);
+        let state = self.state(root);
         let executor_api = self.executor_api(root, remote);
         self.listeners_apart(&server, &admin, executor_api.as_ref());
         let (stages, flows) = match remote {
@@ -703,6 +706,7 @@ impl<'a> Reader<'a> {
             log,
             proxy,
             admin,
+            state,
             executor_api,
             flows,
             stages,
@@ -930,6 +934,31 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `[state]`: which backend keeps sessions and flows in progress.
+    fn state(&mut self, root: &dyn TableLike) -> StateConfig {
+        let mut s = self.section(root, "state", "state".into(), Some("STATE"));
+        let store = self.choice(
+            &mut s,
+            "store",
+            &[
+                ("embedded", StoreKind::Embedded),
+                ("memory", StoreKind::Memory),
+            ],
+            StoreKind::Embedded,
+        );
+        let path = match self.string(&mut s, "path") {
+            Some((path, place)) => {
+                if path.is_empty() {
+                    self.error_at(&place, "must not be empty");
+                }
+                resolve_against(self.path, Path::new(&path))
+            }
+            None => resolve_against(self.path, Path::new("flowgate.state")),
+        };
+        self.finish(s);
+        StateConfig { store, path }
+    }
+
     fn admin(&mut self, root: &dyn TableLike) -> AdminConfig {
         let mut s = self.section(root, "admin", "admin".into(), Some("ADMIN"));
         let enabled = self.bool(&mut s, "enabled", true);
@@ -1059,12 +1088,9 @@ impl<'a> Reader<'a> {
         let idle_timeout =
             self.duration(&mut s, "idle_timeout", Duration::from_secs(2 * 3600), false);
         let secret = self.secret(&mut s);
-        let store = self.choice(
-            &mut s,
-            "store",
-            &[("memory", StoreKind::Memory)],
-            StoreKind::Memory,
-        );
+        if let Some((_, place)) = self.get(&mut s, "store") {
+            self.error_at(&place, "moved: the store is chosen by [state] store");
+        }
         let pre_auth_ttl =
             self.duration(&mut s, "pre_auth_ttl", Duration::from_secs(15 * 60), false);
         let max_pre_auth = self.integer(&mut s, "max_pre_auth", 10_000, 1) as usize;
@@ -1089,7 +1115,6 @@ impl<'a> Reader<'a> {
             lifetime,
             idle_timeout,
             secret,
-            store,
             pre_auth_ttl,
             max_pre_auth,
             max_pre_auth_per_client,

@@ -133,13 +133,33 @@ pub(crate) async fn serve(
     // Registered once for the connection's life (not per idle wait).
     let mut closed = std::pin::pin!(closing.notify.notified());
     closed.as_mut().enable();
+    // Whether the head waiting now has had its session fetched already.
+    let mut fetched = false;
     loop {
         if !lane.input.is_empty() {
             let gateway = app.gateway();
             let mut out = Out::take();
             let bytes = lane.input.bytes();
             match prepare(&gateway, &lane.peer, &mut lane.verified, bytes, &mut out) {
+                Prepared::Fetch(id) if !fetched => {
+                    drop(out);
+                    fetched = true;
+                    let idle = gateway.config.session.idle_timeout;
+                    match gateway.sessions.authenticated(&id, idle).await {
+                        Ok(answer) => lane.verified.fetched = Some((id.into(), answer)),
+                        Err(error) => {
+                            crate::gate::store_failed(&error);
+                            return Some(lane.hand_over(&gateway, false));
+                        }
+                    }
+                    continue;
+                }
+                Prepared::Fetch(_) => {
+                    tracing::debug!(peer = %lane.peer.addr, "session not cached after a read: the general path takes it");
+                    return Some(lane.hand_over(&gateway, false));
+                }
                 Prepared::Forward(plan) => {
+                    fetched = false;
                     gateway.metrics.fast_lane_requests.inc();
                     lane.input.consume(plan.head_len);
                     let done = lane.exchange(&gateway, &plan, &mut out, closing).await;
@@ -215,6 +235,11 @@ struct Lane {
 struct Verified {
     generation: u64,
     value: Option<Box<str>>,
+    /// What the store answered when the last head's session was fetched
+    /// (`Prepared::Fetch`): taken by the next prepare of that head, so a
+    /// session the store does not have is no second round trip. Never
+    /// kept past that one use: it is no cache.
+    fetched: Option<(Box<str>, Option<std::sync::Arc<crate::session::Session>>)>,
 }
 
 impl Verified {
@@ -273,6 +298,9 @@ enum Prepared {
     Once(&'static str),
     /// The upstream request head is written; send it.
     Forward(Plan),
+    /// The session this id names is not in the store's cache: read it
+    /// (awaited, off the parse), then prepare the same head again.
+    Fetch(String),
 }
 
 /// A request the fast lane serves.
@@ -808,7 +836,7 @@ fn prepare(
         true => match session(gateway, verified, headers) {
             Lookup::Found(signed_in) => Some(signed_in),
             Lookup::Anonymous => None,
-            Lookup::General => return Prepared::General("session store"),
+            Lookup::Fetch(id) => return Prepared::Fetch(id),
         },
         false => None,
     };
@@ -910,8 +938,8 @@ fn prepare(
 enum Lookup {
     Found(SignedIn),
     Anonymous,
-    /// The store cannot answer without a round trip.
-    General,
+    /// The store cannot answer this id without a round trip.
+    Fetch(String),
 }
 
 /// The session the request's cookie names, as `gate::signed_in` finds it.
@@ -936,15 +964,21 @@ fn session(gateway: &Gateway, verified: &mut Verified, headers: &[httparse::Head
             let Some(id) = verified.id(gateway, value.trim().trim_matches('"')) else {
                 continue;
             };
-            match gateway.sessions.authenticated_now(id, idle) {
-                None => return Lookup::General,
-                Some(Ok(Some(session))) => {
+            let answer = match gateway.sessions.authenticated_now(id, idle) {
+                Some(answer) => answer,
+                None => match verified.fetched.take() {
+                    Some((fetched, answer)) if &*fetched == id => Ok(answer),
+                    _ => return Lookup::Fetch(id.to_owned()),
+                },
+            };
+            match answer {
+                Ok(Some(session)) => {
                     if let Some(signed_in) = crate::gate::live(gateway, id, session) {
                         return Lookup::Found(signed_in);
                     }
                 }
-                Some(Ok(None)) => {}
-                Some(Err(error)) => {
+                Ok(None) => {}
+                Err(error) => {
                     crate::gate::store_failed(&error);
                     return Lookup::Anonymous;
                 }
@@ -1662,6 +1696,12 @@ mod tests {
         gateway
             .sessions
             .put("sid", &session, Duration::from_secs(600))
+            .await
+            .unwrap();
+        // Read once, as the fast lane's first request on it does: cached.
+        gateway
+            .sessions
+            .authenticated("sid", Duration::from_secs(600))
             .await
             .unwrap();
         let cookie = gateway.signer.sign("sid");

@@ -237,6 +237,24 @@ impl Flowgate {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Stop the process (`kill -9` when `kill`, else SIGTERM and wait) and
+    /// start it again on the same folder: its config, users and state file.
+    pub fn restart(mut self, kill: bool) -> Flowgate {
+        if kill {
+            self.signal("KILL");
+        } else {
+            self.signal("TERM");
+        }
+        assert!(
+            self.wait_exit(Duration::from_secs(20)).is_some(),
+            "flowgate did not stop:\n{}",
+            self.log()
+        );
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        drop(self);
+        Flowgate::start_in(dir)
+    }
 }
 
 impl Drop for Flowgate {

@@ -1,0 +1,394 @@
+//! The embedded backend: one redb file (ACID, copy-on-write, crash-safe),
+//! the default for `flowgate serve`. Sessions, flows in progress and the
+//! generated cookie secret survive a restart and a `kill -9`.
+//!
+//! Tables:
+//! - `sessions`: key → the record, as JSON;
+//! - `expiry`: (when it dies, key): what `purge_expired` takes, in order,
+//!   without reading anything that is still alive;
+//! - `users`: username → keys, for listing and ending one user's sessions;
+//! - `revoked`: sequence → (when, key): deletions, read by every process
+//!   that has the file open (the server hears of the CLI's), kept a minute;
+//! - `meta`: the pre-auth count and the kept secret.
+//!
+//! Several processes may open the file at once (redb's multi-writer mode):
+//! `flowgate sessions` works beside a running server. Every call runs on
+//! tokio's blocking pool: redb reads and commits touch the disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{
+    ConcurrencyMode, Database, MultimapTableDefinition, ReadableDatabase, ReadableTable,
+    TableDefinition, WriteTransaction,
+};
+
+use super::{now_secs, Backend, Key, Record, StoreError};
+
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
+const USERS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("users");
+const REVOKED: TableDefinition<u64, (u64, &str)> = TableDefinition::new("revoked");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const PRE_AUTH: &str = "pre_auth";
+const SECRET: &str = "secret";
+/// How long deletions stay in `revoked`: every process polls far more often.
+const REVOKED_KEPT: u64 = 60;
+
+pub struct EmbeddedBackend {
+    db: Arc<Database>,
+    path: PathBuf,
+    max_pre_auth: usize,
+}
+
+fn failed(path: &Path, error: impl std::fmt::Display) -> StoreError {
+    StoreError::unavailable(format!("{}: {error}", path.display()))
+}
+
+impl EmbeddedBackend {
+    /// Open (or create) the database at `path`, its folder included.
+    pub fn open(path: &Path, max_pre_auth: usize) -> Result<EmbeddedBackend, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| failed(parent, e))?;
+        }
+        let db = Database::builder()
+            .set_cache_size(32 << 20)
+            .set_concurrency_mode(ConcurrencyMode::MultiWriter)
+            .create(path)
+            .map_err(|e| failed(path, e))?;
+        let backend = EmbeddedBackend {
+            db: Arc::new(db),
+            path: path.to_owned(),
+            max_pre_auth,
+        };
+        // Every table exists from the start: readers need not care.
+        backend.write(|txn| {
+            txn.open_table(SESSIONS)?;
+            txn.open_table(EXPIRY)?;
+            txn.open_multimap_table(USERS)?;
+            txn.open_table(REVOKED)?;
+            txn.open_table(META)?;
+            Ok(())
+        })?;
+        Ok(backend)
+    }
+
+    /// One write transaction, committed (durably) when `work` succeeds.
+    fn write<T>(
+        &self,
+        work: impl FnOnce(&WriteTransaction) -> Result<T, Failure>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| failed(&self.path, e))?;
+        let value = work(&txn).map_err(|f| f.into_store(&self.path))?;
+        txn.commit().map_err(|e| failed(&self.path, e))?;
+        Ok(value)
+    }
+
+    /// Run blocking work on the blocking pool, with its own handle.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(EmbeddedBackend) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let handle = EmbeddedBackend {
+            db: self.db.clone(),
+            path: self.path.clone(),
+            max_pre_auth: self.max_pre_auth,
+        };
+        tokio::task::spawn_blocking(move || work(handle))
+            .await
+            .map_err(|e| failed(&self.path, e))?
+    }
+
+    fn read_record(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| failed(&self.path, e))?;
+        let table = txn
+            .open_table(SESSIONS)
+            .map_err(|e| failed(&self.path, e))?;
+        let Some(bytes) = table.get(key.as_str()).map_err(|e| failed(&self.path, e))? else {
+            return Ok(None);
+        };
+        decode(&self.path, bytes.value()).map(Some)
+    }
+}
+
+/// What can go wrong inside a transaction: redb's errors, a record that
+/// does not decode, or the pre-auth bound.
+enum Failure {
+    Redb(redb::Error),
+    Full(usize),
+    Corrupt(String),
+}
+
+impl<E: Into<redb::Error>> From<E> for Failure {
+    fn from(error: E) -> Failure {
+        Failure::Redb(error.into())
+    }
+}
+
+impl Failure {
+    fn into_store(self, path: &Path) -> StoreError {
+        match self {
+            Failure::Redb(error) => failed(path, error),
+            Failure::Full(n) => StoreError::Full(n),
+            Failure::Corrupt(what) => failed(path, what),
+        }
+    }
+}
+
+fn decode(path: &Path, bytes: &[u8]) -> Result<Record, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| failed(path, format!("a record does not decode: {e}")))
+}
+
+fn decode_in(bytes: &[u8]) -> Result<Record, Failure> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Failure::Corrupt(format!("a record does not decode: {e}")))
+}
+
+fn counter(txn: &WriteTransaction, name: &str) -> Result<u64, Failure> {
+    let meta = txn.open_table(META)?;
+    let value = meta.get(name)?.map(|v| {
+        let mut bytes = [0u8; 8];
+        let raw = v.value();
+        let n = raw.len().min(8);
+        bytes[..n].copy_from_slice(&raw[..n]);
+        u64::from_le_bytes(bytes)
+    });
+    Ok(value.unwrap_or(0))
+}
+
+fn set_counter(txn: &WriteTransaction, name: &str, value: u64) -> Result<(), Failure> {
+    let mut meta = txn.open_table(META)?;
+    meta.insert(name, value.to_le_bytes().as_slice())?;
+    Ok(())
+}
+
+/// Remove a record and its index entries; the record, if there was one.
+fn remove_in(txn: &WriteTransaction, key: &str) -> Result<Option<Record>, Failure> {
+    let old = {
+        let mut sessions = txn.open_table(SESSIONS)?;
+        let removed = sessions.remove(key)?;
+        match removed {
+            Some(bytes) => Some(decode_in(bytes.value())?),
+            None => None,
+        }
+    };
+    if let Some(old) = &old {
+        txn.open_table(EXPIRY)?.remove((old.dies(), key))?;
+        if let Some(identity) = old.session.identity() {
+            txn.open_multimap_table(USERS)?
+                .remove(identity.username.as_str(), key)?;
+        }
+        if old.session.is_pre_auth() {
+            let count = counter(txn, PRE_AUTH)?;
+            set_counter(txn, PRE_AUTH, count.saturating_sub(1))?;
+        }
+    }
+    Ok(old)
+}
+
+fn insert_in(txn: &WriteTransaction, key: &str, record: &Record) -> Result<(), Failure> {
+    let bytes = serde_json::to_vec(record).map_err(|e| Failure::Corrupt(e.to_string()))?;
+    txn.open_table(SESSIONS)?.insert(key, bytes.as_slice())?;
+    txn.open_table(EXPIRY)?.insert((record.dies(), key), ())?;
+    if let Some(identity) = record.session.identity() {
+        txn.open_multimap_table(USERS)?
+            .insert(identity.username.as_str(), key)?;
+    }
+    if record.session.is_pre_auth() {
+        let count = counter(txn, PRE_AUTH)?;
+        set_counter(txn, PRE_AUTH, count + 1)?;
+    }
+    Ok(())
+}
+
+/// Remove every record that has died by `now`, reading only those.
+fn purge_in(txn: &WriteTransaction, now: u64) -> Result<usize, Failure> {
+    let dead: Vec<String> = {
+        let expiry = txn.open_table(EXPIRY)?;
+        let mut dead = Vec::new();
+        for entry in expiry.range(..=(now, "~"))? {
+            let (at, _) = entry?;
+            dead.push(at.value().1.to_owned());
+        }
+        dead
+    };
+    for key in &dead {
+        remove_in(txn, key)?;
+    }
+    Ok(dead.len())
+}
+
+#[async_trait]
+impl Backend for EmbeddedBackend {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        let key = key.clone();
+        let now = now_secs();
+        self.blocking(move |db| Ok(db.read_record(&key)?.filter(|r| r.live(now))))
+            .await
+    }
+
+    async fn put(&self, key: &Key, record: Record) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.blocking(move |db| {
+            let max = db.max_pre_auth as u64;
+            db.write(|txn| {
+                let old = remove_in(txn, key.as_str())?;
+                let new_pre_auth = record.session.is_pre_auth()
+                    && old.as_ref().is_none_or(|o| !o.session.is_pre_auth());
+                if new_pre_auth && counter(txn, PRE_AUTH)? >= max {
+                    // Full, unless some have died.
+                    purge_in(txn, now_secs())?;
+                    let count = counter(txn, PRE_AUTH)?;
+                    if count >= max {
+                        return Err(Failure::Full(count as usize));
+                    }
+                }
+                insert_in(txn, key.as_str(), &record)
+            })
+        })
+        .await
+    }
+
+    async fn touch(&self, key: &Key, deadline: u64) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.blocking(move |db| {
+            db.write(|txn| {
+                let old = {
+                    let sessions = txn.open_table(SESSIONS)?;
+                    let found = sessions.get(key.as_str())?;
+                    match found {
+                        Some(bytes) => Some(decode_in(bytes.value())?),
+                        None => None,
+                    }
+                };
+                let Some(mut record) = old else {
+                    return Ok(());
+                };
+                if deadline <= record.deadline || !record.live(now_secs()) {
+                    return Ok(());
+                }
+                txn.open_table(EXPIRY)?
+                    .remove((record.dies(), key.as_str()))?;
+                record.deadline = deadline;
+                let bytes =
+                    serde_json::to_vec(&record).map_err(|e| Failure::Corrupt(e.to_string()))?;
+                txn.open_table(SESSIONS)?
+                    .insert(key.as_str(), bytes.as_slice())?;
+                txn.open_table(EXPIRY)?
+                    .insert((record.dies(), key.as_str()), ())?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &Key) -> Result<bool, StoreError> {
+        let key = key.clone();
+        self.blocking(move |db| {
+            db.write(|txn| {
+                let existed = remove_in(txn, key.as_str())?.is_some();
+                let now = now_secs();
+                let mut revoked = txn.open_table(REVOKED)?;
+                let next = revoked.last()?.map_or(1, |(seq, _)| seq.value() + 1);
+                revoked.insert(next, (now, key.as_str()))?;
+                // Forget deletions every process has long seen.
+                let old: Vec<u64> = revoked
+                    .iter()?
+                    .map_while(|entry| match entry {
+                        Ok((seq, at)) if at.value().0 + REVOKED_KEPT < now => Some(seq.value()),
+                        _ => None,
+                    })
+                    .collect();
+                for seq in old {
+                    revoked.remove(seq)?;
+                }
+                Ok(existed)
+            })
+        })
+        .await
+    }
+
+    async fn list(&self, user: Option<&str>) -> Result<Vec<(Key, Record)>, StoreError> {
+        let user = user.map(str::to_owned);
+        let now = now_secs();
+        self.blocking(move |db| {
+            let path = db.path.clone();
+            let txn = db.db.begin_read().map_err(|e| failed(&path, e))?;
+            let sessions = txn.open_table(SESSIONS).map_err(|e| failed(&path, e))?;
+            let mut listed = Vec::new();
+            let mut take = |key: &str, bytes: &[u8]| -> Result<(), StoreError> {
+                let record = decode(&path, bytes)?;
+                if record.live(now) && record.session.identity.is_some() {
+                    listed.push((Key(key.to_owned()), record));
+                }
+                Ok(())
+            };
+            match &user {
+                Some(user) => {
+                    let users = txn
+                        .open_multimap_table(USERS)
+                        .map_err(|e| failed(&path, e))?;
+                    for key in users.get(user.as_str()).map_err(|e| failed(&path, e))? {
+                        let key = key.map_err(|e| failed(&path, e))?;
+                        let key = key.value();
+                        if let Some(bytes) = sessions.get(key).map_err(|e| failed(&path, e))? {
+                            take(key, bytes.value())?;
+                        }
+                    }
+                }
+                None => {
+                    for entry in sessions.iter().map_err(|e| failed(&path, e))? {
+                        let (key, bytes) = entry.map_err(|e| failed(&path, e))?;
+                        take(key.value(), bytes.value())?;
+                    }
+                }
+            }
+            Ok(listed)
+        })
+        .await
+    }
+
+    async fn purge_expired(&self) -> Result<usize, StoreError> {
+        self.blocking(|db| db.write(|txn| purge_in(txn, now_secs())))
+            .await
+    }
+
+    async fn revoked_since(&self, cursor: Option<u64>) -> Result<(u64, Vec<Key>), StoreError> {
+        self.blocking(move |db| {
+            let path = db.path.clone();
+            let txn = db.db.begin_read().map_err(|e| failed(&path, e))?;
+            let revoked = txn.open_table(REVOKED).map_err(|e| failed(&path, e))?;
+            let Some(cursor) = cursor else {
+                let last = revoked.last().map_err(|e| failed(&path, e))?;
+                return Ok((last.map_or(0, |(seq, _)| seq.value()), Vec::new()));
+            };
+            let mut next = cursor;
+            let mut keys = Vec::new();
+            for entry in revoked.range(cursor + 1..).map_err(|e| failed(&path, e))? {
+                let (seq, at) = entry.map_err(|e| failed(&path, e))?;
+                next = seq.value();
+                keys.push(Key(at.value().1.to_owned()));
+            }
+            Ok((next, keys))
+        })
+        .await
+    }
+
+    fn kept_secret(&self, fresh: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.write(|txn| {
+            let mut meta = txn.open_table(META)?;
+            if let Some(kept) = meta.get(SECRET)? {
+                return Ok(Some(kept.value().to_vec()));
+            }
+            meta.insert(SECRET, fresh)?;
+            Ok(Some(fresh.to_vec()))
+        })
+    }
+}

@@ -1,0 +1,458 @@
+//! The one session store every part of flowgate talks to, whatever keeps
+//! the records. It hashes ids into keys, so no backend ever sees an id; it
+//! answers the hot path from memory (the backend's own, or a read-through
+//! cache), so a proxied request makes no round trip; it writes the sliding
+//! idle deadline back at most once per `write_back`; and it evicts what
+//! other processes revoke, within `poll` (`watch`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use super::{now_secs, Backend, Key, Record, Session, StoreError};
+
+/// How the front treats its backend.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// How long a cached session is believed without asking the backend:
+    /// the most a revocation missed by `watch` (Redis unreachable, say) can
+    /// go unnoticed.
+    pub cache_ttl: Duration,
+    /// The idle deadline is written back when it has moved this much.
+    pub write_back: Duration,
+    /// At most this many sessions are cached; past it, the cache starts over.
+    pub cache_entries: usize,
+}
+
+impl StoreOptions {
+    /// For a session idle timeout of `idle`: write back every minute, or
+    /// every quarter of the timeout when that is shorter.
+    pub fn for_idle(idle: Duration) -> StoreOptions {
+        StoreOptions {
+            cache_ttl: Duration::from_secs(10),
+            write_back: (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
+            cache_entries: 100_000,
+        }
+    }
+}
+
+struct Cached {
+    session: Arc<Session>,
+    /// Unix seconds: when it was read from the backend.
+    fetched: u64,
+    /// The idle deadline as this process has pushed it.
+    deadline: AtomicU64,
+    /// The idle deadline as last written to the backend.
+    written: AtomicU64,
+}
+
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    options: StoreOptions,
+    cache: RwLock<HashMap<Key, Arc<Cached>>>,
+}
+
+impl Store {
+    pub fn new(backend: Arc<dyn Backend>, options: StoreOptions) -> Store {
+        Store {
+            backend,
+            options,
+            cache: RwLock::default(),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    fn forget(&self, key: &Key) {
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        cache.remove(key);
+    }
+
+    /// The whole record, fresh from the backend (login pages read and write
+    /// its flows).
+    pub async fn get(&self, id: &str) -> Result<Option<Session>, StoreError> {
+        Ok(self.backend.get(&Key::of(id)).await?.map(|r| r.session))
+    }
+
+    /// Insert or replace, alive for `ttl` from now unless touched.
+    pub async fn put(&self, id: &str, session: &Session, ttl: Duration) -> Result<(), StoreError> {
+        let key = Key::of(id);
+        self.forget(&key);
+        let record = Record {
+            session: session.clone(),
+            deadline: now_secs() + ttl.as_secs(),
+        };
+        self.backend.put(&key, record).await
+    }
+
+    /// Extend the life of an existing record to `ttl` from now.
+    pub async fn touch(&self, id: &str, ttl: Duration) -> Result<(), StoreError> {
+        let key = Key::of(id);
+        let deadline = now_secs() + ttl.as_secs();
+        if let Some(cached) = self.cached(&key) {
+            cached.deadline.fetch_max(deadline, Ordering::Relaxed);
+            cached.written.fetch_max(deadline, Ordering::Relaxed);
+        }
+        self.backend.touch(&key, deadline).await
+    }
+
+    /// End one session, in every process sharing the store.
+    pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.delete_key(&Key::of(id)).await.map(|_| ())
+    }
+
+    /// End one session by its key (the admin listing's handle); whether
+    /// there was one.
+    pub async fn delete_key(&self, key: &Key) -> Result<bool, StoreError> {
+        self.forget(key);
+        self.backend.delete(key).await
+    }
+
+    /// End every authenticated session of one user; how many.
+    pub async fn delete_all_for_user(&self, username: &str) -> Result<usize, StoreError> {
+        let mut ended = 0;
+        for (key, _) in self.backend.list(Some(username)).await? {
+            ended += self.delete_key(&key).await? as usize;
+        }
+        Ok(ended)
+    }
+
+    /// Live authenticated sessions, of one user or of all.
+    pub async fn list(&self, user: Option<&str>) -> Result<Vec<(Key, Record)>, StoreError> {
+        let mut listed = self.backend.list(user).await?;
+        listed.sort_by_key(|(_, record)| std::cmp::Reverse(record.session.created));
+        Ok(listed)
+    }
+
+    /// Number of live authenticated sessions (for metrics).
+    pub async fn count_authenticated(&self) -> Result<usize, StoreError> {
+        Ok(self.backend.list(None).await?.len())
+    }
+
+    pub async fn purge_expired(&self) -> Result<usize, StoreError> {
+        let now = now_secs();
+        {
+            let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+            cache
+                .retain(|_, c| c.deadline.load(Ordering::Relaxed) > now && c.session.expires > now);
+        }
+        self.backend.purge_expired().await
+    }
+
+    fn cached(&self, key: &Key) -> Option<Arc<Cached>> {
+        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        cache.get(key).cloned()
+    }
+
+    /// The hot path: an authenticated, live session, its idle deadline
+    /// pushed to `idle` from now (never past the session's own expiry).
+    /// Pre-auth or missing sessions: `None`.
+    pub async fn authenticated(
+        &self,
+        id: &str,
+        idle: Duration,
+    ) -> Result<Option<Arc<Session>>, StoreError> {
+        if let Some(answer) = self.authenticated_now(id, idle) {
+            return answer;
+        }
+        let key = Key::of(id);
+        let Some(record) = self.backend.get(&key).await? else {
+            return Ok(None);
+        };
+        if record.session.identity.is_none() {
+            return Ok(None);
+        }
+        let now = now_secs();
+        let cached = Arc::new(Cached {
+            session: Arc::new(record.session),
+            fetched: now,
+            deadline: AtomicU64::new(record.deadline),
+            written: AtomicU64::new(record.deadline),
+        });
+        {
+            let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= self.options.cache_entries {
+                cache.clear();
+            }
+            cache.insert(key.clone(), cached.clone());
+        }
+        Ok(Some(self.refresh(&key, &cached, idle, now)))
+    }
+
+    /// `authenticated`, answered without waiting: by an in-process backend,
+    /// or from the cache. `None`: the cache does not have it (or has had it
+    /// too long); the request takes the path that awaits `authenticated`.
+    pub fn authenticated_now(
+        &self,
+        id: &str,
+        idle: Duration,
+    ) -> Option<Result<Option<Arc<Session>>, StoreError>> {
+        let key = Key::of(id);
+        if let Some(answer) = self.backend.authenticated_now(&key, idle) {
+            return Some(Ok(answer));
+        }
+        let cached = self.cached(&key)?;
+        let now = now_secs();
+        if now >= cached.fetched + self.options.cache_ttl.as_secs() {
+            return None;
+        }
+        if cached.deadline.load(Ordering::Relaxed) <= now || cached.session.expires <= now {
+            self.forget(&key);
+            return Some(Ok(None));
+        }
+        Some(Ok(Some(self.refresh(&key, &cached, idle, now))))
+    }
+
+    /// Push a cached session's idle deadline, and write it back when it has
+    /// moved by `write_back` since it was last written.
+    fn refresh(&self, key: &Key, cached: &Cached, idle: Duration, now: u64) -> Arc<Session> {
+        let deadline = (now + idle.as_secs()).min(cached.session.expires);
+        cached.deadline.fetch_max(deadline, Ordering::Relaxed);
+        let written = cached.written.load(Ordering::Relaxed);
+        if deadline >= written + self.options.write_back.as_secs()
+            && cached
+                .written
+                .compare_exchange(written, deadline, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let backend = self.backend.clone();
+                let key = key.clone();
+                runtime.spawn(async move {
+                    if let Err(error) = backend.touch(&key, deadline).await {
+                        tracing::warn!(%error, "could not write a session's idle deadline back");
+                    }
+                });
+            }
+        }
+        cached.session.clone()
+    }
+
+    /// Evict what other processes revoke, until the store is dropped. Ask
+    /// every `poll`.
+    pub fn watch(self: &Arc<Self>, poll: Duration) {
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut cursor = None;
+            let mut failing = false;
+            loop {
+                tokio::time::sleep(poll).await;
+                let Some(store) = store.upgrade() else {
+                    return;
+                };
+                match store.backend.revoked_since(cursor).await {
+                    Ok((next, keys)) => {
+                        if failing {
+                            tracing::info!("session store reachable again");
+                            failing = false;
+                        }
+                        cursor = Some(next);
+                        for key in keys {
+                            store.forget(&key);
+                        }
+                    }
+                    Err(error) => {
+                        if !failing {
+                            tracing::warn!(%error, "cannot hear of sessions ended elsewhere");
+                            failing = true;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    //! The contract every backend keeps, run against each of them.
+
+    use super::*;
+    use crate::identity::Identity;
+
+    fn identity(name: &str) -> Identity {
+        Identity::test(name, &[])
+    }
+
+    fn store(backend: Arc<dyn Backend>) -> Store {
+        Store::new(backend, StoreOptions::for_idle(Duration::from_secs(3600)))
+    }
+
+    /// The pre-auth bound follows every way a record comes and goes:
+    /// promotion at login, deletion, expiry.
+    pub async fn pre_auth_records_are_bounded(backend: Arc<dyn Backend>) {
+        let store = store(backend);
+        let now = now_secs();
+        let ttl = Duration::from_secs(60);
+        let pre = || Session::pre_auth(now, ttl);
+        let full = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Full(2)));
+        store.put("p1", &pre(), ttl).await.unwrap();
+        store.put("p2", &pre(), ttl).await.unwrap();
+        assert!(full(store.put("p3", &pre(), ttl).await));
+        // Replacing an existing pre-auth record is not a new one.
+        store.put("p2", &pre(), ttl).await.unwrap();
+        // p1 logs in: its record is no longer pre-auth.
+        let alice = Session::authenticated(identity("alice"), now, ttl);
+        store.put("p1", &alice, ttl).await.unwrap();
+        store.put("p3", &pre(), ttl).await.unwrap();
+        assert!(full(store.put("p4", &pre(), ttl).await));
+        store.delete("p3").await.unwrap();
+        store.put("p4", &pre(), ttl).await.unwrap();
+        // Expired ones make room when the store is full.
+        store.put("p2", &pre(), Duration::ZERO).await.unwrap();
+        store.put("p4", &pre(), Duration::ZERO).await.unwrap();
+        store.put("p6", &pre(), ttl).await.unwrap();
+        store.put("p7", &pre(), ttl).await.unwrap();
+        assert!(full(store.put("p8", &pre(), ttl).await));
+        assert_eq!(store.delete_all_for_user("alice").await.unwrap(), 1);
+        assert!(
+            full(store.put("p8", &pre(), ttl).await),
+            "alice was not pre-auth"
+        );
+    }
+
+    pub async fn records_expire_and_end_per_user(backend: Arc<dyn Backend>) {
+        let store = store(backend);
+        let now = now_secs();
+        let ttl = Duration::from_secs(60);
+        for (id, user) in [("a1", "alice"), ("a2", "alice"), ("b1", "bob")] {
+            let session = Session::authenticated(identity(user), now, ttl);
+            store.put(id, &session, ttl).await.unwrap();
+        }
+        store
+            .put("p1", &Session::pre_auth(now, ttl), ttl)
+            .await
+            .unwrap();
+        assert_eq!(store.count_authenticated().await.unwrap(), 3);
+        let listed = store.list(Some("alice")).await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed
+            .iter()
+            .all(|(k, _)| *k != Key::of("a1") || k.as_str().len() == 64));
+        assert_eq!(store.delete_all_for_user("alice").await.unwrap(), 2);
+        assert!(store.get("a1").await.unwrap().is_none());
+        assert!(store.get("b1").await.unwrap().is_some());
+        assert!(store.get("p1").await.unwrap().is_some());
+        // A record whose own lifetime has passed is gone, whatever its TTL.
+        let mut dead = Session::authenticated(identity("carol"), now, ttl);
+        dead.expires = now - 1;
+        store.put("c1", &dead, ttl).await.unwrap();
+        assert!(store.get("c1").await.unwrap().is_none());
+        let zed = Session::authenticated(identity("zed"), now, ttl);
+        store.put("z", &zed, Duration::ZERO).await.unwrap();
+        assert!(store.get("z").await.unwrap().is_none());
+        assert!(store.authenticated("z", ttl).await.unwrap().is_none());
+        // The hot path: authenticated only, and it pushes the idle deadline.
+        assert!(
+            store.authenticated("p1", ttl).await.unwrap().is_none(),
+            "pre-auth has no identity"
+        );
+        let bob = Session::authenticated(identity("bob"), now, ttl);
+        store.put("b2", &bob, Duration::from_secs(1)).await.unwrap();
+        let found = store
+            .authenticated("b2", Duration::from_secs(30))
+            .await
+            .unwrap();
+        let name = found.and_then(|s| s.identity.as_ref().map(|i| i.username.clone()));
+        assert_eq!(name.as_deref(), Some("bob"));
+        store.touch("b2", Duration::from_secs(30)).await.unwrap();
+        let record = store.backend.get(&Key::of("b2")).await.unwrap().unwrap();
+        assert!(record.deadline >= now + 29, "idle deadline refreshed");
+        // Touch never shortens.
+        store.touch("b2", Duration::from_secs(2)).await.unwrap();
+        let record = store.backend.get(&Key::of("b2")).await.unwrap().unwrap();
+        assert!(record.deadline >= now + 29);
+        // Deleted: gone from the hot path at once, cache or not.
+        assert!(store
+            .authenticated_now("b2", ttl)
+            .is_some_and(|r| r.unwrap().is_some()));
+        store.delete("b2").await.unwrap();
+        assert!(store.authenticated("b2", ttl).await.unwrap().is_none());
+        // The sweep takes back what reads already ignore, and only that.
+        let purged = store.purge_expired().await.unwrap();
+        assert!(purged == 2 || store.kind() == "redis", "c1 and z: {purged}");
+        assert!(store.get("b1").await.unwrap().is_some());
+        assert!(store.get("p1").await.unwrap().is_some());
+    }
+
+    /// Keys, not ids: nothing the backend lists is a session id.
+    pub async fn the_backend_sees_keys_not_ids(backend: Arc<dyn Backend>) {
+        let store = store(backend.clone());
+        let now = now_secs();
+        let ttl = Duration::from_secs(60);
+        let id = crate::session::random_token();
+        let session = Session::authenticated(identity("alice"), now, ttl);
+        store.put(&id, &session, ttl).await.unwrap();
+        let listed = backend.list(None).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, Key::of(&id));
+        assert_ne!(listed[0].0.as_str(), id);
+        assert!(backend.get(&Key::of(&id)).await.unwrap().is_some());
+        assert!(store.delete_key(&listed[0].0).await.unwrap());
+        assert!(store.get(&id).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn memory_keeps_the_contract() {
+        let memory = || Arc::new(super::super::MemoryBackend::new(2)) as Arc<dyn Backend>;
+        pre_auth_records_are_bounded(memory()).await;
+        records_expire_and_end_per_user(memory()).await;
+        the_backend_sees_keys_not_ids(memory()).await;
+    }
+
+    #[tokio::test]
+    async fn embedded_keeps_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            Arc::new(super::super::EmbeddedBackend::open(&dir.path().join(name), 2).unwrap())
+                as Arc<dyn Backend>
+        };
+        pre_auth_records_are_bounded(open("a.state")).await;
+        records_expire_and_end_per_user(open("b.state")).await;
+        the_backend_sees_keys_not_ids(open("c.state")).await;
+    }
+
+    /// A cached session is answered without the backend, and forgotten
+    /// once another process revokes it.
+    #[tokio::test]
+    async fn the_cache_answers_and_hears_of_revocations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.state");
+        let one: Arc<dyn Backend> =
+            Arc::new(super::super::EmbeddedBackend::open(&path, 10).unwrap());
+        let store = Arc::new(store(one));
+        let now = now_secs();
+        let ttl = Duration::from_secs(600);
+        let session = Session::authenticated(identity("alice"), now, ttl);
+        store.put("a", &session, ttl).await.unwrap();
+        assert!(
+            store.authenticated_now("a", ttl).is_none(),
+            "not cached yet"
+        );
+        assert!(store.authenticated("a", ttl).await.unwrap().is_some());
+        assert!(store
+            .authenticated_now("a", ttl)
+            .unwrap()
+            .unwrap()
+            .is_some());
+        // Another process (the CLI) ends it in the same file.
+        let other = super::super::EmbeddedBackend::open(&path, 10).unwrap();
+        store.watch(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(other.delete(&Key::of("a")).await.unwrap());
+        let mut waited = 0;
+        while store.authenticated_now("a", ttl).is_some() {
+            assert!(waited < 40, "still cached after 2 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += 1;
+        }
+        assert!(store.authenticated("a", ttl).await.unwrap().is_none());
+    }
+}

@@ -1,0 +1,192 @@
+//! The in-process backend: a hash map behind a std `RwLock` (never held
+//! across an await: every method is synchronous inside). For tests and the
+//! demo; everything ends with the process. Pre-auth records are bounded,
+//! since anyone can create them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{now_secs, Backend, Key, Record, Session, StoreError};
+
+struct Entry {
+    session: Arc<Session>,
+    /// Unix seconds; atomic so that refreshing it needs only the read lock.
+    deadline: AtomicU64,
+}
+
+impl Entry {
+    fn live(&self, now: u64) -> bool {
+        self.deadline.load(Ordering::Relaxed) > now && self.session.expires > now
+    }
+
+    fn record(&self) -> Record {
+        Record {
+            session: Session::clone(&self.session),
+            deadline: self.deadline.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub struct MemoryBackend {
+    map: RwLock<Records>,
+    max_pre_auth: usize,
+}
+
+/// The records, and how many of them are pre-auth: kept under the same
+/// lock, so that creating a pre-auth session never scans the map.
+#[derive(Default)]
+struct Records {
+    entries: HashMap<Key, Entry>,
+    pre_auth: usize,
+}
+
+impl Records {
+    fn insert(&mut self, key: Key, entry: Entry) {
+        let added = entry.session.is_pre_auth() as usize;
+        if let Some(old) = self.entries.insert(key, entry) {
+            self.pre_auth -= old.session.is_pre_auth() as usize;
+        }
+        self.pre_auth += added;
+    }
+
+    fn remove(&mut self, key: &Key) -> bool {
+        match self.entries.remove(key) {
+            Some(old) => {
+                self.pre_auth -= old.session.is_pre_auth() as usize;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keep the records `keep` says yes to; how many went.
+    fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) -> usize {
+        let before = self.entries.len();
+        let mut pre_auth_gone = 0;
+        self.entries.retain(|_, entry| {
+            let kept = keep(entry);
+            pre_auth_gone += (!kept && entry.session.is_pre_auth()) as usize;
+            kept
+        });
+        self.pre_auth -= pre_auth_gone;
+        before - self.entries.len()
+    }
+}
+
+impl MemoryBackend {
+    pub fn new(max_pre_auth: usize) -> MemoryBackend {
+        MemoryBackend {
+            map: RwLock::new(Records::default()),
+            max_pre_auth,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Records> {
+        self.map
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Records> {
+        self.map
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        let now = now_secs();
+        Ok(self
+            .read()
+            .entries
+            .get(key)
+            .filter(|e| e.live(now))
+            .map(Entry::record))
+    }
+
+    async fn put(&self, key: &Key, record: Record) -> Result<(), StoreError> {
+        let now = now_secs();
+        let mut map = self.write();
+        let new = !map.entries.contains_key(key);
+        if record.session.is_pre_auth() && new && map.pre_auth >= self.max_pre_auth {
+            // Full, unless some have expired: only then a scan.
+            map.retain(|e| e.live(now));
+            if map.pre_auth >= self.max_pre_auth {
+                return Err(StoreError::Full(map.pre_auth));
+            }
+        }
+        map.insert(
+            key.clone(),
+            Entry {
+                session: Arc::new(record.session),
+                deadline: AtomicU64::new(record.deadline),
+            },
+        );
+        Ok(())
+    }
+
+    async fn touch(&self, key: &Key, deadline: u64) -> Result<(), StoreError> {
+        if let Some(entry) = self.read().entries.get(key) {
+            entry.deadline.fetch_max(deadline, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, key: &Key) -> Result<bool, StoreError> {
+        Ok(self.write().remove(key))
+    }
+
+    async fn list(&self, user: Option<&str>) -> Result<Vec<(Key, Record)>, StoreError> {
+        let now = now_secs();
+        Ok(self
+            .read()
+            .entries
+            .iter()
+            .filter(|(_, e)| e.live(now))
+            .filter(|(_, e)| {
+                e.session
+                    .identity()
+                    .is_some_and(|i| user.is_none_or(|u| i.username == u))
+            })
+            .map(|(k, e)| (k.clone(), e.record()))
+            .collect())
+    }
+
+    async fn purge_expired(&self) -> Result<usize, StoreError> {
+        let now = now_secs();
+        Ok(self.write().retain(|e| e.live(now)))
+    }
+
+    async fn revoked_since(&self, _cursor: Option<u64>) -> Result<(u64, Vec<Key>), StoreError> {
+        // One process: the front evicts what it deletes itself.
+        Ok((0, Vec::new()))
+    }
+
+    fn kept_secret(&self, _fresh: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
+
+    fn authenticated_now(&self, key: &Key, idle: Duration) -> Option<Option<Arc<Session>>> {
+        let now = now_secs();
+        let map = self.read();
+        let Some(entry) = map.entries.get(key).filter(|e| e.live(now)) else {
+            return Some(None);
+        };
+        if entry.session.identity.is_none() {
+            return Some(None);
+        }
+        let deadline = (now + idle.as_secs()).min(entry.session.expires);
+        entry.deadline.fetch_max(deadline, Ordering::Relaxed);
+        Some(Some(entry.session.clone()))
+    }
+}
