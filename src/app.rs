@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Config, StoreKind};
 use crate::engine::Throttle;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, People};
 use crate::metrics::Metrics;
 use crate::session::{Backend, EmbeddedBackend, MemoryBackend, Store, StoreOptions};
 
@@ -147,6 +147,18 @@ impl App {
             );
         }
         let gateway = Gateway::new(config, &self.shared)?;
+        // A users file caught half-written (or emptied by mistake) would
+        // sign everybody out; an empty one is refused at a reload, and
+        // what runs stays. (To lock everybody out, disable them.)
+        if let (People::File(before), People::File(after)) = (&old.people, &gateway.people) {
+            if after.is_empty() && !before.is_empty() {
+                return Err(format!(
+                    "{}: the users file has no users now (it had {}): not loaded; to lock everybody out, set `disabled = true` for each",
+                    gateway.config.directory.users_file.display(),
+                    before.len()
+                ));
+            }
+        }
         let ended = old.people.ended_in(&gateway.people);
         self.current.store(Arc::new(gateway));
         self.metrics.reloads.inc();

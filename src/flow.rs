@@ -541,14 +541,18 @@ pub trait FlowExecutor: Send + Sync {
         Ok(true)
     }
 
-    /// Whether the executor's side of a session still holds (a remote
-    /// session signed out elsewhere, its user disabled, does not).
-    async fn still_signed_in(
+    /// Who the executor's side of a session belongs to now, with the
+    /// groups and names the executor gives them today; `None` when it no
+    /// longer holds (a remote session signed out elsewhere, its user
+    /// disabled). Only executors that keep sessions of their own answer.
+    async fn current_user(
         &self,
         _session: &FlowState,
         _client_ip: IpAddr,
-    ) -> Result<bool, FlowError> {
-        Ok(true)
+    ) -> Result<Option<Identity>, FlowError> {
+        Err(FlowError::internal(
+            "this executor keeps no sessions of its own",
+        ))
     }
 }
 

@@ -68,6 +68,12 @@ struct RemoteState {
     client: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     login: Option<Identity>,
+    /// What the remote showed after the last answer passed its stage
+    /// (`{"challenge": …}` or `{"done": to}`): answered as authentik does,
+    /// with a 302 back to the executor, and given on the GET that follows
+    /// without asking the remote again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending: Option<Value>,
 }
 
 impl RemoteState {
@@ -341,15 +347,19 @@ impl RemoteExecutor {
 
     /// Send, follow what the remote sends back until a challenge or the end
     /// (`Step::Done`; who logged in is not asked here).
+    /// Drive the remote to its next challenge or its end; and whether the
+    /// answer sent (if any) passed its stage (the remote redirected).
     async fn drive(
         &self,
         request: &FlowRequest<'_>,
         state: &mut RemoteState,
         answer: Option<Value>,
-    ) -> Result<Step, FlowError> {
+    ) -> Result<(Step, bool), FlowError> {
         let mut path = self.executor_path(request.slug, request.query);
+        let posted = answer.is_some();
         let mut body = answer;
-        for _ in 0..MAX_ROUNDS {
+        let mut passed = false;
+        for round in 0..MAX_ROUNDS {
             let method = match body {
                 Some(_) => Method::POST,
                 None => Method::GET,
@@ -372,6 +382,7 @@ impl RemoteExecutor {
                 | StatusCode::PERMANENT_REDIRECT => {
                     // A stage passed (after a POST, or by itself on a GET):
                     // the next challenge is a GET away.
+                    passed |= posted && round == 0;
                     let location = answer.location.unwrap_or_default();
                     path = self.on_remote(&location).ok_or_else(|| {
                         FlowError::bad_gateway(format!(
@@ -380,7 +391,8 @@ impl RemoteExecutor {
                     })?;
                 }
                 StatusCode::NOT_FOUND if self.is_executor(&path) => {
-                    return Err(FlowError::UnknownFlow(request.slug.to_owned()))
+                    tracing::warn!(flow = %request.slug, remote = %self.origin, "the remote executor has no such flow (is the route's flow the remote's slug?)");
+                    return Err(FlowError::UnknownFlow(request.slug.to_owned()));
                 }
                 StatusCode::OK => {
                     let value: Value = serde_json::from_slice(&answer.body).map_err(|_| {
@@ -401,13 +413,12 @@ impl RemoteExecutor {
                                 // Back to the executor: ask again (§1.4).
                                 Some(next) if self.is_executor(&next) => path = next,
                                 _ => {
-                                    return Ok(Step::Done {
-                                        to: redirect.to.clone(),
-                                    })
+                                    let to = redirect.to.clone();
+                                    return Ok((Step::Done { to }, passed));
                                 }
                             }
                         }
-                        _ => return Ok(Step::Challenge(challenge)),
+                        _ => return Ok((Step::Challenge(challenge), passed)),
                     }
                 }
                 status => {
@@ -432,13 +443,23 @@ impl RemoteExecutor {
     ) -> Result<Step, FlowError> {
         let mut remote = RemoteState::read(state);
         remote.client = remote.client.or(request.client_ip);
+        let answered = answer.is_some();
+        if answered {
+            remote.pending = None;
+        } else if let Some(pending) = &remote.pending {
+            // Kept until the next answer: asking again changes nothing.
+            return unstash(pending.clone());
+        }
         let typed = answer
             .as_ref()
             .and_then(|a| a.get("uid_field"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let answered = answer.is_some();
-        let mut step = self.drive(request, &mut remote, answer).await;
+        let driven = self.drive(request, &mut remote, answer).await;
+        let (mut step, passed) = match driven {
+            Ok((step, passed)) => (Ok(step), passed),
+            Err(error) => (Err(error), false),
+        };
         if let (true, Ok(Step::Challenge(challenge))) = (answered, &step) {
             log_refused(request, challenge, typed.as_deref());
         }
@@ -446,6 +467,13 @@ impl RemoteExecutor {
             match self.who(&mut remote, request.client_ip).await {
                 Ok(identity) => remote.login = identity,
                 Err(error) => step = Err(error),
+            }
+        }
+        if passed {
+            // As authentik answers a passed stage: "go and GET the next".
+            if let Ok(next) = &step {
+                remote.pending = stash(next);
+                step = Ok(Step::Next);
             }
         }
         remote.write(state);
@@ -465,7 +493,10 @@ impl RemoteExecutor {
             .send(Method::GET, &path, None, state, client_ip)
             .await?;
         let what = format!("{}{path}", self.origin);
-        if answer.status == StatusCode::FORBIDDEN {
+        if matches!(
+            answer.status,
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED
+        ) {
             return Ok(None);
         }
         if answer.status != StatusCode::OK {
@@ -479,6 +510,21 @@ impl RemoteExecutor {
         let user = me.user;
         let mut groups: Vec<String> = user.groups.into_iter().map(|g| g.name).collect();
         groups.sort();
+        // What becomes identity headers must be fit for them: no empty
+        // name, no control characters anywhere (a CR or LF would be
+        // dropped from one header and leave the others standing).
+        let unfit = |text: &str| text.chars().any(char::is_control);
+        if user.username.trim().is_empty()
+            || unfit(&user.username)
+            || unfit(&user.name)
+            || user.email.as_deref().is_some_and(unfit)
+            || user.uid.chars().any(char::is_control)
+            || groups.iter().any(|g| g.is_empty() || unfit(g))
+        {
+            return Err(FlowError::bad_gateway(format!(
+                "{what}: the user's name, email, uid or a group is empty or holds control characters; not signed in"
+            )));
+        }
         Ok(Some(Identity {
             name: if user.name.is_empty() {
                 user.username.clone()
@@ -494,6 +540,25 @@ impl RemoteExecutor {
             header_values: Default::default(),
         }))
     }
+}
+
+/// A step kept for the GET after a 302 (`RemoteState::pending`).
+fn stash(step: &Step) -> Option<Value> {
+    match step {
+        Step::Challenge(challenge) => Some(serde_json::json!({ "challenge": challenge.to_json() })),
+        Step::Done { to } => Some(serde_json::json!({ "done": to })),
+        Step::Next => None,
+    }
+}
+
+fn unstash(pending: Value) -> Result<Step, FlowError> {
+    if let Some(to) = pending.get("done").and_then(Value::as_str) {
+        return Ok(Step::Done { to: to.to_owned() });
+    }
+    let challenge = pending.get("challenge").cloned().unwrap_or(Value::Null);
+    Challenge::from_json(challenge)
+        .map(Step::Challenge)
+        .map_err(|e| FlowError::internal(format!("a kept challenge does not decode: {e}")))
 }
 
 /// The remote refused a password or a code: the same `login failed` line as
@@ -585,22 +650,26 @@ impl Revalidation {
             .map(str::to_owned)
             .collect();
         let session = signed.session.clone();
-        let idle = gateway.config.session.idle_timeout;
         tokio::spawn(async move {
-            match executor.still_signed_in(&remote, fallback).await {
-                Ok(true) => {
-                    // The remote's application policies, asked again.
+            match executor.current_user(&remote, fallback).await {
+                Ok(Some(now)) if now.username == user => {
+                    // Groups, names and the remote's application policies as
+                    // the remote has them today.
                     let refused = crate::gate::refused_by(&*executor, &remote, &applications).await;
-                    if refused != session.refused_applications {
-                        let mut updated = (*session).clone();
-                        updated.refused_applications = refused;
-                        let left = Duration::from_secs(updated.expires.saturating_sub(now_secs()));
-                        if let Err(error) = sessions.put(&id, &updated, idle.min(left)).await {
+                    let identity = session.identity.as_deref();
+                    if refused != session.refused_applications || identity != Some(&now) {
+                        let changed = sessions
+                            .update(&id, |s| {
+                                s.refused_applications = refused;
+                                s.identity = Some(Arc::new(now));
+                            })
+                            .await;
+                        if let Err(error) = changed {
                             tracing::warn!(%error, "the session could not be updated in the store");
                         }
                     }
                 }
-                Ok(false) => {
+                Ok(_) => {
                     tracing::info!(user = %user, "session ended: the remote executor's session is gone (signed out there, or the user disabled)");
                     if let Err(error) = sessions.delete(&id).await {
                         tracing::warn!(%error, "the session could not be deleted from the store");
@@ -674,6 +743,7 @@ impl FlowExecutor for RemoteExecutor {
                     jar: remote.jar,
                     client: remote.client,
                     login: None,
+                    pending: None,
                 })
                 .unwrap_or(Value::Null),
             )),
@@ -688,7 +758,7 @@ impl FlowExecutor for RemoteExecutor {
             user: None,
             client_ip: Some(remote.client.unwrap_or(client_ip)),
         };
-        match self.drive(&request, &mut remote, None).await? {
+        match self.drive(&request, &mut remote, None).await?.0 {
             Step::Done { .. } => Ok(()),
             Step::Challenge(challenge) => Err(FlowError::bad_gateway(format!(
                 "the invalidation flow `{}` asked for {} instead of ending the session",
@@ -725,25 +795,14 @@ impl FlowExecutor for RemoteExecutor {
         Ok(result.passing)
     }
 
-    async fn still_signed_in(
+    async fn current_user(
         &self,
         session: &FlowState,
         client_ip: IpAddr,
-    ) -> Result<bool, FlowError> {
+    ) -> Result<Option<Identity>, FlowError> {
         let mut remote = RemoteState::read(session);
         let client = remote.client.unwrap_or(client_ip);
-        let path = format!("{}/core/users/me/", self.api_prefix);
-        let answer = self
-            .send(Method::GET, &path, None, &mut remote, Some(client))
-            .await?;
-        match answer.status {
-            StatusCode::OK => Ok(true),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(false),
-            status => Err(FlowError::bad_gateway(format!(
-                "{}{path}: answered HTTP {status}",
-                self.origin
-            ))),
-        }
+        self.who(&mut remote, Some(client)).await
     }
 }
 

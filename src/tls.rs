@@ -164,6 +164,23 @@ pub enum Roots<'p> {
     SystemAnd(&'p Path),
 }
 
+/// The certificates of a `ca_file`: at least one, or why not.
+pub fn ca_certificates(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let certs = read_pem(path, |r| {
+        rustls_pemfile::certs(r).collect::<Result<Vec<_>, _>>()
+    })
+    .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: no certificate found (expected a PEM `BEGIN CERTIFICATE` block)",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
 /// rustls client settings (TLS 1.2 and 1.3, ring): `roots` to trust, a
 /// client certificate to present when asked, and the ALPN protocols.
 pub fn client_config(
@@ -178,14 +195,7 @@ pub fn client_config(
         }
     }
     if let Roots::Only(path) | Roots::SystemAnd(path) = roots {
-        let certs = read_pem(path, |r| {
-            rustls_pemfile::certs(r).collect::<Result<Vec<_>, _>>()
-        })
-        .map_err(|e| e.to_string())?;
-        if certs.is_empty() {
-            return Err(format!("{}: no certificate found", path.display()));
-        }
-        for cert in certs {
+        for cert in ca_certificates(path)? {
             store
                 .add(cert)
                 .map_err(|e| format!("{}: {e}", path.display()))?;

@@ -411,3 +411,32 @@ async fn json_access_log_has_one_line_per_request_and_no_secrets() {
         serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     }
 }
+
+/// A users file emptied (caught half-written, or cleared by mistake) is
+/// refused at a reload: nobody is signed out, the users stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_emptied_users_file_is_refused_and_signs_nobody_out() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let (alice, _) = signed_in(&gate, &ALICE).await;
+    std::fs::write(gate.path().join("users.toml"), "").unwrap();
+    gate.signal("HUP");
+    gate.wait_for_log(
+        "the users file has no users now (it had 1)",
+        Duration::from_secs(10),
+    );
+    assert!(gate.log().contains("reload refused"), "{}", gate.log());
+    let response = alice
+        .get(gate.url("/private"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "alice is still signed in");
+    let client = client();
+    let done = json_login(&client, &gate.url(""), "alice", ALICE.password, "/").await;
+    assert_eq!(
+        done["component"], "xak-flow-redirect",
+        "and can still sign in: {done}"
+    );
+}

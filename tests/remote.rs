@@ -276,9 +276,17 @@ async fn an_html_login_through_b_shows_a_s_errors_and_then_lets_in() {
         .send()
         .await
         .unwrap();
-    // The remote follows its own 302 to the next stage: B shows it at once.
-    assert_eq!(posted.status(), 200);
-    let html = posted.text().await.unwrap();
+    // A passed stage is a 303 to the page, as with the embedded engine
+    // (B keeps what the remote showed next: no second round trip).
+    assert_eq!(posted.status(), 303);
+    let html = client
+        .get(b.url(&location(&posted)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(html.contains("name=\"password\""), "{html}");
     let (action, csrf) = form(&html);
     let wrong = client
@@ -667,4 +675,132 @@ async fn authentiks_own_client_signs_in_through_b_run_on_a() {
     if let Err(error) = run {
         panic!("{error}\nB's log:\n{}\nA's log:\n{}", b.log(), a.log());
     }
+}
+
+/// B's JSON executor answers as authentik and A do: a passed stage is a
+/// 302 back to the executor and the next challenge is the GET's, errors are
+/// a 200 with the same stage; the GET after a 302 costs A nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn b_s_json_executor_answers_a_passed_stage_with_a_302() {
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let upstream = Upstream::start().await;
+    let b = start_b(&upstream.url(), &a_url(&a), Some(&ca), "");
+    let client = client();
+    let url = b.url(&format!(
+        "/_flowgate/api/v3/flows/executor/{FLOW}/?query=next%3D%252Freports"
+    ));
+    let first = get_json(&client, &url).await;
+    assert_eq!(first["component"], "ak-stage-identification");
+    let posted = client
+        .post(&url)
+        .json(&json!({"uid_field": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 302, "{}", b.log());
+    assert!(
+        location(&posted).contains(&format!("/_flowgate/api/v3/flows/executor/{FLOW}/")),
+        "{}",
+        location(&posted)
+    );
+    let asked_of_a = || {
+        a.log()
+            .matches("method=\"GET\" path=\"/_flowgate/api/v3/flows/executor/")
+            .count()
+    };
+    let before = asked_of_a();
+    let password = get_json(&client, &url).await;
+    assert_eq!(password["component"], "ak-stage-password", "{password}");
+    assert_eq!(asked_of_a(), before, "the GET after a 302 is B's alone");
+    let wrong = client
+        .post(&url)
+        .json(&json!({"password": "not it"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 200);
+    let wrong: Value = wrong.json().await.unwrap();
+    assert_eq!(wrong["component"], "ak-stage-password");
+    assert!(wrong["response_errors"]["password"].is_array(), "{wrong}");
+    let right = client
+        .post(&url)
+        .json(&json!({"password": ALICE.password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 302);
+    let done = get_json(&client, &url).await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    assert_eq!(done["to"], "/reports");
+    let echo: Value = client
+        .get(b.url("/reports"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-user"], "alice");
+}
+
+/// Groups follow the remote: alice taken out of `admins` at A loses B's
+/// `/admin` within `revalidate`, still signed in; put back, she has it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_changed_at_a_applies_at_b_within_revalidate() {
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let upstream = Upstream::start().await;
+    let b = start_b(
+        &upstream.url(),
+        &a_url(&a),
+        Some(&ca),
+        "revalidate = \"1s\"\n",
+    );
+    let client = client();
+    alice_signs_in(&client, &b).await;
+    let status = |path: &'static str| {
+        let url = b.url(path);
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .header("accept", "application/json")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status("/admin/x").await, 200);
+    let users = a.path().join("users.toml");
+    let before = std::fs::read_to_string(&users).unwrap();
+    let set_users = |text: &str| {
+        let temp = a.path().join("users.toml.new");
+        std::fs::write(&temp, text).unwrap();
+        std::fs::rename(&temp, &users).unwrap();
+        a.signal("HUP");
+    };
+    let until = |path: &'static str, wanted: u16| {
+        let status = &status;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(8);
+            let mut last = 0;
+            while std::time::Instant::now() < deadline {
+                last = status(path).await;
+                if last == wanted {
+                    return last;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            last
+        }
+    };
+    set_users(&before.replace("groups = [\"admins\", \"staff\"]", "groups = [\"staff\"]"));
+    assert_eq!(until("/admin/x", 403).await, 403, "{}", b.log());
+    assert_eq!(status("/reports").await, 200, "still signed in");
+    set_users(&before);
+    assert_eq!(until("/admin/x", 200).await, 200, "{}", b.log());
 }

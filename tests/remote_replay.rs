@@ -9,6 +9,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::raw::{Reply, Scripted, Seen};
 use common::*;
@@ -791,5 +792,42 @@ async fn a_remote_email_stage_says_so_and_an_unknown_stage_names_itself() {
         assert!(html.contains(expected), "{expected} in {html}");
         assert!(!html.contains("<form"), "{html}");
         assert!(html.contains("Start over"), "{html}");
+    }
+}
+
+/// A remote whose user has an empty name, or control characters where
+/// identity headers would carry them, signs nobody in (502), whatever the
+/// rest says.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_user_unfit_for_headers_is_not_signed_in() {
+    let executor = executor_path();
+    for (username, group) in [
+        ("root\r\nX-Evil: 1", "admins"),
+        ("", "admins"),
+        ("bob", "ad\nmins"),
+    ] {
+        let mut me = akadmin_me();
+        me["user"]["username"] = Value::from(username);
+        me["user"]["groups"] = serde_json::json!([{"name": group, "pk": "g"}]);
+        let redirect = serde_json::json!({"component": "xak-flow-redirect", "to": "/reports"});
+        let (remote, _cursor) = replay(vec![
+            made_up("GET", &executor, 200, redirect, Value::Null),
+            made_up("GET", "/api/v3/core/users/me/", 200, me, Value::Null),
+        ]);
+        let gate = gateway_for(&remote, FLOW);
+        let client = client();
+        let answer = client
+            .get(gate.url(&format!(
+                "/_flowgate/api/v3/flows/executor/{FLOW}/?query=next%3D%252Freports"
+            )))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 502, "{username:?}: {}", gate.log());
+        gate.wait_for_log(
+            "holds control characters; not signed in",
+            Duration::from_secs(5),
+        );
+        assert_eq!(signed_in_as(&gate, &client).await, None, "{username:?}");
     }
 }

@@ -862,19 +862,7 @@ impl<'a> Reader<'a> {
             Duration::from_secs(3600),
             false,
         );
-        let ca_file = match self.string(&mut s, "ca_file") {
-            Some((file, place)) => {
-                let path = resolve_against(self.path, Path::new(&file));
-                match std::fs::File::open(&path) {
-                    Ok(_) => Some(path),
-                    Err(e) => {
-                        self.error_at(&place, format!("cannot read {}: {e}", path.display()));
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
+        let ca_file = self.ca_file(&mut s);
         let escaped_slashes = self.path_rule(&mut s, "escaped_slashes", PathRule::Refuse);
         let path_parameters = self.path_rule(&mut s, "path_parameters", PathRule::Refuse);
         self.finish(s);
@@ -1249,7 +1237,7 @@ impl<'a> Reader<'a> {
             }
             None => "/api/v3".to_owned(),
         };
-        let ca_file = self.optional_file(&mut s, "ca_file");
+        let ca_file = self.ca_file(&mut s);
         let client_cert = self.optional_file(&mut s, "client_cert");
         let client_key = self.optional_file(&mut s, "client_key");
         let client_auth = match (client_cert, client_key) {
@@ -1342,6 +1330,18 @@ impl<'a> Reader<'a> {
     }
 
     /// An optional path to a readable file, resolved against the config's folder.
+    /// `ca_file`: a PEM file with at least one certificate, read as the
+    /// TLS client will read it.
+    fn ca_file(&mut self, section: &mut Section<'_>) -> Option<PathBuf> {
+        let (text, place) = self.string(section, "ca_file")?;
+        let path = resolve_against(self.path, Path::new(&text));
+        if let Err(problem) = crate::tls::ca_certificates(&path) {
+            self.error_at(&place, problem);
+            return None;
+        }
+        Some(path)
+    }
+
     fn optional_file(&mut self, section: &mut Section<'_>, key: &'static str) -> Option<PathBuf> {
         let (text, place) = self.string(section, key)?;
         let path = resolve_against(self.path, Path::new(&text));

@@ -103,6 +103,24 @@ impl Store {
         self.backend.touch(&key, deadline).await
     }
 
+    /// Change a session where it is, keeping its deadline; nothing when it
+    /// is gone (ended meanwhile: never brought back). Whether it was there.
+    pub async fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut Session),
+    ) -> Result<bool, StoreError> {
+        let key = Key::of(id);
+        let Some(mut record) = self.backend.get(&key).await? else {
+            return Ok(false);
+        };
+        change(&mut record.session);
+        self.forget(&key);
+        self.backend.put(&key, record).await?;
+        self.forget(&key);
+        Ok(true)
+    }
+
     /// End one session, in every process sharing the store.
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         self.delete_key(&Key::of(id)).await.map(|_| ())
