@@ -298,7 +298,7 @@ fn unavailable(reason: &str) -> Response<Body> {
 
 /// The flow executor behind us answered nonsense: 502, the cause logged.
 fn bad_gateway_answer(error: &FlowError) -> Response<Body> {
-    tracing::warn!(reason = %crate::respond::chain(error), "login failed: the flow executor answered nonsense");
+    tracing::warn!(reason = %crate::respond::chain(error), "sign-in stopped: the flow executor's answer could not be used");
     json_response(
         StatusCode::BAD_GATEWAY,
         &json!({"detail": "The sign-in service gave an answer that could not be used."}),

@@ -455,7 +455,7 @@ pub enum FlowError {
     UnknownFlow(String),
     /// The executor cannot be reached or answered nonsense (a remote down,
     /// timing out, not speaking the protocol): 503 (502 for nonsense).
-    #[error("flow executor unavailable: {what}")]
+    #[error("{}: {what}", if *.bad_gateway { "flow executor answered unusably" } else { "flow executor unavailable" })]
     Unavailable {
         what: String,
         /// The remote answered, but not as an executor does: 502.

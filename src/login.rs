@@ -410,7 +410,7 @@ fn busy(gateway: &Gateway, reason: &str) -> Response<Body> {
 
 /// The sign-in service answered, but not as a flow executor does.
 fn bad_gateway_page(gateway: &Gateway, error: &FlowError) -> Response<Body> {
-    tracing::warn!(reason = %crate::respond::chain(error), "login failed: the flow executor answered nonsense");
+    tracing::warn!(reason = %crate::respond::chain(error), "sign-in stopped: the flow executor's answer could not be used");
     gateway.page(
         StatusCode::BAD_GATEWAY,
         "Sign-in is not working",

@@ -23,7 +23,8 @@ fn start_a(ca: &Ca) -> Flowgate {
     let dir = tempfile::tempdir().unwrap();
     ca.issue(&["localhost"], 1).write(dir.path(), "a");
     let invalidation = "[[flow]]\nslug = \"default-invalidation-flow\"\ntitle = \"Sign out\"\n\
-                        designation = \"invalidation\"\nstages = []\n";
+                        designation = \"invalidation\"\nstages = []\n\
+                        [[flow]]\nslug = \"closed\"\ntitle = \"Closed\"\nstages = [\"deny\"]\n";
     let config = basic_config(upstream, invalidation).replace(
         "listen = \"127.0.0.1:0\"\n",
         "listen = \"127.0.0.1:0\"\ntls = { cert = \"a.pem\", key = \"a.key\" }\n\
@@ -81,6 +82,11 @@ api_prefix = "{api_prefix}"
 path_prefix = "/admin"
 upstream = "{upstream}"
 allow = {{ groups = ["admins"] }}
+
+[[route]]
+path_prefix = "/closed"
+upstream = "{upstream}"
+flow = "closed"
 
 [[route]]
 upstream = "{upstream}"
@@ -803,4 +809,65 @@ async fn a_group_changed_at_a_applies_at_b_within_revalidate() {
     assert_eq!(status("/reports").await, 200, "still signed in");
     set_users(&before);
     assert_eq!(until("/admin/x", 200).await, 200, "{}", b.log());
+}
+
+/// A's deny stage, and a user A has disabled, are refusals B shows as A
+/// says them: the access-denied page and challenge, and nobody signed in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_s_deny_stage_and_a_disabled_user_are_refused_through_b() {
+    let ca = Ca::new("remote test CA");
+    let a = start_a(&ca);
+    let upstream = Upstream::start().await;
+    let b = start_b(&upstream.url(), &a_url(&a), Some(&ca), "");
+    // The deny flow, as a page.
+    let client = client();
+    let first = client
+        .get(b.url("/closed/x"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 302);
+    let started = client.get(b.url(&location(&first))).send().await.unwrap();
+    let page = client.get(b.url(&location(&started))).send().await.unwrap();
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Access denied"), "{html}");
+    assert!(!html.contains("<form method=\"post\""), "{html}");
+    // And as JSON.
+    let denied = get_json(
+        &client,
+        b.url("/_flowgate/api/v3/flows/executor/closed/?query=next%3D%252Fclosed"),
+    )
+    .await;
+    assert_eq!(denied["component"], "ak-stage-access-denied", "{denied}");
+
+    // bob disabled at A: his password is right, and still nobody signs in.
+    let users = a.path().join("users.toml");
+    let text = std::fs::read_to_string(&users).unwrap().replace(
+        "email = \"bob@example.test\"",
+        "email = \"bob@example.test\"\ndisabled = true",
+    );
+    std::fs::write(&users, text).unwrap();
+    a.signal("HUP");
+    a.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    let bob = common::client();
+    let seen = json_run(
+        &bob,
+        &b,
+        &[
+            json!({"uid_field": "bob"}),
+            json!({"password": BOB.password}),
+        ],
+    )
+    .await;
+    let last = seen.last().unwrap();
+    assert_ne!(last["component"], "xak-flow-redirect", "{seen:?}");
+    let status = bob
+        .get(b.url("/reports"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 401, "bob is not signed in at B");
 }
