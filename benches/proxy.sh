@@ -4,6 +4,8 @@
 #
 #   benches/proxy.sh            3 rounds x 8 s, the figures in BENCHMARKS.md
 #   benches/proxy.sh --short    1 round x 2 s, for CI (also SHORT=1)
+#   benches/proxy.sh --store memory       the session store (default embedded,
+#                                         the default of `serve`; also STORE=)
 #   FLOWGATE_BIN=path benches/proxy.sh    measure that binary instead of building
 #
 # Builds flowgate (release), starts the harness upstream, runs flowgate with
@@ -18,11 +20,16 @@ cd "$(dirname "$0")/.."
 trap 'echo "proxy.sh: failed at line $LINENO" >&2' ERR
 
 SHORT=${SHORT:-0}
-case "${1:-}" in
-  --short) SHORT=1 ;;
-  "") ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
-esac
+STORE=${STORE:-embedded}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --short) SHORT=1 ;;
+    --store) STORE=${2:-}; shift ;;
+    *) sed -n '2,17p' "$0"; exit 2 ;;
+  esac
+  shift
+done
+case "$STORE" in memory|embedded) ;; *) echo "proxy.sh: --store memory|embedded" >&2; exit 2 ;; esac
 [ "$SHORT" = 1 ] && export DURATION=2 ROUNDS=1
 BENCH_PATH=${BENCH_PATH:-/small}; export BENCH_PATH
 
@@ -97,6 +104,9 @@ secret = "$SECRET"
 [directory]
 users_file = "users.toml"
 
+[state]
+store = "$STORE"
+
 [log]
 level = "warn"
 access = false
@@ -109,7 +119,7 @@ upstream = "$UPSTREAM_URL"
 EOF
 "$BIN" check --config "$WORK/flowgate.toml" >/dev/null || die "flowgate check rejected the bench config"
 
-echo "== flowgate on $BASE (1 worker, access log off)"
+echo "== flowgate on $BASE (1 worker, access log off, $STORE store)"
 # On its own core, as the anchors are (bench.sh: BENCH_PIN).
 if [ "${BENCH_PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
   taskset -c 1 "$BIN" serve --config "$WORK/flowgate.toml" 2>"$WORK/flowgate.log" &

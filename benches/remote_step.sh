@@ -7,9 +7,13 @@
 #
 #   benches/remote_step.sh [N]        (N requests of each kind, default 300)
 #   FLOWGATE_BIN=path/to/flowgate     (default target/release/flowgate)
+#   FLOWGATE_STATE=memory             (both gateways' [state] store; default
+#                                      embedded, the default of `serve`: every
+#                                      stored step is then a durable commit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-300}
+STATE=${FLOWGATE_STATE:-embedded}
 BIN=${FLOWGATE_BIN:-target/release/flowgate}
 [ -x "$BIN" ] || cargo build --release --quiet
 work=$(mktemp -d)
@@ -32,6 +36,9 @@ max_pre_auth_per_client = 100000
 enabled = false
 [log]
 access = false
+[state]
+store = "$STATE"
+path = "$work/a.state"
 [executor_api]
 listen = "127.0.0.1:18302"
 [[route]]
@@ -47,6 +54,9 @@ max_pre_auth_per_client = 100000
 enabled = false
 [log]
 access = false
+[state]
+store = "$STATE"
+path = "$work/b.state"
 [executor]
 kind = "remote"
 url = "http://127.0.0.1:18302"

@@ -1,6 +1,8 @@
 //! The admin listener (`[admin] listen`, default 127.0.0.1:9090): liveness,
 //! readiness and Prometheus metrics, apart from the traffic port so that it
-//! can stay private.
+//! can stay private; and, behind a bearer token (`admin.token_file`), the
+//! sessions: `GET /sessions[?user=U]`, `DELETE /sessions/{id}`, `DELETE
+//! /users/{name}/sessions`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -73,9 +75,113 @@ async fn answer(
             );
             response
         }
+        path if path == "/sessions"
+            || path.starts_with("/sessions/")
+            || path.starts_with("/users/") =>
+        {
+            sessions(app, request).await
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n",
+            "not found: try /healthz, /readyz, /metrics or /sessions\n",
+        ),
+    }
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(crate::full(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The session endpoints, for the token holder only.
+async fn sessions(app: &App, request: Request<Incoming>) -> Response<Body> {
+    let gateway = app.gateway();
+    let Some(token) = &gateway.config.admin.token else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"detail": "the session endpoints are off: set admin.token_file"}),
+        );
+    };
+    let sent = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = std::str::from_utf8(&token.0).unwrap_or("");
+    if !crate::session::tokens_equal(sent.trim(), expected) {
+        let mut response = json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"detail": "a bearer token (admin.token_file) is required"}),
+        );
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    }
+    let store = &gateway.sessions;
+    let failed = |error: crate::session::StoreError| {
+        tracing::warn!(%error, "admin: the session store failed");
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"detail": "the session store is unavailable"}),
+        )
+    };
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let method = request.method().clone();
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match (&method, segments.as_slice()) {
+        (&http::Method::GET, ["sessions"]) => {
+            let user = crate::flow::form_urlencoded_get(&query, "user");
+            match store.list(user.as_deref()).await {
+                Ok(listed) => json(StatusCode::OK, serde_json::json!({ "sessions": listed })),
+                Err(error) => failed(error),
+            }
+        }
+        (&http::Method::DELETE, ["sessions", id]) => {
+            let Some(key) = crate::session::Key::parse(id) else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"detail": "not a session id as GET /sessions lists them"}),
+                );
+            };
+            match store.delete_key(&key).await {
+                Ok(true) => {
+                    tracing::info!(id = %key, "session revoked (admin listener)");
+                    json(StatusCode::OK, serde_json::json!({"ended": 1}))
+                }
+                Ok(false) => json(StatusCode::NOT_FOUND, serde_json::json!({"ended": 0})),
+                Err(error) => failed(error),
+            }
+        }
+        (&http::Method::DELETE, ["users", name, "sessions"]) => {
+            match store.delete_all_for_user(name).await {
+                Ok(ended) => {
+                    tracing::info!(user = %name, count = ended, "sessions revoked (admin listener)");
+                    json(StatusCode::OK, serde_json::json!({ "ended": ended }))
+                }
+                Err(error) => failed(error),
+            }
+        }
+        _ => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"detail": "GET /sessions[?user=U], DELETE /sessions/{id}, DELETE /users/{name}/sessions"}),
         ),
     }
 }

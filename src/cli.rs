@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check`, `hash-password`, `demo`. The only
+//! The command line: `serve`, `check`, `sessions`, `hash-password`, `demo`. The only
 //! place (with `demo`) that uses `anyhow`; everything it calls has typed errors.
 
 use std::io::{BufRead, IsTerminal};
@@ -43,6 +43,20 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// List or end sessions in the configured state store (beside a
+    /// running server too).
+    Sessions {
+        #[arg(
+            long,
+            short,
+            env = "FLOWGATE_CONFIG",
+            default_value = "config/flowgate.toml",
+            global = true
+        )]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: SessionsAction,
+    },
     /// Read a password from standard input and print its argon2id PHC hash.
     HashPassword,
     /// Protect a built-in echo app with one user, to see flowgate work.
@@ -55,11 +69,32 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum SessionsAction {
+    /// The signed-in sessions, newest first.
+    List {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+        /// As JSON (what the admin listener's GET /sessions answers).
+        #[arg(long)]
+        json: bool,
+    },
+    /// End sessions: all of one user's, or one by the id `list` shows.
+    Revoke {
+        #[arg(long, conflicts_with = "id", required_unless_present = "id")]
+        user: Option<String>,
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => return check(&config),
+        Command::Sessions { config, action } => sessions(&config, action),
         Command::HashPassword => hash_password(),
         Command::Demo { listen, password } => {
             init_logging(LogFormat::Text, "info");
@@ -124,12 +159,12 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if config.session.secret.is_none() {
+    if config.session.secret.is_none() && config.state.store == crate::config::StoreKind::Memory {
         // As `serve` says it at start: not an error, but worth knowing.
+        // (The embedded store keeps a secret of its own.)
         eprintln!(
-            "{}: warning: no session secret (session.secret_file or FLOWGATE_SESSION_SECRET): \
-             flowgate will make a random one per process (sessions are kept in memory and end \
-             on restart either way)",
+            "{}: warning: no session secret (session.secret_file or FLOWGATE_SESSION_SECRET) \
+             and state.store = \"memory\": flowgate will make a random one per process",
             path.display()
         );
     }
@@ -163,6 +198,71 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `flowgate sessions …`: straight on the configured store (the embedded
+/// file may be open in a running server at the same time; it hears of
+/// what is ended here within a quarter second).
+fn sessions(path: &Path, action: SessionsAction) -> anyhow::Result<()> {
+    use crate::session::{Backend, EmbeddedBackend, Key, Store, StoreOptions};
+    let config = load(path)?;
+    let backend: std::sync::Arc<dyn Backend> = match config.state.store {
+        crate::config::StoreKind::Memory => anyhow::bail!(
+            "state.store is \"memory\": the sessions live inside the running flowgate; ask its admin listener (GET /sessions, with admin.token_file's token)"
+        ),
+        crate::config::StoreKind::Embedded => std::sync::Arc::new(
+            EmbeddedBackend::open(&config.state.path, config.session.max_pre_auth)?,
+        ),
+    };
+    let store = Store::new(backend, StoreOptions::for_idle(config.session.idle_timeout));
+    let runtime = runtime(1)?;
+    runtime.block_on(async {
+        match action {
+            SessionsAction::List { user, json } => {
+                let listed = store.list(user.as_deref()).await?;
+                if json {
+                    println!("{}", serde_json::json!({ "sessions": listed }));
+                    return Ok(());
+                }
+                if listed.is_empty() {
+                    println!("no signed-in sessions");
+                    return Ok(());
+                }
+                println!("{:<64}  {:<20}  {:<20}  {:<20}  groups", "id", "user", "signed in", "ends");
+                for l in &listed {
+                    println!(
+                        "{:<64}  {:<20}  {:<20}  {:<20}  {}",
+                        l.id,
+                        l.user,
+                        when(l.created),
+                        when(l.idle_deadline),
+                        l.groups.join(",")
+                    );
+                }
+                Ok(())
+            }
+            SessionsAction::Revoke { user, id } => {
+                let ended = match (user, id) {
+                    (Some(user), _) => store.delete_all_for_user(&user).await?,
+                    (None, Some(id)) => {
+                        let key = Key::parse(&id).ok_or_else(|| {
+                            anyhow::anyhow!("{id:?} is not a session id as `flowgate sessions list` shows them (64 hex digits)")
+                        })?;
+                        store.delete_key(&key).await? as usize
+                    }
+                    (None, None) => anyhow::bail!("say --user NAME or --id ID"),
+                };
+                println!("{ended} session{} ended", plural(ended));
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Unix seconds as UTC, to the second.
+fn when(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
 }
 
 fn plural(n: usize) -> &'static str {

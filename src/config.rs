@@ -139,6 +139,9 @@ pub enum PathRule {
 pub struct AdminConfig {
     /// `listen`, default `127.0.0.1:9090`; `enabled = false` turns it off.
     pub listen: Option<SocketAddr>,
+    /// `token_file`: the bearer token the session endpoints want
+    /// (`/sessions`, `/users/{name}/sessions`); without it they are off.
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -83,7 +83,11 @@ fn check_reports_every_error_with_file_line_and_key() {
 fn check_warns_about_a_missing_session_secret() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flowgate.toml");
-    std::fs::write(&path, "[[route]]\nupstream = \"http://127.0.0.1:9\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[state]\nstore = \"memory\"\n[[route]]\nupstream = \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("users.toml"), "").unwrap();
     let output = flowgate()
         .arg("check")
@@ -106,6 +110,16 @@ fn check_warns_about_a_missing_session_secret() {
         .unwrap();
     assert!(with_secret.status.success());
     assert!(!String::from_utf8_lossy(&with_secret.stderr).contains("warning"));
+    // The embedded store keeps a secret of its own: nothing to warn about.
+    std::fs::write(&path, "[[route]]\nupstream = \"http://127.0.0.1:9\"\n").unwrap();
+    let embedded = flowgate()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(embedded.status.success());
+    assert!(!String::from_utf8_lossy(&embedded.stderr).contains("warning"));
 }
 
 #[test]
@@ -187,7 +201,11 @@ fn check_judges_every_broken_config_as_serve_would() {
 fn check_names_environment_variables_no_setting_reads() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flowgate.toml");
-    std::fs::write(&path, "[[route]]\nupstream = \"http://127.0.0.1:9\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[state]\nstore = \"memory\"\n[[route]]\nupstream = \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("users.toml"), "").unwrap();
     let output = flowgate()
         .args(["check", "--config"])

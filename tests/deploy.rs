@@ -140,13 +140,20 @@ fn image_config_path(stage: &[Instruction]) -> String {
 }
 
 /// The image's `ENV NAME=value` pairs.
-fn image_env(stage: &[Instruction]) -> Vec<(String, String)> {
+/// The image's `ENV` lines, its state folder (`/var/lib/flowgate`) moved
+/// under `root` as `image_layout` moves `/etc/flowgate`.
+fn image_env(stage: &[Instruction], root: &Path) -> Vec<(String, String)> {
+    let state = root.join("var/lib/flowgate");
+    std::fs::create_dir_all(&state).unwrap();
     instructions(stage, "ENV")
         .into_iter()
         .flat_map(|args| args.split_whitespace())
         .map(|pair| {
             let (name, value) = pair.split_once('=').expect("ENV NAME=value");
-            (name.to_owned(), value.trim_matches('"').to_owned())
+            let value = value
+                .trim_matches('"')
+                .replace("/var/lib/flowgate", state.to_str().unwrap());
+            (name.to_owned(), value)
         })
         .collect()
 }
@@ -452,7 +459,7 @@ fn the_image_healthcheck_passes_on_a_ready_gate_and_fails_otherwise() {
     assert!(command.contains("/dev/tcp/127.0.0.1/9090"), "{command}");
     let root = tempfile::tempdir().unwrap();
     let config = image_layout(root.path());
-    let env = image_env(&stage);
+    let env = image_env(&stage, root.path());
     assert!(
         env.iter().any(|(k, v)| k == "NO_COLOR" && v == "1"),
         "{env:?}"
@@ -562,6 +569,12 @@ fn the_systemd_unit_checks_then_reloads_with_sighup_and_reads_its_secret_credent
         "how to make the secret"
     );
     assert!(unit.contains("chmod 600 /etc/flowgate/session-secret"));
+    // The state file goes where systemd lets the dynamic user write.
+    assert_eq!(values(&entries, "StateDirectory"), ["flowgate"]);
+    assert!(
+        environment.contains(&"FLOWGATE_STATE_PATH=%S/flowgate/flowgate.state"),
+        "{environment:?}"
+    );
 
     // What systemd would do, by hand: the credential in a private folder
     // (%d), the unit's environment, ExecStartPre, ExecStart, then each
@@ -575,7 +588,12 @@ fn the_systemd_unit_checks_then_reloads_with_sighup_and_reads_its_secret_credent
         .iter()
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap();
-            (k.to_owned(), v.replace("%d", credentials.to_str().unwrap()))
+            let state = root.path().join("var/lib");
+            (
+                k.to_owned(),
+                v.replace("%d", credentials.to_str().unwrap())
+                    .replace("%S", state.to_str().unwrap()),
+            )
         })
         .collect();
     for line in values(&entries, "ExecStartPre") {
@@ -595,6 +613,13 @@ fn the_systemd_unit_checks_then_reloads_with_sighup_and_reads_its_secret_credent
     assert!(
         !gate.log().contains("no session secret configured"),
         "the credential was not read:\n{}",
+        gate.log()
+    );
+    assert!(
+        root.path()
+            .join("var/lib/flowgate/flowgate.state")
+            .is_file(),
+        "the state file in the StateDirectory:\n{}",
         gate.log()
     );
     for line in &reload {

@@ -960,9 +960,33 @@ impl<'a> Reader<'a> {
             }),
             None => default_admin(),
         };
+        let token = match self.string(&mut s, "token_file") {
+            Some((file, place)) => {
+                let path = resolve_against(self.path, Path::new(&file));
+                match std::fs::read(&path) {
+                    Ok(mut bytes) => {
+                        while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                            bytes.pop();
+                        }
+                        if bytes.len() < 16 || !bytes.iter().all(|b| b.is_ascii_graphic()) {
+                            self.error_at(&place, format!("{}: the token must be at least 16 visible ASCII characters (e.g. `openssl rand -hex 32`)", path.display()));
+                            None
+                        } else {
+                            Some(Secret(bytes))
+                        }
+                    }
+                    Err(e) => {
+                        self.error_at(&place, format!("cannot read {}: {e}", path.display()));
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         self.finish(s);
         AdminConfig {
             listen: enabled.then_some(listen),
+            token,
         }
     }
 

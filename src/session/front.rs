@@ -37,8 +37,46 @@ impl StoreOptions {
     }
 }
 
+/// One session as `flowgate sessions list` and the admin listener's
+/// `GET /sessions` show it: its key (the handle to end it by; never the
+/// id), whose it is, and its times (Unix seconds).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Listed {
+    pub id: String,
+    pub user: String,
+    pub name: String,
+    pub groups: Vec<String>,
+    pub created: u64,
+    pub expires: u64,
+    pub idle_deadline: u64,
+    pub second_factor: bool,
+    /// The flows this session has been through.
+    pub flows: Vec<String>,
+}
+
+impl Listed {
+    pub fn of(key: &Key, record: &Record) -> Listed {
+        let session = &record.session;
+        let identity = session.identity();
+        Listed {
+            id: key.as_str().to_owned(),
+            user: identity.map(|i| i.username.clone()).unwrap_or_default(),
+            name: identity.map(|i| i.name.clone()).unwrap_or_default(),
+            groups: identity.map(|i| i.groups.clone()).unwrap_or_default(),
+            created: session.created,
+            expires: session.expires,
+            idle_deadline: record.deadline.min(session.expires),
+            second_factor: session.second_factor,
+            flows: session.completed.clone(),
+        }
+    }
+}
+
 struct Cached {
-    session: Arc<Session>,
+    /// `None`: the id names no authenticated session (a login in progress,
+    /// or nothing). Safe to believe for as long as the rest: a login never
+    /// turns a record authenticated in place, it writes a new id.
+    session: Option<Arc<Session>>,
     /// Unix seconds: when it was read from the backend.
     fetched: u64,
     /// The idle deadline as this process has pushed it.
@@ -142,10 +180,16 @@ impl Store {
         Ok(ended)
     }
 
-    /// Live authenticated sessions, of one user or of all.
-    pub async fn list(&self, user: Option<&str>) -> Result<Vec<(Key, Record)>, StoreError> {
-        let mut listed = self.backend.list(user).await?;
-        listed.sort_by_key(|(_, record)| std::cmp::Reverse(record.session.created));
+    /// Live authenticated sessions, of one user or of all, newest first.
+    pub async fn list(&self, user: Option<&str>) -> Result<Vec<Listed>, StoreError> {
+        let mut listed: Vec<Listed> = self
+            .backend
+            .list(user)
+            .await?
+            .iter()
+            .map(|(key, record)| Listed::of(key, record))
+            .collect();
+        listed.sort_by_key(|l| std::cmp::Reverse(l.created));
         Ok(listed)
     }
 
@@ -158,8 +202,13 @@ impl Store {
         let now = now_secs();
         {
             let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-            cache
-                .retain(|_, c| c.deadline.load(Ordering::Relaxed) > now && c.session.expires > now);
+            let ttl = self.options.cache_ttl.as_secs();
+            cache.retain(|_, c| {
+                now < c.fetched + ttl
+                    && c.session
+                        .as_ref()
+                        .is_none_or(|s| c.deadline.load(Ordering::Relaxed) > now && s.expires > now)
+            });
         }
         self.backend.purge_expired().await
     }
@@ -181,18 +230,18 @@ impl Store {
             return answer;
         }
         let key = Key::of(id);
-        let Some(record) = self.backend.get(&key).await? else {
-            return Ok(None);
-        };
-        if record.session.identity.is_none() {
-            return Ok(None);
-        }
+        let record = self
+            .backend
+            .get(&key)
+            .await?
+            .filter(|r| r.session.identity.is_some());
         let now = now_secs();
+        let deadline = record.as_ref().map_or(0, |r| r.deadline);
         let cached = Arc::new(Cached {
-            session: Arc::new(record.session),
+            session: record.map(|r| Arc::new(r.session)),
             fetched: now,
-            deadline: AtomicU64::new(record.deadline),
-            written: AtomicU64::new(record.deadline),
+            deadline: AtomicU64::new(deadline),
+            written: AtomicU64::new(deadline),
         });
         {
             let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
@@ -201,7 +250,7 @@ impl Store {
             }
             cache.insert(key.clone(), cached.clone());
         }
-        Ok(Some(self.refresh(&key, &cached, idle, now)))
+        Ok(self.refresh(&key, &cached, idle, now))
     }
 
     /// `authenticated`, answered without waiting: by an in-process backend,
@@ -221,17 +270,24 @@ impl Store {
         if now >= cached.fetched + self.options.cache_ttl.as_secs() {
             return None;
         }
-        if cached.deadline.load(Ordering::Relaxed) <= now || cached.session.expires <= now {
-            self.forget(&key);
-            return Some(Ok(None));
-        }
-        Some(Ok(Some(self.refresh(&key, &cached, idle, now))))
+        Some(Ok(self.refresh(&key, &cached, idle, now)))
     }
 
-    /// Push a cached session's idle deadline, and write it back when it has
-    /// moved by `write_back` since it was last written.
-    fn refresh(&self, key: &Key, cached: &Cached, idle: Duration, now: u64) -> Arc<Session> {
-        let deadline = (now + idle.as_secs()).min(cached.session.expires);
+    /// A cached session, alive: its idle deadline pushed, and written back
+    /// when it has moved by `write_back` since it was last written. Dead or
+    /// none: `None`.
+    fn refresh(
+        &self,
+        key: &Key,
+        cached: &Cached,
+        idle: Duration,
+        now: u64,
+    ) -> Option<Arc<Session>> {
+        let session = cached.session.as_ref()?;
+        if cached.deadline.load(Ordering::Relaxed) <= now || session.expires <= now {
+            return None;
+        }
+        let deadline = (now + idle.as_secs()).min(session.expires);
         cached.deadline.fetch_max(deadline, Ordering::Relaxed);
         let written = cached.written.load(Ordering::Relaxed);
         if deadline >= written + self.options.write_back.as_secs()
@@ -250,7 +306,7 @@ impl Store {
                 });
             }
         }
-        cached.session.clone()
+        Some(session.clone())
     }
 
     /// Evict what other processes revoke, until the store is dropped. Ask
@@ -351,9 +407,8 @@ pub(super) mod tests {
         assert_eq!(store.count_authenticated().await.unwrap(), 3);
         let listed = store.list(Some("alice")).await.unwrap();
         assert_eq!(listed.len(), 2);
-        assert!(listed
-            .iter()
-            .all(|(k, _)| *k != Key::of("a1") || k.as_str().len() == 64));
+        assert!(listed.iter().all(|l| l.user == "alice" && l.id.len() == 64));
+        assert!(listed.iter().any(|l| l.id == Key::of("a1").as_str()));
         assert_eq!(store.delete_all_for_user("alice").await.unwrap(), 2);
         assert!(store.get("a1").await.unwrap().is_none());
         assert!(store.get("b1").await.unwrap().is_some());

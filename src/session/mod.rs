@@ -34,7 +34,7 @@ use crate::flow::FlowState;
 use crate::identity::Identity;
 
 pub use embedded::EmbeddedBackend;
-pub use front::{Store, StoreOptions};
+pub use front::{Listed, Store, StoreOptions};
 pub use memory::MemoryBackend;
 
 /// One flow in progress inside a pre-auth session. `key` is `page:<id>` for a
