@@ -532,7 +532,19 @@ pub async fn sign_out(
                 Some(to) => see_other(to),
                 None => signed_out(gateway),
             };
-            end_session(gateway, context, &id, &session, &mut response).await;
+            if end_session(gateway, context, &id, &session, &mut response)
+                .await
+                .is_err()
+            {
+                let mut failed = gateway.page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Sign-out not finished",
+                    "Your session could not be ended just now. Please try again in a moment.",
+                    Some((&action, "Sign out")),
+                );
+                crate::gate::clear_cookie(gateway, context, &mut failed);
+                return failed;
+            }
             response
         }
         _ => gateway.page(
@@ -545,26 +557,30 @@ pub async fn sign_out(
 }
 
 /// Sign a session out: the executor's side first (a remote's session ends
-/// with it), then ours; the cookie cleared on `response`.
+/// with it), then ours; the cookie cleared on `response`. Err: the store
+/// could not delete it, and it may still hold: the caller must not say
+/// "signed out".
 pub(crate) async fn end_session(
     gateway: &Gateway,
     context: &Context,
     id: &str,
     session: &crate::session::Session,
     response: &mut Response<Body>,
-) {
+) -> Result<(), crate::session::StoreError> {
     if let Some(remote) = &session.executor_session {
         if let Err(error) = gateway.executor.sign_out(remote, context.client_ip).await {
             tracing::warn!(reason = %crate::respond::chain(&error), "the remote session could not be ended; ours ends all the same");
         }
     }
+    crate::gate::clear_cookie(gateway, context, response);
     if let Err(error) = gateway.sessions.delete(id).await {
-        tracing::warn!(%error, "the session could not be deleted from the store");
+        tracing::warn!(%error, "sign-out failed: the session could not be deleted from the store");
+        return Err(error);
     }
     if let Some(identity) = &session.identity {
         tracing::info!(user = %identity.username, "signed out");
     }
-    crate::gate::clear_cookie(gateway, context, response);
+    Ok(())
 }
 
 // --- The login log lines ----------------------------------------------------

@@ -173,15 +173,18 @@ impl Flow {
                 if invalidates {
                     // An invalidation flow run to its end: the visitor's
                     // session ends, as sign-out ends it.
-                    crate::login::end_session(
+                    return match crate::login::end_session(
                         gateway,
                         context,
                         &visitor.id,
                         &visitor.session,
                         response,
                     )
-                    .await;
-                    return Finished::SignedOut;
+                    .await
+                    {
+                        Ok(()) => Finished::SignedOut,
+                        Err(error) => Finished::Unavailable(error),
+                    };
                 }
                 let _ = self.end(gateway, context, visitor).await;
                 return Finished::NobodyLoggedIn;
