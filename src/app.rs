@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, StoreKind};
+use crate::config::Config;
 use crate::engine::Throttle;
 use crate::gateway::{Gateway, People};
 use crate::metrics::Metrics;
-use crate::session::{Backend, EmbeddedBackend, MemoryBackend, Store, StoreOptions};
+use crate::session::{Store, StoreOptions};
 
 pub struct App {
     current: ArcSwap<Gateway>,
@@ -51,22 +51,20 @@ impl App {
     /// reloads read again.
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<App>, String> {
         let startup_stamps = Stamps::stat(Stamps::paths(&config));
-        let max_pre_auth = config.session.max_pre_auth;
-        let backend: Arc<dyn Backend> = match config.state.store {
-            StoreKind::Memory => Arc::new(MemoryBackend::new(max_pre_auth)),
-            StoreKind::Embedded => Arc::new(
-                EmbeddedBackend::open(&config.state.path, max_pre_auth)
-                    .map_err(|e| format!("state.path: {e}"))?,
-            ),
-        };
+        let backend = crate::session::open_backend(&config).map_err(|e| format!("state: {e}"))?;
         let fresh = crate::session::random_token().into_bytes();
-        let kept = backend
-            .kept_secret(&fresh)
-            .map_err(|e| format!("state: {e}"))?;
+        // Only asked when needed: with a configured secret, a store that is
+        // down at start is no reason not to start.
+        let kept = match config.session.secret {
+            Some(_) => None,
+            None => backend
+                .kept_secret(&fresh)
+                .map_err(|e| format!("state: {e}"))?,
+        };
         if config.session.secret.is_none() {
             match &kept {
                 Some(_) => tracing::info!(
-                    path = %config.state.path.display(),
+                    store = backend.kind(),
                     "no session secret configured: using the one kept in the state store"
                 ),
                 None => tracing::warn!("no session secret configured (session.secret_file or FLOWGATE_SESSION_SECRET): using a random one for this process (the memory store keeps sessions only as long as the process either way)"),
@@ -238,6 +236,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("log.level", old.log.level != new.log.level),
         ("state.store", old.state.store != new.state.store),
         ("state.path", old.state.path != new.state.path),
+        (
+            "state.redis_url",
+            old.state.redis_url != new.state.redis_url,
+        ),
+        (
+            "state.redis_prefix",
+            old.state.redis_prefix != new.state.redis_prefix,
+        ),
     ]
     .into_iter()
     .filter_map(|(key, changed)| changed.then_some(key))

@@ -204,18 +204,17 @@ fn check(path: &Path) -> ExitCode {
 /// file may be open in a running server at the same time; it hears of
 /// what is ended here within a quarter second).
 fn sessions(path: &Path, action: SessionsAction) -> anyhow::Result<()> {
-    use crate::session::{Backend, EmbeddedBackend, Key, Store, StoreOptions};
+    use crate::session::{Key, Store, StoreOptions};
     let config = load(path)?;
-    let backend: std::sync::Arc<dyn Backend> = match config.state.store {
-        crate::config::StoreKind::Memory => anyhow::bail!(
+    if config.state.store == crate::config::StoreKind::Memory {
+        anyhow::bail!(
             "state.store is \"memory\": the sessions live inside the running flowgate; ask its admin listener (GET /sessions, with admin.token_file's token)"
-        ),
-        crate::config::StoreKind::Embedded => std::sync::Arc::new(
-            EmbeddedBackend::open(&config.state.path, config.session.max_pre_auth)?,
-        ),
-    };
-    let store = Store::new(backend, StoreOptions::for_idle(config.session.idle_timeout));
+        );
+    }
     let runtime = runtime(1)?;
+    let _inside = runtime.enter();
+    let backend = crate::session::open_backend(&config)?;
+    let store = Store::new(backend, StoreOptions::for_idle(config.session.idle_timeout));
     runtime.block_on(async {
         match action {
             SessionsAction::List { user, json } => {

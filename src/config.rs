@@ -197,16 +197,21 @@ impl fmt::Debug for Secret {
 pub enum StoreKind {
     Memory,
     Embedded,
+    Redis,
 }
 
 /// `[state]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
-    /// `state.store`: `embedded` (default) | `memory`.
+    /// `state.store`: `embedded` (default) | `memory` | `redis`.
     pub store: StoreKind,
     /// `state.path`, default `flowgate.state` beside the config file: the
     /// embedded store's database.
     pub path: PathBuf,
+    /// `state.redis_url`: `redis://` or `rediss://` (required with `redis`).
+    pub redis_url: Option<String>,
+    /// `state.redis_prefix`, default `flowgate:`: what every key starts with.
+    pub redis_prefix: String,
 }
 
 #[derive(Debug, Clone)]

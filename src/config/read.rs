@@ -931,6 +931,7 @@ impl<'a> Reader<'a> {
             &[
                 ("embedded", StoreKind::Embedded),
                 ("memory", StoreKind::Memory),
+                ("redis", StoreKind::Redis),
             ],
             StoreKind::Embedded,
         );
@@ -943,8 +944,38 @@ impl<'a> Reader<'a> {
             }
             None => resolve_against(self.path, Path::new("flowgate.state")),
         };
+        let redis_url = match self.string(&mut s, "redis_url") {
+            Some((text, place)) => {
+                let fits = url::Url::parse(&text)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "redis" | "rediss") && u.host_str().is_some());
+                if fits.is_none() {
+                    self.error_at(
+                        &place,
+                        "expected a URL like \"redis://127.0.0.1:6379/0\" or \"rediss://…\"",
+                    );
+                }
+                Some(text)
+            }
+            None => None,
+        };
+        let redis_prefix = self
+            .string(&mut s, "redis_prefix")
+            .map_or_else(|| "flowgate:".to_owned(), |(p, _)| p);
+        if store == StoreKind::Redis && redis_url.is_none() {
+            self.error(
+                s.line,
+                "state.redis_url",
+                "missing: store = \"redis\" needs a URL like \"redis://127.0.0.1:6379/0\"",
+            );
+        }
         self.finish(s);
-        StateConfig { store, path }
+        StateConfig {
+            store,
+            path,
+            redis_url,
+            redis_prefix,
+        }
     }
 
     fn admin(&mut self, root: &dyn TableLike) -> AdminConfig {

@@ -72,7 +72,10 @@ pub(super) async fn lookup(gateway: &Gateway, headers: &HeaderMap) -> Lookup {
                 unstored.get_or_insert_with(|| id.to_owned());
             }
             Err(error) => {
+                // Kept as the visitor's id: a first challenge needs no
+                // store and still shows; storing its answer fails (503).
                 store_failed(&error);
+                unstored.get_or_insert_with(|| id.to_owned());
                 break;
             }
         }

@@ -492,6 +492,96 @@ pub(super) mod tests {
         the_backend_sees_keys_not_ids(open("c.state")).await;
     }
 
+    /// A `redis-server` of this test's own on a free loopback port, stopped
+    /// on drop; `None` (loudly) when none is installed, unless CI demands it.
+    pub struct RedisServer {
+        child: std::process::Child,
+        pub url: String,
+    }
+
+    impl RedisServer {
+        pub fn start() -> Option<RedisServer> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn();
+            let child = match child {
+                Ok(child) => child,
+                Err(_) => {
+                    if std::env::var("FLOWGATE_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+                        panic!(
+                            "redis-server is required (FLOWGATE_REQUIRE_ALL=1) but not installed"
+                        );
+                    }
+                    eprintln!(
+                        "SKIPPED: redis-server is not installed; install it to run this test"
+                    );
+                    return None;
+                }
+            };
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Some(RedisServer {
+                child,
+                url: format!("redis://127.0.0.1:{port}/0"),
+            })
+        }
+    }
+
+    impl Drop for RedisServer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn redis_keeps_the_contract() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        let open = |prefix: &str| {
+            Arc::new(super::super::RedisBackend::new(&redis.url, prefix, 2).unwrap())
+                as Arc<dyn Backend>
+        };
+        pre_auth_records_are_bounded(open("a:")).await;
+        records_expire_and_end_per_user(open("b:")).await;
+        the_backend_sees_keys_not_ids(open("c:")).await;
+        // Two processes' fronts on one Redis: a deletion through one is
+        // heard by the other, which drops its cached copy.
+        let one = Arc::new(store(open("d:")));
+        let two = Arc::new(store(open("d:")));
+        two.watch(Duration::from_millis(50));
+        let now = now_secs();
+        let ttl = Duration::from_secs(600);
+        let session = Session::authenticated(identity("alice"), now, ttl);
+        one.put("x", &session, ttl).await.unwrap();
+        assert!(two.authenticated("x", ttl).await.unwrap().is_some());
+        assert!(two.authenticated_now("x", ttl).unwrap().unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        one.delete("x").await.unwrap();
+        let mut waited = 0;
+        while two.authenticated_now("x", ttl).is_some() {
+            assert!(waited < 40, "still cached after 2 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += 1;
+        }
+        // The kept secret is one for all.
+        let a = open("e:").kept_secret(b"first").unwrap();
+        let b = open("e:").kept_secret(b"second").unwrap();
+        assert_eq!(a, b);
+    }
+
     /// A cached session is answered without the backend, and forgotten
     /// once another process revokes it.
     #[tokio::test]

@@ -17,6 +17,7 @@
 mod embedded;
 mod front;
 mod memory;
+mod redis;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use crate::identity::Identity;
 pub use embedded::EmbeddedBackend;
 pub use front::{Listed, Store, StoreOptions};
 pub use memory::MemoryBackend;
+pub use redis::RedisBackend;
 
 /// One flow in progress inside a pre-auth session. `key` is `page:<id>` for a
 /// login page (one per browser tab) or `api:<slug>` for the JSON API (one per
@@ -273,6 +275,25 @@ pub trait Backend: Send + Sync {
     fn authenticated_now(&self, _key: &Key, _idle: Duration) -> Option<Option<Arc<Session>>> {
         None
     }
+}
+
+/// The backend `[state]` names.
+pub fn open_backend(config: &crate::config::Config) -> Result<Arc<dyn Backend>, StoreError> {
+    use crate::config::StoreKind;
+    let max_pre_auth = config.session.max_pre_auth;
+    let state = &config.state;
+    Ok(match state.store {
+        StoreKind::Memory => Arc::new(MemoryBackend::new(max_pre_auth)),
+        StoreKind::Embedded => Arc::new(EmbeddedBackend::open(&state.path, max_pre_auth)?),
+        StoreKind::Redis => Arc::new(RedisBackend::new(
+            state
+                .redis_url
+                .as_deref()
+                .unwrap_or("redis://127.0.0.1:6379/0"),
+            &state.redis_prefix,
+            max_pre_auth,
+        )?),
+    })
 }
 
 /// Logins started per client address, in fixed windows of the pre-auth

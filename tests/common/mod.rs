@@ -6,6 +6,7 @@
 pub mod ca;
 pub mod h2;
 pub mod raw;
+pub mod redis;
 pub mod totp;
 
 use std::io::{BufRead, BufReader};

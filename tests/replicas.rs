@@ -1,0 +1,243 @@
+//! Two flowgates sharing one real Redis (`state.store = "redis"`): a login
+//! on one holds on the other, a login started on one finishes on the other,
+//! a sign-out on one ends the session on the other within a second (it had
+//! it cached); with Redis down, logins fail closed (503) and flowgate
+//! recovers by itself when Redis is back, sessions written before intact.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::Redis;
+use common::*;
+use serde_json::{json, Value};
+
+/// Without a secret of its own: both replicas take the one kept in Redis.
+fn replica(upstream: &str, redis: &Redis) -> Flowgate {
+    let config = basic_config(
+        upstream,
+        &format!(
+            "[state]\nstore = \"redis\"\nredis_url = \"{}\"\n",
+            redis.url()
+        ),
+    )
+    .replace(
+        "secret = \"test-secret-test-secret-test-secret-0123456789\"\n",
+        "",
+    );
+    Flowgate::start(&config, &users_file(&[&ALICE, &BOB]))
+}
+
+async fn status(client: &reqwest::Client, gate: &Flowgate) -> u16 {
+    client
+        .get(gate.url("/private"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn executor(gate: &Flowgate) -> String {
+    gate.url(&format!("/_flowgate/api/v3/flows/executor/{FLOW}/"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_share_logins_flows_and_sign_outs() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = Redis::start(dir.path()) else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let a = replica(&upstream.url(), &redis);
+    let b = replica(&upstream.url(), &redis);
+    a.wait_for_log(
+        "using the one kept in the state store",
+        Duration::from_secs(5),
+    );
+
+    // Signed in on A, in on B (the cookie jar follows 127.0.0.1 to both).
+    let (alice, _) = signed_in(&a, &ALICE).await;
+    assert_eq!(status(&alice, &a).await, 200);
+    assert_eq!(status(&alice, &b).await, 200, "{}", b.log());
+
+    // A login started on A finishes on B.
+    let bob = client();
+    let first: Value = bob
+        .get(executor(&a))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["component"], "ak-stage-identification");
+    let posted = bob
+        .post(executor(&a))
+        .json(&json!({"uid_field": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 302);
+    let step: Value = bob
+        .get(executor(&b))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(step["component"], "ak-stage-password", "{step}");
+    let mut done = bob
+        .post(executor(&b))
+        .json(&json!({"password": BOB.password}))
+        .send()
+        .await
+        .unwrap();
+    while done.status() == 302 {
+        done = bob.get(executor(&b)).send().await.unwrap();
+    }
+    let done: Value = done.json().await.unwrap();
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    assert_eq!(status(&bob, &a).await, 200);
+    // The command line sees the same sessions, through Redis.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["sessions", "list", "--json", "--config"])
+        .arg(a.path().join("flowgate.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let mut users: Vec<&str> = listed["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["user"].as_str())
+        .collect();
+    users.sort();
+    assert_eq!(users, ["alice", "bob"], "{listed}");
+
+    // alice signs out on B; A, which has her cached, lets go within 1 s.
+    let page = alice
+        .get(b.url("/_flowgate/sign_out"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = input_value(&page, "csrf_token").expect("the sign-out form");
+    let out = alice
+        .post(b.url("/_flowgate/sign_out"))
+        .form(&[("csrf_token", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        out.status().is_success() || out.status().is_redirection(),
+        "{}",
+        out.status()
+    );
+    let started = Instant::now();
+    while status(&alice, &a).await != 401 {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "A still takes alice's session after 1 s:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("sign-out on B reached A in {:?}", started.elapsed());
+    assert_eq!(status(&bob, &b).await, 200, "bob's stays");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_down_logins_fail_closed_and_all_comes_back_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut redis) = Redis::start(dir.path()) else {
+        return;
+    };
+    let upstream = Upstream::start().await;
+    let gate = replica(&upstream.url(), &redis);
+    let (alice, _) = signed_in(&gate, &ALICE).await;
+    assert_eq!(status(&alice, &gate).await, 200);
+
+    redis.kill();
+    // A new login cannot be stored: 503, as a page and as JSON.
+    let bob = client();
+    let url = executor(&gate);
+    let _ = bob.get(&url).send().await.unwrap();
+    let posted = bob
+        .post(&url)
+        .json(&json!({"uid_field": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 503, "{}", gate.log());
+    // The login page itself stores nothing: it shows; its answer is refused.
+    let browser = client();
+    let started = browser
+        .get(gate.url("/_flowgate/flow/default-authentication-flow/?next=%2F"))
+        .send()
+        .await
+        .unwrap();
+    let page = browser
+        .get(gate.url(&location(&started)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    let answered = browser
+        .post(gate.url(&form_action(&html).unwrap()))
+        .form(&[
+            (
+                "csrf_token",
+                input_value(&html, "csrf_token").unwrap().as_str(),
+            ),
+            ("uid_field", "bob"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 503, "{}", gate.log());
+    // Nothing crashed.
+    assert_eq!(
+        reqwest::get(gate.url("/public/x")).await.unwrap().status(),
+        200,
+        "{}",
+        gate.log()
+    );
+
+    redis.restart();
+    // Back by itself: alice's session (written before the kill) holds, and
+    // a new login goes through.
+    let started = Instant::now();
+    loop {
+        if status(&alice, &gate).await == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{}",
+            gate.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let client = client();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let done = json_login(&client, &gate.url(""), "bob", BOB.password, "/").await;
+        if done["component"] == "xak-flow-redirect" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{done}\n{}", gate.log());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(!gate.log().contains("panicked"), "{}", gate.log());
+}
