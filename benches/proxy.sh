@@ -4,8 +4,9 @@
 #
 #   benches/proxy.sh            3 rounds x 8 s, the figures in BENCHMARKS.md
 #   benches/proxy.sh --short    1 round x 2 s, for CI (also SHORT=1)
-#   benches/proxy.sh --store memory       the session store (default embedded,
-#                                         the default of `serve`; also STORE=)
+#   benches/proxy.sh --store memory       the session store: memory, embedded
+#                                         (default, as `serve`) or redis (a
+#                                         redis-server started here); also STORE=
 #   FLOWGATE_BIN=path benches/proxy.sh    measure that binary instead of building
 #
 # Builds flowgate (release), starts the harness upstream, runs flowgate with
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-case "$STORE" in memory|embedded) ;; *) echo "proxy.sh: --store memory|embedded" >&2; exit 2 ;; esac
+case "$STORE" in memory|embedded|redis) ;; *) echo "proxy.sh: --store memory|embedded|redis" >&2; exit 2 ;; esac
 [ "$SHORT" = 1 ] && export DURATION=2 ROUNDS=1
 BENCH_PATH=${BENCH_PATH:-/small}; export BENCH_PATH
 
@@ -38,7 +39,9 @@ die() { echo "proxy.sh: $*" >&2; exit 1; }
 WORK=$(mktemp -d /tmp/flowgate-proxy-bench.XXXXXX)
 FLOWGATE_PID=
 UPSTREAM_STARTED=0
+REDIS_PID=
 cleanup() {
+  if [ -n "$REDIS_PID" ]; then kill "$REDIS_PID" 2>/dev/null || true; fi
   if [ -n "$FLOWGATE_PID" ]; then
     kill "$FLOWGATE_PID" 2>/dev/null || true
     wait "$FLOWGATE_PID" 2>/dev/null || true
@@ -93,6 +96,14 @@ cat >"$WORK/users.toml" <<EOF
 username = "bench"
 password = "$HASH"
 EOF
+REDIS_LINE=
+if [ "$STORE" = redis ]; then
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+  REDIS_PID=$!
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$REDIS_PORT") 2>/dev/null && break; sleep 0.05; done
+  REDIS_LINE="redis_url = \"redis://127.0.0.1:$REDIS_PORT/0\""
+fi
 cat >"$WORK/flowgate.toml" <<EOF
 [server]
 listen = "127.0.0.1:$PORT"
@@ -106,6 +117,7 @@ users_file = "users.toml"
 
 [state]
 store = "$STORE"
+$REDIS_LINE
 
 [log]
 level = "warn"
