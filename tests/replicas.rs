@@ -29,14 +29,7 @@ fn replica(upstream: &str, redis: &Redis) -> Flowgate {
 }
 
 async fn status(client: &reqwest::Client, gate: &Flowgate) -> u16 {
-    client
-        .get(gate.url("/private"))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    api_status(client, gate.url("/private")).await
 }
 
 fn executor(gate: &Flowgate) -> String {

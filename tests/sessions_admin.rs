@@ -40,14 +40,7 @@ fn cli(gate: &Flowgate, args: &[&str]) -> (bool, String, String) {
 }
 
 async fn status(client: &reqwest::Client, gate: &Flowgate) -> u16 {
-    client
-        .get(gate.url("/private"))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    api_status(client, gate.url("/private")).await
 }
 
 /// Poll until `client` is refused; how long it took.

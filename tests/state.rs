@@ -26,19 +26,7 @@ fn executor(gate: &Flowgate) -> String {
 }
 
 async fn user_seen_upstream(client: &reqwest::Client, gate: &Flowgate) -> Option<String> {
-    let response = client
-        .get(gate.url("/whoami"))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
-    if response.status() != 200 {
-        return None;
-    }
-    let echo: Value = response.json().await.unwrap();
-    echo["headers"]["x-forwarded-user"]
-        .as_str()
-        .map(str::to_owned)
+    upstream_user(client, gate.url("/whoami")).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

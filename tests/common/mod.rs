@@ -375,6 +375,36 @@ pub async fn json_login(
     response.json().await.unwrap()
 }
 
+/// GET `url` as an API client (`Accept: application/json`): the status.
+pub async fn api_status(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> u16 {
+    client
+        .get(url)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// GET `url` (an echo upstream behind flowgate) as an API client: the user
+/// flowgate said it was for (`X-Forwarded-User`), if it got through.
+pub async fn upstream_user(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> Option<String> {
+    let response = client
+        .get(url)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    if response.status() != 200 {
+        return None;
+    }
+    let echo: Value = response.json().await.unwrap();
+    echo["headers"]["x-forwarded-user"]
+        .as_str()
+        .map(str::to_owned)
+}
+
 /// Log `user` in through the JSON API; returns the client (which keeps the
 /// session) and the `Cookie` header value it would send, for raw requests
 /// and clients that are not reqwest (websockets).
