@@ -115,6 +115,21 @@ fn a_url(a: &Flowgate) -> String {
     format!("https://localhost:{}", a.addr.port())
 }
 
+/// A browser asks B for `path`: sent to sign in, the page it lands on.
+async fn login_page(client: &reqwest::Client, b: &Flowgate, path: &str) -> String {
+    let first = client
+        .get(b.url(path))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 302);
+    let started = client.get(b.url(&location(&first))).send().await.unwrap();
+    assert_eq!(started.status(), 303);
+    let page = client.get(b.url(&location(&started))).send().await.unwrap();
+    page.text().await.unwrap()
+}
+
 /// The JSON executor of B, run to the end with `answers` in order; the
 /// last answer's body.
 async fn json_run(client: &reqwest::Client, b: &Flowgate, answers: &[Value]) -> Vec<Value> {
@@ -250,30 +265,13 @@ async fn an_html_login_through_b_shows_a_s_errors_and_then_lets_in() {
     let upstream = Upstream::start().await;
     let b = start_b(&upstream.url(), &a_url(&a), Some(&ca), "");
     let client = client();
-    let first = client
-        .get(b.url("/reports"))
-        .header("accept", "text/html")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(first.status(), 302);
-    let started = client.get(b.url(&location(&first))).send().await.unwrap();
-    assert_eq!(started.status(), 303);
-    let flow_url = location(&started);
     let form = |html: &str| {
         (
             form_action(html).expect("a form"),
             input_value(html, "csrf_token").expect("a csrf token"),
         )
     };
-    let html = client
-        .get(b.url(&flow_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = login_page(&client, &b, "/reports").await;
     assert!(html.contains("name=\"uid_field\""), "{html}");
     let (action, csrf) = form(&html);
     let posted = client
@@ -786,16 +784,7 @@ async fn a_s_deny_stage_and_a_disabled_user_are_refused_through_b() {
     let b = start_b(&upstream.url(), &a_url(&a), Some(&ca), "");
     // The deny flow, as a page.
     let client = client();
-    let first = client
-        .get(b.url("/closed/x"))
-        .header("accept", "text/html")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(first.status(), 302);
-    let started = client.get(b.url(&location(&first))).send().await.unwrap();
-    let page = client.get(b.url(&location(&started))).send().await.unwrap();
-    let html = page.text().await.unwrap();
+    let html = login_page(&client, &b, "/closed/x").await;
     assert!(html.contains("Access denied"), "{html}");
     assert!(!html.contains("<form method=\"post\""), "{html}");
     // And as JSON.
