@@ -497,20 +497,106 @@ pub(super) mod tests {
     pub struct RedisServer {
         child: std::process::Child,
         pub url: String,
+        pub port: u16,
+        /// Its certificates (TLS), a sentinel's config file.
+        pub dir: tempfile::TempDir,
+    }
+
+    /// A certificate authority made for one test.
+    fn test_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        (params.self_signed(&key).unwrap(), key)
+    }
+
+    fn free_port() -> Option<u16> {
+        Some(
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port(),
+        )
     }
 
     impl RedisServer {
         pub fn start() -> Option<RedisServer> {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .ok()?
-                .local_addr()
-                .ok()?
-                .port();
-            let child = std::process::Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(std::process::Stdio::null())
-                .spawn();
+            let port = free_port()?;
+            let dir = tempfile::tempdir().unwrap();
+            let args = ["--port".to_owned(), port.to_string()];
+            Self::spawn(&args, port, format!("redis://127.0.0.1:{port}/0"), dir)
+        }
+
+        /// Speaking only TLS, with a certificate for 127.0.0.1 signed by a
+        /// CA made here: its certificate is `ca_file()`.
+        pub fn start_tls() -> Option<RedisServer> {
+            let port = free_port()?;
+            let dir = tempfile::tempdir().unwrap();
+            let (ca, ca_key) = test_ca("flowgate test CA for Redis");
+            let key = rcgen::KeyPair::generate().unwrap();
+            let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+            let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+            let path = |name: &str| dir.path().join(name).display().to_string();
+            std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+            std::fs::write(path("redis.pem"), cert.pem()).unwrap();
+            std::fs::write(path("redis.key"), key.serialize_pem()).unwrap();
+            let args = [
+                "--port".to_owned(),
+                "0".to_owned(),
+                "--tls-port".to_owned(),
+                port.to_string(),
+                "--tls-cert-file".to_owned(),
+                path("redis.pem"),
+                "--tls-key-file".to_owned(),
+                path("redis.key"),
+                "--tls-ca-cert-file".to_owned(),
+                path("ca.pem"),
+                "--tls-auth-clients".to_owned(),
+                "no".to_owned(),
+            ];
+            Self::spawn(&args, port, format!("rediss://127.0.0.1:{port}/0"), dir)
+        }
+
+        /// A sentinel watching `master` as `mymaster`.
+        pub fn start_sentinel(master: &RedisServer) -> Option<RedisServer> {
+            let port = free_port()?;
+            let dir = tempfile::tempdir().unwrap();
+            let conf = dir.path().join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {} 1\n",
+                    master.port
+                ),
+            )
+            .unwrap();
+            let args = [conf.display().to_string(), "--sentinel".to_owned()];
+            Self::spawn(&args, port, format!("redis://127.0.0.1:{port}"), dir)
+        }
+
+        pub fn ca_file(&self) -> std::path::PathBuf {
+            self.dir.path().join("ca.pem")
+        }
+
+        fn spawn(
+            args: &[String],
+            port: u16,
+            url: String,
+            dir: tempfile::TempDir,
+        ) -> Option<RedisServer> {
+            let sentinel = args.iter().any(|a| a == "--sentinel");
+            let mut command = std::process::Command::new("redis-server");
+            command.args(args);
+            if !sentinel {
+                command
+                    .args(["--bind", "127.0.0.1"])
+                    .args(["--save", "", "--appendonly", "no"]);
+            }
+            let child = command.stdout(std::process::Stdio::null()).spawn();
             let child = match child {
                 Ok(child) => child,
                 Err(_) => {
@@ -533,7 +619,9 @@ pub(super) mod tests {
             }
             Some(RedisServer {
                 child,
-                url: format!("redis://127.0.0.1:{port}/0"),
+                url,
+                port,
+                dir,
             })
         }
     }
@@ -545,15 +633,9 @@ pub(super) mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn redis_keeps_the_contract() {
-        let Some(redis) = RedisServer::start() else {
-            return;
-        };
-        let open = |prefix: &str| {
-            Arc::new(super::super::RedisBackend::new(&redis.url, prefix, 2).unwrap())
-                as Arc<dyn Backend>
-        };
+    /// The contract, the revocations heard across processes and the kept
+    /// secret, on the Redis `open` opens a backend on (by key prefix).
+    async fn redis_keeps_everything(open: impl Fn(&str) -> Arc<dyn Backend>) {
         pre_auth_records_are_bounded(open("a:")).await;
         records_expire_and_end_per_user(open("b:")).await;
         the_backend_sees_keys_not_ids(open("c:")).await;
@@ -580,6 +662,73 @@ pub(super) mod tests {
         let a = open("e:").kept_secret(b"first").unwrap();
         let b = open("e:").kept_secret(b"second").unwrap();
         assert_eq!(a, b);
+    }
+
+    #[tokio::test]
+    async fn redis_keeps_the_contract() {
+        let Some(redis) = RedisServer::start() else {
+            return;
+        };
+        redis_keeps_everything(|prefix| {
+            Arc::new(super::super::RedisBackend::new(&redis.url, prefix, 2).unwrap())
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn redis_over_tls_keeps_the_contract_and_checks_the_certificate() {
+        use super::super::{RedisAt, RedisBackend};
+        let Some(redis) = RedisServer::start_tls() else {
+            return;
+        };
+        let ca = redis.ca_file();
+        redis_keeps_everything(|prefix| {
+            Arc::new(RedisBackend::open(RedisAt::Url(&redis.url), Some(&ca), prefix, 2).unwrap())
+        })
+        .await;
+        // A CA that did not sign the server's certificate, or none (the
+        // system's roots): no connection, and the error says why.
+        let other = redis.dir.path().join("other-ca.pem");
+        std::fs::write(&other, test_ca("some other CA").0.pem()).unwrap();
+        for ca_file in [Some(other.as_path()), None] {
+            let backend = RedisBackend::open(RedisAt::Url(&redis.url), ca_file, "f:", 2).unwrap();
+            let refused = backend.get(&Key::of("a")).await.unwrap_err().to_string();
+            assert!(
+                refused.contains("invalid peer certificate") && refused.contains("UnknownIssuer"),
+                "{ca_file:?}: {refused}"
+            );
+            let refused = backend.kept_secret(b"fresh").unwrap_err().to_string();
+            assert!(refused.contains("UnknownIssuer"), "{refused}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn redis_through_a_sentinel_keeps_the_contract() {
+        use super::super::{RedisAt, RedisBackend};
+        let Some(master) = RedisServer::start() else {
+            return;
+        };
+        let Some(sentinel) = RedisServer::start_sentinel(&master) else {
+            return;
+        };
+        let sentinels = [sentinel.url.clone()];
+        redis_keeps_everything(|prefix| {
+            let at = RedisAt::Sentinels {
+                urls: &sentinels,
+                master: "mymaster",
+            };
+            Arc::new(RedisBackend::open(at, None, prefix, 2).unwrap())
+        })
+        .await;
+        // A name the sentinel does not watch: refused, and said so.
+        let at = RedisAt::Sentinels {
+            urls: &sentinels,
+            master: "othermaster",
+        };
+        let backend = RedisBackend::open(at, None, "g:", 2).unwrap();
+        let refused = backend.get(&Key::of("a")).await.unwrap_err().to_string();
+        assert!(refused.contains("othermaster"), "{refused}");
+        assert!(refused.contains("no master"), "{refused}");
     }
 
     /// A cached session is answered without the backend, and forgotten

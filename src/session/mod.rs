@@ -37,7 +37,7 @@ use crate::identity::Identity;
 pub use embedded::EmbeddedBackend;
 pub use front::{Listed, Store, StoreOptions};
 pub use memory::MemoryBackend;
-pub use redis::RedisBackend;
+pub use redis::{RedisAt, RedisBackend};
 
 /// One flow in progress inside a pre-auth session. `key` is `page:<id>` for a
 /// login page (one per browser tab) or `api:<slug>` for the JSON API (one per

@@ -1,7 +1,8 @@
 //! The Redis backend, for replicas: every flowgate pointed at one Redis
-//! (`redis://` or `rediss://`) shares sessions and logins in progress.
-//! Records expire by Redis's own TTLs; a deletion is published on a
-//! channel every replica listens to, so their caches drop it at once.
+//! (`redis://` or `rediss://`, or the master a set of Redis Sentinels
+//! names) shares sessions and logins in progress. Records expire by
+//! Redis's own TTLs; a deletion is published on a channel every replica
+//! listens to, so their caches drop it at once.
 //!
 //! Keys (under the prefix, `flowgate:` by default):
 //! - `s:<key>`: the record as JSON, expiring when it dies;
@@ -13,23 +14,38 @@
 //!
 //! The connection manager reconnects by itself, with backoff; while Redis
 //! is down every call fails (the callers fail closed) and the revocation
-//! listener retries every second.
+//! listener retries every second. With sentinels, a failed call (or the
+//! listener's connection ending, or its check every few seconds) sends the
+//! next call to the sentinels first: when they name another master, the
+//! calls and the listener move to it.
 
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
-use redis::AsyncCommands;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{AsyncCommands, IntoConnectionInfo};
 
 use super::{now_secs, Backend, Key, Record, StoreError};
 
+/// Where the Redis is, as `[state]` names it.
+#[derive(Debug, Clone, Copy)]
+pub enum RedisAt<'a> {
+    /// One server: `redis_url`.
+    Url(&'a str),
+    /// Whichever server these sentinels name master `master`:
+    /// `redis_sentinels`, `redis_master_name`.
+    Sentinels { urls: &'a [String], master: &'a str },
+}
+
 pub struct RedisBackend {
-    client: redis::Client,
-    /// Where, for log lines and errors: the URL without its password.
-    shown: String,
+    link: Arc<Link>,
     prefix: String,
     max_pre_auth: usize,
-    manager: tokio::sync::OnceCell<ConnectionManager>,
     /// Keys revoked anywhere, as heard on the channel, numbered.
     heard: Arc<Mutex<Heard>>,
     listening: std::sync::Once,
@@ -44,6 +60,14 @@ struct Heard {
 /// How many heard revocations are kept for `revoked_since`.
 const HEARD_KEPT: usize = 4096;
 
+/// With sentinels: the least time between two lookups of the master that
+/// failed calls ask for (the first failure after a failover asks at once).
+const LOOKUP_EVERY: Duration = Duration::from_millis(250);
+
+/// With sentinels: how often the revocation listener asks them whether
+/// the master is still the one it listens to, calls failing or not.
+const RECHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// `redis://user:secret@host:6379/0` as `redis://host:6379/0`.
 fn without_password(url: &str) -> String {
     match url::Url::parse(url) {
@@ -56,39 +80,356 @@ fn without_password(url: &str) -> String {
     }
 }
 
-impl RedisBackend {
-    pub fn new(url: &str, prefix: &str, max_pre_auth: usize) -> Result<RedisBackend, StoreError> {
-        let shown = without_password(url);
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::unavailable(format!("{shown}: {e}")))?;
-        Ok(RedisBackend {
-            client,
+/// One server flowgate talks to: its client (pub/sub, the secret kept at
+/// start) and the connection manager every call goes through.
+struct Server {
+    client: redis::Client,
+    manager: ConnectionManager,
+    /// `host:port`, for log lines and to tell a new master from the old.
+    addr: String,
+}
+
+/// How to ask the sentinels, kept to make a client again (one of the
+/// start, outside the serving runtime) as well as the serving one.
+struct Sentinels {
+    addrs: Vec<redis::ConnectionAddr>,
+    master: String,
+    /// `rediss://` sentinels: the master is spoken to over TLS too.
+    tls: bool,
+    certificates: Option<redis::TlsCertificates>,
+    username: Option<String>,
+    password: Option<String>,
+    db: i64,
+}
+
+impl Sentinels {
+    fn client(&self) -> redis::RedisResult<SentinelClient> {
+        let mut builder = SentinelClientBuilder::new(
+            self.addrs.clone(),
+            &self.master,
+            SentinelServerType::Master,
+        )?
+        .set_client_to_redis_db(self.db);
+        if self.tls {
+            builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            if let Some(certificates) = &self.certificates {
+                builder = builder.set_client_to_redis_certificates(certificates.clone());
+            }
+        }
+        if let Some(username) = &self.username {
+            builder = builder
+                .set_client_to_sentinel_username(username)
+                .set_client_to_redis_username(username);
+        }
+        if let Some(password) = &self.password {
+            builder = builder
+                .set_client_to_sentinel_password(password)
+                .set_client_to_redis_password(password);
+        }
+        builder.build()
+    }
+}
+
+enum Finder {
+    /// `redis_url`: one server, whose manager reconnects to it by itself.
+    Direct(redis::Client),
+    /// The master the sentinels name, asked again when calls fail.
+    Sentinel(Sentinels),
+}
+
+/// What the last lookup through the sentinels left.
+#[derive(Default)]
+struct Looked {
+    /// Made at the first lookup; keeps its connections to the sentinels.
+    sentinel: Option<SentinelClient>,
+    at: Option<Instant>,
+    failure: Option<String>,
+}
+
+/// How the backend reaches its Redis, shared with the revocation listener.
+struct Link {
+    /// Where, for log lines and errors: no password.
+    shown: String,
+    finder: Finder,
+    /// The server as last found.
+    current: ArcSwapOption<Server>,
+    /// A call failed since the last lookup: look again before the next.
+    suspect: AtomicBool,
+    /// One lookup (or first connection) at a time.
+    looking: tokio::sync::Mutex<Looked>,
+}
+
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    // Reconnects quickly and often: a call waits at most OP_TIMEOUT
+    // anyway, and Redis coming back should be noticed at once.
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(1)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500))
+}
+
+/// The roots of `ca_file` (PEM) for the redis crate's rustls config, in
+/// place of the system's.
+fn certificates(ca_file: Option<&Path>) -> Result<Option<redis::TlsCertificates>, String> {
+    let Some(path) = ca_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+impl Link {
+    fn open(at: RedisAt<'_>, ca_file: Option<&Path>) -> Result<Link, StoreError> {
+        let certificates = certificates(ca_file).map_err(StoreError::unavailable)?;
+        let (shown, finder) = match at {
+            RedisAt::Url(url) => {
+                let shown = without_password(url);
+                let client = match certificates {
+                    Some(certificates) => redis::Client::build_with_tls(url, certificates),
+                    None => redis::Client::open(url),
+                }
+                .map_err(|e| StoreError::unavailable(format!("{shown}: {e}")))?;
+                (shown, Finder::Direct(client))
+            }
+            RedisAt::Sentinels { urls, master } => {
+                let listed: Vec<String> = urls.iter().map(|u| without_password(u)).collect();
+                let shown = format!("redis master \"{master}\" of {}", listed.join(", "));
+                let failed =
+                    |e: &dyn std::fmt::Display| StoreError::unavailable(format!("{shown}: {e}"));
+                let mut addrs = Vec::new();
+                let mut first = None;
+                for url in urls {
+                    let info = match &certificates {
+                        Some(certificates) if url.starts_with("rediss:") => {
+                            redis::Client::build_with_tls(url.as_str(), certificates.clone())
+                                .map(|client| client.get_connection_info().clone())
+                        }
+                        _ => url.as_str().into_connection_info(),
+                    }
+                    .map_err(|e| failed(&e))?;
+                    addrs.push(info.addr().clone());
+                    first.get_or_insert(info);
+                }
+                let Some(first) = first else {
+                    return Err(failed(&"no sentinel named"));
+                };
+                let settings = first.redis_settings();
+                let sentinels = Sentinels {
+                    addrs,
+                    master: master.to_owned(),
+                    tls: matches!(first.addr(), redis::ConnectionAddr::TcpTls { .. }),
+                    certificates,
+                    username: settings.username().map(str::to_owned),
+                    password: settings.password().map(str::to_owned),
+                    db: settings.db(),
+                };
+                // Refused now rather than at the first request.
+                sentinels.client().map_err(|e| failed(&e))?;
+                (shown, Finder::Sentinel(sentinels))
+            }
+        };
+        Ok(Link {
             shown,
+            finder,
+            current: ArcSwapOption::empty(),
+            suspect: AtomicBool::new(false),
+            looking: tokio::sync::Mutex::new(Looked::default()),
+        })
+    }
+
+    fn failed(&self, error: impl std::fmt::Display) -> StoreError {
+        match (&self.finder, self.current.load().as_ref()) {
+            (Finder::Sentinel(_), Some(server)) => {
+                StoreError::unavailable(format!("{} at {}: {error}", self.shown, server.addr))
+            }
+            _ => StoreError::unavailable(format!("{}: {error}", self.shown)),
+        }
+    }
+
+    fn follows_sentinels(&self) -> bool {
+        matches!(self.finder, Finder::Sentinel(_))
+    }
+
+    /// A call failed: with sentinels, the next asks them first.
+    fn suspect(&self) {
+        self.suspect.store(true, Ordering::Relaxed);
+    }
+
+    /// The server to call: the one found last, unless a call failed since.
+    async fn server(&self) -> Result<Arc<Server>, StoreError> {
+        if let Some(server) = self.current.load_full() {
+            if !self.follows_sentinels() || !self.suspect.load(Ordering::Relaxed) {
+                return Ok(server);
+            }
+        }
+        self.find(false).await
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        Ok(self.server().await?.manager.clone())
+    }
+
+    /// Connect to the server, or with sentinels ask them which it is now
+    /// (`force`: even when no call has failed) and move to it if it is
+    /// another.
+    async fn find(&self, force: bool) -> Result<Arc<Server>, StoreError> {
+        let mut looked = self.looking.lock().await;
+        let current = self.current.load_full();
+        let sentinels = match &self.finder {
+            Finder::Direct(client) => {
+                if let Some(server) = current {
+                    return Ok(server);
+                }
+                let manager = client
+                    .get_connection_manager_with_config(manager_config())
+                    .await
+                    .map_err(|e| self.failed(e))?;
+                let server = Arc::new(Server {
+                    client: client.clone(),
+                    manager,
+                    addr: client.get_connection_info().addr().to_string(),
+                });
+                self.current.store(Some(server.clone()));
+                return Ok(server);
+            }
+            Finder::Sentinel(sentinels) => sentinels,
+        };
+        let recently = looked.at.is_some_and(|at| at.elapsed() < LOOKUP_EVERY);
+        match &current {
+            // Looked up meanwhile, by the caller this one waited for.
+            Some(server) if !force && !self.suspect.load(Ordering::Relaxed) => {
+                return Ok(server.clone())
+            }
+            Some(server) if recently => return Ok(server.clone()),
+            None if recently => {
+                if let Some(failure) = &looked.failure {
+                    return Err(self.failed(failure));
+                }
+            }
+            _ => {}
+        }
+        looked.at = Some(Instant::now());
+        self.suspect.store(false, Ordering::Relaxed);
+        let found = self.ask(&mut looked, sentinels, current.as_ref()).await;
+        match &found {
+            Ok(_) => looked.failure = None,
+            Err(error) => {
+                looked.failure = Some(error.to_string());
+                self.suspect();
+            }
+        }
+        found
+    }
+
+    /// One lookup through the sentinels, and a connection manager for the
+    /// master they name unless it is `current`'s.
+    async fn ask(
+        &self,
+        looked: &mut Looked,
+        sentinels: &Sentinels,
+        current: Option<&Arc<Server>>,
+    ) -> Result<Arc<Server>, StoreError> {
+        let sentinel = match &mut looked.sentinel {
+            Some(sentinel) => sentinel,
+            empty => empty.insert(sentinels.client().map_err(|e| self.failed(e))?),
+        };
+        let client = sentinel
+            .async_get_client()
+            .await
+            .map_err(|e| self.failed(format!("the sentinels name no master that answers: {e}")))?;
+        let addr = client.get_connection_info().addr().to_string();
+        if let Some(server) = current.filter(|server| server.addr == addr) {
+            return Ok(server.clone());
+        }
+        let manager = client
+            .get_connection_manager_with_config(manager_config())
+            .await
+            .map_err(|e| self.failed(format!("master {addr}: {e}")))?;
+        match current {
+            Some(old) => tracing::warn!(
+                redis = %self.shown,
+                from = %old.addr,
+                to = %addr,
+                "the Redis master moved to {addr}: following it"
+            ),
+            None => tracing::info!(redis = %self.shown, "the Redis master is {addr}"),
+        }
+        let server = Arc::new(Server {
+            client,
+            manager,
+            addr,
+        });
+        self.current.store(Some(server.clone()));
+        Ok(server)
+    }
+
+    /// A client for the server, found without the caller's runtime (the
+    /// secret is asked for once, at start, from synchronous code).
+    fn blocking_client(&self) -> Result<redis::Client, StoreError> {
+        let sentinels = match &self.finder {
+            Finder::Direct(client) => return Ok(client.clone()),
+            Finder::Sentinel(sentinels) => sentinels,
+        };
+        const WITHIN: Duration = Duration::from_secs(5);
+        let found = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())?;
+                    runtime.block_on(async {
+                        let mut sentinel = sentinels.client().map_err(|e| e.to_string())?;
+                        match tokio::time::timeout(WITHIN, sentinel.async_get_client()).await {
+                            Ok(found) => found.map_err(|e| {
+                                format!("the sentinels name no master that answers: {e}")
+                            }),
+                            Err(_) => {
+                                Err(format!("no master from the sentinels within {WITHIN:?}"))
+                            }
+                        }
+                    })
+                })
+                .join()
+                .unwrap_or_else(|_| Err("the lookup of the master failed".to_owned()))
+        });
+        found.map_err(|e| self.failed(e))
+    }
+}
+
+impl RedisBackend {
+    /// One server by URL, trusting the system's roots for `rediss://`.
+    pub fn new(url: &str, prefix: &str, max_pre_auth: usize) -> Result<RedisBackend, StoreError> {
+        Self::open(RedisAt::Url(url), None, prefix, max_pre_auth)
+    }
+
+    /// The Redis `at` names; for TLS, the roots of `ca_file` (PEM) are
+    /// trusted instead of the system's.
+    pub fn open(
+        at: RedisAt<'_>,
+        ca_file: Option<&Path>,
+        prefix: &str,
+        max_pre_auth: usize,
+    ) -> Result<RedisBackend, StoreError> {
+        Ok(RedisBackend {
+            link: Arc::new(Link::open(at, ca_file)?),
             prefix: prefix.to_owned(),
             max_pre_auth,
-            manager: tokio::sync::OnceCell::new(),
             heard: Arc::default(),
             listening: std::sync::Once::new(),
         })
     }
 
     fn failed(&self, error: impl std::fmt::Display) -> StoreError {
-        StoreError::unavailable(format!("{}: {error}", self.shown))
+        self.link.failed(error)
     }
 
     async fn connection(&self) -> Result<ConnectionManager, StoreError> {
-        // Reconnects quickly and often: a call waits at most OP_TIMEOUT
-        // anyway, and Redis coming back should be noticed at once.
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(1)))
-            .set_number_of_retries(2)
-            .set_max_delay(std::time::Duration::from_millis(500));
-        self.manager
-            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
-            .await
-            .cloned()
-            .map_err(|e| self.failed(e))
+        self.link.connection().await
     }
 
     fn record_key(&self, key: &Key) -> String {
@@ -104,52 +445,14 @@ impl RedisBackend {
     }
 
     /// Listen on the revocation channel, for as long as the process runs,
-    /// reconnecting every second when Redis is away.
+    /// reconnecting every second when Redis is away (and following the
+    /// master with sentinels).
     fn listen(&self) {
-        let client = self.client.clone();
+        let link = self.link.clone();
         let channel = self.set("revoked");
         let heard = self.heard.clone();
-        let shown = self.shown.clone();
         self.listening.call_once(move || {
-            tokio::spawn(async move {
-                use futures_util::StreamExt;
-                let mut failing = false;
-                loop {
-                    match client.get_async_pubsub().await {
-                        Ok(mut pubsub) => {
-                            if pubsub.subscribe(&channel).await.is_ok() {
-                                if failing {
-                                    tracing::info!(redis = %shown, "listening for revoked sessions again");
-                                    failing = false;
-                                }
-                                let mut messages = pubsub.on_message();
-                                while let Some(message) = messages.next().await {
-                                    let Ok(text) = message.get_payload::<String>() else {
-                                        continue;
-                                    };
-                                    let Some(key) = Key::parse(&text) else {
-                                        continue;
-                                    };
-                                    let mut heard = heard.lock().unwrap_or_else(|p| p.into_inner());
-                                    heard.next += 1;
-                                    let at = heard.next;
-                                    heard.keys.push_back((at, key));
-                                    if heard.keys.len() > HEARD_KEPT {
-                                        heard.keys.pop_front();
-                                    }
-                                }
-                            }
-                        }
-                        Err(error) => {
-                            if !failing {
-                                tracing::warn!(redis = %shown, %error, "cannot listen for revoked sessions; retrying every second");
-                                failing = true;
-                            }
-                        }
-                    }
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                }
-            });
+            tokio::spawn(listen_for_revocations(link, channel, heard));
         });
     }
 
@@ -211,6 +514,89 @@ impl RedisBackend {
         pipe.query_async::<()>(con)
             .await
             .map_err(|e| self.failed(e))
+    }
+}
+
+/// The revocation listener: subscribed to `channel` on the server the
+/// link names, again whenever that connection ends or (with sentinels)
+/// the master moves.
+async fn listen_for_revocations(link: Arc<Link>, channel: String, heard: Arc<Mutex<Heard>>) {
+    use futures_util::StreamExt;
+    let mut failing = false;
+    loop {
+        let subscribed = async {
+            let server = link.server().await?;
+            let mut pubsub = server
+                .client
+                .get_async_pubsub()
+                .await
+                .map_err(|e| link.failed(e))?;
+            pubsub
+                .subscribe(&channel)
+                .await
+                .map_err(|e| link.failed(e))?;
+            Ok::<_, StoreError>((server, pubsub))
+        };
+        let mut moved = false;
+        match tokio::time::timeout(OP_TIMEOUT, subscribed).await {
+            Ok(Ok((server, pubsub))) => {
+                if failing {
+                    tracing::info!(redis = %link.shown, "listening for revoked sessions again");
+                    failing = false;
+                }
+                let mut messages = pubsub.into_on_message();
+                let mut check = tokio::time::interval(RECHECK_EVERY);
+                check.tick().await;
+                loop {
+                    tokio::select! {
+                        message = messages.next() => {
+                            let Some(message) = message else {
+                                break;
+                            };
+                            let Ok(text) = message.get_payload::<String>() else {
+                                continue;
+                            };
+                            let Some(key) = Key::parse(&text) else {
+                                continue;
+                            };
+                            let mut heard = heard.lock().unwrap_or_else(|p| p.into_inner());
+                            heard.next += 1;
+                            let at = heard.next;
+                            heard.keys.push_back((at, key));
+                            if heard.keys.len() > HEARD_KEPT {
+                                heard.keys.pop_front();
+                            }
+                        }
+                        _ = check.tick(), if link.follows_sentinels() => {
+                            let now = tokio::time::timeout(OP_TIMEOUT, link.find(true)).await;
+                            if let Ok(Ok(now)) = now {
+                                if !Arc::ptr_eq(&now, &server) {
+                                    moved = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                // The server went away: maybe the master moved.
+                link.suspect();
+            }
+            Ok(Err(error)) => {
+                if !failing {
+                    tracing::warn!(redis = %link.shown, %error, "cannot listen for revoked sessions; retrying every second");
+                    failing = true;
+                }
+            }
+            Err(_) => {
+                if !failing {
+                    tracing::warn!(redis = %link.shown, "cannot listen for revoked sessions (no answer within {OP_TIMEOUT:?}); retrying every second");
+                    failing = true;
+                }
+            }
+        }
+        if !moved {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 
@@ -329,17 +715,21 @@ impl RedisBackend {
 
 /// Every call to Redis gives up after this: a Redis that is down or
 /// stalled makes requests fail (closed), not hang.
-const OP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl RedisBackend {
     async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(OP_TIMEOUT, call).await {
+        let answer = match tokio::time::timeout(OP_TIMEOUT, call).await {
             Ok(answer) => answer,
             Err(_) => Err(self.failed(format!("no answer within {OP_TIMEOUT:?}"))),
+        };
+        if let Err(StoreError::Unavailable(_)) = answer {
+            self.link.suspect();
         }
+        answer
     }
 }
 
@@ -390,8 +780,9 @@ impl Backend for RedisBackend {
 
     fn kept_secret(&self, fresh: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let mut con = self
-            .client
-            .get_connection_with_timeout(std::time::Duration::from_secs(5))
+            .link
+            .blocking_client()?
+            .get_connection_with_timeout(Duration::from_secs(5))
             .map_err(|e| self.failed(e))?;
         let name = self.set("secret");
         let _: Option<String> = redis::cmd("SET")
