@@ -244,6 +244,18 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             "state.redis_prefix",
             old.state.redis_prefix != new.state.redis_prefix,
         ),
+        (
+            "state.redis_sentinels",
+            old.state.redis_sentinels != new.state.redis_sentinels,
+        ),
+        (
+            "state.redis_master_name",
+            old.state.redis_master_name != new.state.redis_master_name,
+        ),
+        (
+            "state.redis_ca_file",
+            old.state.redis_ca_file != new.state.redis_ca_file,
+        ),
     ]
     .into_iter()
     .filter_map(|(key, changed)| changed.then_some(key))

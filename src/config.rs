@@ -208,8 +208,18 @@ pub struct StateConfig {
     /// `state.path`, default `flowgate.state` beside the config file: the
     /// embedded store's database.
     pub path: PathBuf,
-    /// `state.redis_url`: `redis://` or `rediss://` (required with `redis`).
+    /// `state.redis_url`: `redis://` or `rediss://` (with `redis`, this or
+    /// `redis_sentinels`).
     pub redis_url: Option<String>,
+    /// `state.redis_sentinels`: `redis://` or `rediss://` URLs of Redis
+    /// Sentinels, which name the master (instead of `redis_url`).
+    pub redis_sentinels: Vec<String>,
+    /// `state.redis_master_name`: the master the sentinels watch (required
+    /// with `redis_sentinels`).
+    pub redis_master_name: Option<String>,
+    /// `state.redis_ca_file`: PEM roots trusted for `rediss://`, instead of
+    /// the system's.
+    pub redis_ca_file: Option<PathBuf>,
     /// `state.redis_prefix`, default `flowgate:`: what every key starts with.
     pub redis_prefix: String,
 }

@@ -23,6 +23,18 @@ use super::{
     StateConfig, StoreKind, TlsConfig, UserField,
 };
 
+/// `redis` or `rediss`, for a URL of one with a host; `None` otherwise.
+fn redis_scheme(text: &str) -> Option<&'static str> {
+    let url = url::Url::parse(text)
+        .ok()
+        .filter(|u| u.host_str().is_some())?;
+    match url.scheme() {
+        "redis" => Some("redis"),
+        "rediss" => Some("rediss"),
+        _ => None,
+    }
+}
+
 /// The slug of the flow used when a config declares none.
 pub const DEFAULT_FLOW: &str = "default-authentication-flow";
 /// The slug of the invalidation flow used when a config declares none.
@@ -946,34 +958,117 @@ impl<'a> Reader<'a> {
         };
         let redis_url = match self.string(&mut s, "redis_url") {
             Some((text, place)) => {
-                let fits = url::Url::parse(&text)
-                    .ok()
-                    .filter(|u| matches!(u.scheme(), "redis" | "rediss") && u.host_str().is_some());
-                if fits.is_none() {
+                if redis_scheme(&text).is_none() {
                     self.error_at(
                         &place,
                         "expected a URL like \"redis://127.0.0.1:6379/0\" or \"rediss://…\"",
                     );
                 }
-                Some(text)
+                Some((text, place))
+            }
+            None => None,
+        };
+        let redis_sentinels = match self.strings(&mut s, "redis_sentinels") {
+            Some((items, place)) => {
+                if items.is_empty() {
+                    self.error_at(
+                        &place,
+                        "must name at least one sentinel, like \"redis://127.0.0.1:26379\"",
+                    );
+                }
+                let mut schemes = Vec::new();
+                for (text, at) in &items {
+                    match redis_scheme(text) {
+                        Some(scheme) => schemes.push(scheme),
+                        None => self.error_at(
+                            at,
+                            "expected a sentinel's URL like \"redis://127.0.0.1:26379\" or \"rediss://…\"",
+                        ),
+                    }
+                }
+                if schemes.iter().any(|s| *s != schemes[0]) {
+                    self.error_at(
+                        &place,
+                        "mixes redis:// and rediss://: the sentinels and the master are all spoken to with TLS or all without",
+                    );
+                }
+                Some((items, place, schemes.first().copied()))
+            }
+            None => None,
+        };
+        let redis_master_name = self.string(&mut s, "redis_master_name");
+        let redis_ca_file = match self.string(&mut s, "redis_ca_file") {
+            Some((text, place)) => {
+                let path = resolve_against(self.path, Path::new(&text));
+                match crate::tls::ca_certificates(&path) {
+                    Ok(_) => Some((path, place)),
+                    Err(problem) => {
+                        self.error_at(&place, problem);
+                        None
+                    }
+                }
             }
             None => None,
         };
         let redis_prefix = self
             .string(&mut s, "redis_prefix")
             .map_or_else(|| "flowgate:".to_owned(), |(p, _)| p);
-        if store == StoreKind::Redis && redis_url.is_none() {
-            self.error(
+        match (&redis_url, &redis_sentinels) {
+            (Some(_), Some((_, place, _))) => self.error_at(
+                place,
+                "state.redis_url and state.redis_sentinels both name where Redis is: set one of them",
+            ),
+            (None, None) if store == StoreKind::Redis => self.error(
                 s.line,
                 "state.redis_url",
-                "missing: store = \"redis\" needs a URL like \"redis://127.0.0.1:6379/0\"",
-            );
+                "missing: store = \"redis\" needs a URL like \"redis://127.0.0.1:6379/0\" \
+                 (or state.redis_sentinels and state.redis_master_name)",
+            ),
+            _ => {}
+        }
+        match (&redis_sentinels, &redis_master_name) {
+            (Some((_, place, _)), None) => {
+                let line = place.line.or(s.line);
+                self.error(
+                    line,
+                    "state.redis_master_name",
+                    "missing: state.redis_sentinels needs the name of the master they watch \
+                     (their `sentinel monitor <name> …`), like \"mymaster\"",
+                );
+            }
+            (None, Some((_, place))) => self.error_at(
+                place,
+                "only with state.redis_sentinels: a redis_url names its server itself",
+            ),
+            (_, Some((name, place))) if name.is_empty() => {
+                self.error_at(place, "must not be empty")
+            }
+            _ => {}
+        }
+        if let Some((_, place)) = &redis_ca_file {
+            let tls = match (&redis_url, &redis_sentinels) {
+                (Some((url, _)), _) => redis_scheme(url) == Some("rediss"),
+                (None, Some((_, _, scheme))) => *scheme == Some("rediss"),
+                (None, None) => false,
+            };
+            if !tls {
+                self.error_at(
+                    place,
+                    "only for TLS: the Redis URLs (state.redis_url or state.redis_sentinels) \
+                     are redis://, which no certificate is asked of; use rediss://",
+                );
+            }
         }
         self.finish(s);
         StateConfig {
             store,
             path,
-            redis_url,
+            redis_url: redis_url.map(|(url, _)| url),
+            redis_sentinels: redis_sentinels
+                .map(|(items, _, _)| items.into_iter().map(|(url, _)| url).collect())
+                .unwrap_or_default(),
+            redis_master_name: redis_master_name.map(|(name, _)| name),
+            redis_ca_file: redis_ca_file.map(|(path, _)| path),
             redis_prefix,
         }
     }
@@ -2658,5 +2753,121 @@ upstream = \"http://127.0.0.1:1/base\"
             ),
             "{errors}"
         );
+    }
+
+    #[test]
+    fn redis_sentinels_and_a_ca_file_are_read_and_cross_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("redis-ca.pem"), ca.pem()).unwrap();
+        let path = dir.path().join("flowgate.toml");
+        let read = |state: &str, env: &dyn Fn(&str) -> Option<String>| {
+            let text = format!("{MINIMAL}\n[state]\nstore = \"redis\"\n{state}");
+            from_str(&text, &path, env)
+        };
+        let none = |_: &str| None;
+        let config = read(
+            "redis_sentinels = [\"rediss://10.0.0.1:26379\", \"rediss://10.0.0.2:26379\"]\n\
+             redis_master_name = \"mymaster\"\nredis_ca_file = \"redis-ca.pem\"\n",
+            &none,
+        )
+        .unwrap();
+        assert_eq!(config.state.redis_url, None);
+        assert_eq!(
+            config.state.redis_sentinels,
+            ["rediss://10.0.0.1:26379", "rediss://10.0.0.2:26379"]
+        );
+        assert_eq!(config.state.redis_master_name.as_deref(), Some("mymaster"));
+        assert_eq!(
+            config.state.redis_ca_file,
+            Some(dir.path().join("redis-ca.pem"))
+        );
+        // From the environment, a comma-separated list, like every list.
+        let env = |var: &str| {
+            (var == "FLOWGATE_STATE_REDIS_SENTINELS")
+                .then(|| "redis://10.0.0.3:26379, redis://10.0.0.4:26379".to_owned())
+        };
+        let config = read("redis_master_name = \"m\"\n", &env).unwrap();
+        assert_eq!(
+            config.state.redis_sentinels,
+            ["redis://10.0.0.3:26379", "redis://10.0.0.4:26379"]
+        );
+        let refused = |state: &str| -> Vec<(Option<usize>, String, String)> {
+            read(state, &none)
+                .expect_err("should be refused")
+                .0
+                .into_iter()
+                .map(|e| (e.line, e.key, e.message))
+                .collect()
+        };
+        // Lines: MINIMAL is 1-2, a blank line, `[state]` 4, `store` 5.
+        let both = refused(
+            "redis_url = \"redis://10.0.0.1:6379/0\"\nredis_sentinels = [\"redis://10.0.0.1:26379\"]\n\
+             redis_master_name = \"mymaster\"\n",
+        );
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert_eq!(
+            (both[0].0, both[0].1.as_str()),
+            (Some(7), "state.redis_sentinels")
+        );
+        assert!(
+            both[0].2.contains("state.redis_url") && both[0].2.contains("state.redis_sentinels"),
+            "{both:?}"
+        );
+        let nameless = refused("redis_sentinels = [\"redis://10.0.0.1:26379\"]\n");
+        assert_eq!(nameless.len(), 1, "{nameless:?}");
+        assert_eq!(
+            (nameless[0].0, nameless[0].1.as_str()),
+            (Some(6), "state.redis_master_name")
+        );
+        assert!(nameless[0].2.starts_with("missing"), "{nameless:?}");
+        let alone = refused("redis_url = \"redis://10.0.0.1:6379/0\"\nredis_master_name = \"m\"\n");
+        assert_eq!(
+            (alone[0].0, alone[0].1.as_str()),
+            (Some(7), "state.redis_master_name")
+        );
+        assert!(alone[0].2.contains("redis_sentinels"), "{alone:?}");
+        let odd = refused(
+            "redis_sentinels = [\n  \"redis://10.0.0.1:26379\",\n  \"http://10.0.0.2:26379\",\n]\n\
+             redis_master_name = \"m\"\n",
+        );
+        assert_eq!(
+            odd.iter().map(|e| (e.0, e.1.as_str())).collect::<Vec<_>>(),
+            [(Some(8), "state.redis_sentinels[1]")],
+            "{odd:?}"
+        );
+        let mixed = refused(
+            "redis_sentinels = [\"redis://10.0.0.1:26379\", \"rediss://10.0.0.2:26379\"]\n\
+             redis_master_name = \"m\"\n",
+        );
+        assert_eq!(
+            (mixed[0].0, mixed[0].1.as_str()),
+            (Some(6), "state.redis_sentinels")
+        );
+        assert!(mixed[0].2.contains("mixes"), "{mixed:?}");
+        let empty = refused("redis_sentinels = []\nredis_master_name = \"m\"\n");
+        assert!(empty[0].2.contains("at least one"), "{empty:?}");
+        // A CA file for a Redis spoken to without TLS would do nothing.
+        let plain =
+            refused("redis_url = \"redis://10.0.0.1:6379/0\"\nredis_ca_file = \"redis-ca.pem\"\n");
+        assert_eq!(
+            (plain[0].0, plain[0].1.as_str()),
+            (Some(7), "state.redis_ca_file")
+        );
+        assert!(plain[0].2.contains("rediss://"), "{plain:?}");
+        let missing =
+            refused("redis_url = \"rediss://10.0.0.1:6379/0\"\nredis_ca_file = \"nowhere.pem\"\n");
+        assert_eq!(
+            (missing[0].0, missing[0].1.as_str()),
+            (Some(7), "state.redis_ca_file")
+        );
+        assert!(missing[0].2.contains("nowhere.pem"), "{missing:?}");
+        // Neither: the URL is missing, and the sentinels are named as the other way.
+        let neither = refused("");
+        assert_eq!(neither[0].1, "state.redis_url");
+        assert!(neither[0].2.contains("redis_sentinels"), "{neither:?}");
     }
 }

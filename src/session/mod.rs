@@ -285,14 +285,21 @@ pub fn open_backend(config: &crate::config::Config) -> Result<Arc<dyn Backend>, 
     Ok(match state.store {
         StoreKind::Memory => Arc::new(MemoryBackend::new(max_pre_auth)),
         StoreKind::Embedded => Arc::new(EmbeddedBackend::open(&state.path, max_pre_auth)?),
-        StoreKind::Redis => Arc::new(RedisBackend::new(
-            state
-                .redis_url
-                .as_deref()
-                .unwrap_or("redis://127.0.0.1:6379/0"),
-            &state.redis_prefix,
-            max_pre_auth,
-        )?),
+        StoreKind::Redis => {
+            let at = match (&state.redis_url, state.redis_sentinels.is_empty()) {
+                (None, false) => RedisAt::Sentinels {
+                    urls: &state.redis_sentinels,
+                    master: state.redis_master_name.as_deref().unwrap_or("mymaster"),
+                },
+                (url, _) => RedisAt::Url(url.as_deref().unwrap_or("redis://127.0.0.1:6379/0")),
+            };
+            Arc::new(RedisBackend::open(
+                at,
+                state.redis_ca_file.as_deref(),
+                &state.redis_prefix,
+                max_pre_auth,
+            )?)
+        }
     })
 }
 
