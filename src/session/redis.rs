@@ -523,6 +523,8 @@ impl RedisBackend {
 async fn listen_for_revocations(link: Arc<Link>, channel: String, heard: Arc<Mutex<Heard>>) {
     use futures_util::StreamExt;
     let mut failing = false;
+    // Where it listened last: a move is logged.
+    let mut listened: Option<String> = None;
     loop {
         let subscribed = async {
             let server = link.server().await?;
@@ -540,10 +542,15 @@ async fn listen_for_revocations(link: Arc<Link>, channel: String, heard: Arc<Mut
         let mut moved = false;
         match tokio::time::timeout(OP_TIMEOUT, subscribed).await {
             Ok(Ok((server, pubsub))) => {
-                if failing {
-                    tracing::info!(redis = %link.shown, "listening for revoked sessions again");
-                    failing = false;
+                if failing || listened.as_ref().is_some_and(|addr| *addr != server.addr) {
+                    tracing::info!(
+                        redis = %link.shown,
+                        "listening for revoked sessions again, at {}",
+                        server.addr
+                    );
                 }
+                failing = false;
+                listened = Some(server.addr.clone());
                 let mut messages = pubsub.into_on_message();
                 let mut check = tokio::time::interval(RECHECK_EVERY);
                 check.tick().await;
