@@ -39,13 +39,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 pub use gateway::Gateway;
 
 /// Every response body flowgate sends: an upstream's streamed body, or one of
 /// its own (pages, JSON) in one piece.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<proxy::Streamed, Full<Bytes>>;
 
 pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Either::Right(Full::new(bytes.into()))

@@ -241,6 +241,18 @@ impl Gateway {
     }
 
     /// 502 for an upstream whose answer flowgate cannot pass on.
+    /// 401: the session a request was waiting on ended (signed out,
+    /// revoked, expired) before the upstream answered.
+    pub fn session_ended(&self, audience: Audience) -> Response<Body> {
+        self.refusal(
+            audience,
+            StatusCode::UNAUTHORIZED,
+            "Signed out",
+            "Your session ended while this request was waiting. Sign in again to go on.",
+            "session_ended",
+        )
+    }
+
     pub fn upstream_garbled(&self, audience: Audience) -> Response<Body> {
         self.refusal(
             audience,

@@ -112,6 +112,12 @@ impl Gateway {
                     Cow::Owned(_) => Some(path.target().into_owned()),
                     Cow::Borrowed(_) => None,
                 };
+                // Watched only when forwarded as someone: a public path
+                // outlives nobody's session.
+                let session = signed_in
+                    .as_ref()
+                    .filter(|_| identity.is_some())
+                    .map(|s| s.id.clone());
                 let response = crate::proxy::forward(
                     self,
                     route,
@@ -119,6 +125,7 @@ impl Gateway {
                     context,
                     target,
                     identity.as_deref(),
+                    session,
                     audience,
                     slot,
                 )

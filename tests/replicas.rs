@@ -1,23 +1,33 @@
 //! Two flowgates sharing one real Redis (`state.store = "redis"`): a login
 //! on one holds on the other, a login started on one finishes on the other,
 //! a sign-out on one ends the session on the other within a second (it had
-//! it cached); with Redis down, logins fail closed (503) and flowgate
+//! it cached), and closes the websocket the other holds for it; with Redis down, logins fail closed (503) and flowgate
 //! recovers by itself when Redis is back, sessions written before intact.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::apps::{next_message, ws_connect, WsUpstream};
 use common::redis::Redis;
 use common::*;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 /// Without a secret of its own: both replicas take the one kept in Redis.
-fn replica(upstream: &str, redis: &Redis) -> Flowgate {
+/// `/ws` goes to the websocket app at `ws`, if any.
+fn replica(upstream: &str, ws: Option<&WsUpstream>, redis: &Redis) -> Flowgate {
+    let ws_route = ws.map_or(String::new(), |ws| {
+        format!(
+            "[[route]]\nhost = \"*\"\npath_prefix = \"/ws\"\nupstream = \"{}\"\nflow = \"{FLOW}\"\n\n",
+            ws.url()
+        )
+    });
     let config = basic_config(
         upstream,
         &format!(
-            "[state]\nstore = \"redis\"\nredis_url = \"{}\"\n",
+            "{ws_route}[state]\nstore = \"redis\"\nredis_url = \"{}\"\n",
             redis.url()
         ),
     )
@@ -43,17 +53,26 @@ async fn two_replicas_share_logins_flows_and_sign_outs() {
         return;
     };
     let upstream = Upstream::start().await;
-    let a = replica(&upstream.url(), &redis);
-    let b = replica(&upstream.url(), &redis);
+    let ws = WsUpstream::start().await;
+    let a = replica(&upstream.url(), Some(&ws), &redis);
+    let b = replica(&upstream.url(), Some(&ws), &redis);
     a.wait_for_log(
         "using the one kept in the state store",
         Duration::from_secs(5),
     );
 
     // Signed in on A, in on B (the cookie jar follows 127.0.0.1 to both).
-    let (alice, _) = signed_in(&a, &ALICE).await;
+    let (alice, cookie) = signed_in(&a, &ALICE).await;
     assert_eq!(status(&alice, &a).await, 200);
     assert_eq!(status(&alice, &b).await, 200, "{}", b.log());
+    // A holds a websocket of hers.
+    let mut alices_ws = ws_connect(&a, Some(&cookie))
+        .await
+        .expect("a websocket on A");
+    assert_eq!(
+        next_message(&mut alices_ws).await,
+        Message::text("hello alice")
+    );
 
     // A login started on A finishes on B.
     let bob = client();
@@ -137,6 +156,19 @@ async fn two_replicas_share_logins_flows_and_sign_outs() {
         out.status()
     );
     let started = Instant::now();
+    let closed = async {
+        while let Some(Ok(_)) = alices_ws.next().await {}
+        started.elapsed()
+    };
+    let took = tokio::time::timeout(Duration::from_secs(1), closed)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "A's websocket still open 1 s after the sign-out on B:\n{}",
+                a.log()
+            )
+        });
+    eprintln!("sign-out on B closed A's websocket in {took:?}");
     while status(&alice, &a).await != 401 {
         assert!(
             started.elapsed() < Duration::from_secs(1),
@@ -156,7 +188,7 @@ async fn with_redis_down_logins_fail_closed_and_all_comes_back_with_it() {
         return;
     };
     let upstream = Upstream::start().await;
-    let gate = replica(&upstream.url(), &redis);
+    let gate = replica(&upstream.url(), None, &redis);
     let (alice, _) = signed_in(&gate, &ALICE).await;
     assert_eq!(status(&alice, &gate).await, 200);
 

@@ -32,6 +32,9 @@ pub struct Request<'a> {
 /// An authenticated session, with its user as the directory has them now.
 #[derive(Debug, Clone)]
 pub struct SignedIn {
+    /// The session's id (what the cookie names): what a connection that
+    /// outlives its request watches (`Store::ended`).
+    pub id: Arc<str>,
     pub session: Arc<Session>,
     /// The live identity: groups and names as of the last directory load.
     pub identity: Arc<Identity>,
@@ -312,6 +315,7 @@ mod tests {
             Session::authenticated(identity.clone(), 0, std::time::Duration::from_secs(60));
         session.completed = completed.iter().map(|c| c.to_string()).collect();
         SignedIn {
+            id: "id".into(),
             session: Arc::new(session),
             identity: Arc::new(identity),
         }

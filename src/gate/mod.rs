@@ -97,7 +97,7 @@ pub async fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<SignedI
             continue;
         };
         match gateway.sessions.authenticated(id, idle).await {
-            Ok(Some(session)) => match live(gateway, id, session) {
+            Ok(Some(session)) => match live(gateway, &id.into(), session) {
                 Some(signed) => return Some(signed),
                 None => continue,
             },
@@ -115,18 +115,22 @@ pub async fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<SignedI
 /// with its user as the directory has them, or nobody (a user deleted or
 /// disabled since they signed in). Groups and names come from the
 /// directory too, so a change in the users file applies at its reload.
-pub fn live(gateway: &Gateway, id: &str, session: Arc<Session>) -> Option<SignedIn> {
-    let signed = resolve(&gateway.people, session)?;
+pub fn live(gateway: &Gateway, id: &Arc<str>, session: Arc<Session>) -> Option<SignedIn> {
+    let signed = resolve(&gateway.people, id, session)?;
     if let Some(revalidation) = &gateway.revalidation {
         revalidation.touch(gateway, id, &signed);
     }
     Some(signed)
 }
 
-fn resolve(people: &People, session: Arc<Session>) -> Option<SignedIn> {
+fn resolve(people: &People, id: &Arc<str>, session: Arc<Session>) -> Option<SignedIn> {
     let frozen = session.identity.as_ref()?;
     let identity = people.current(frozen)?;
-    Some(SignedIn { session, identity })
+    Some(SignedIn {
+        id: id.clone(),
+        session,
+        identity,
+    })
 }
 
 /// A step up is finished by the user who started it: when `old` is
@@ -271,7 +275,7 @@ mod tests {
             https: false,
         };
         let verdict = |session: Arc<Session>| {
-            let signed = resolve(&directory, session);
+            let signed = resolve(&directory, &"id".into(), session);
             match decide(&routes, "/_flowgate", &request, signed.as_ref()) {
                 Verdict::Forward { .. } => "forward",
                 Verdict::Forbidden { .. } => "forbidden",
@@ -284,7 +288,7 @@ mod tests {
         // Disabled, and deleted: nobody, so a sign-in.
         assert_eq!(verdict(session_of("carol", &["admins"])), "sign in");
         assert_eq!(verdict(session_of("bob", &["admins"])), "sign in");
-        let live = resolve(&directory, session_of("alice", &["admins"])).unwrap();
+        let live = resolve(&directory, &"id".into(), session_of("alice", &["admins"])).unwrap();
         assert!(live.identity.groups.is_empty());
     }
 }

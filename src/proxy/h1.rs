@@ -124,6 +124,7 @@ pub(crate) async fn serve(
             opened + deadlines.header_read_timeout,
         )),
         verified: Verified::default(),
+        relaying: false,
     };
     // The first head is due `header_read_timeout` after the connection
     // opened; later ones that long after their first byte. `None`: idle
@@ -228,6 +229,8 @@ struct Lane {
     /// The session cookie this connection's last request proved, so that
     /// the next one with the same value skips the MAC.
     verified: Verified,
+    /// The exchange in progress has written (some of) its answer.
+    relaying: bool,
 }
 
 /// A cookie value whose MAC held, and the gateway (its secret) it held for.
@@ -235,6 +238,8 @@ struct Lane {
 struct Verified {
     generation: u64,
     value: Option<Box<str>>,
+    /// The session id in `value`.
+    id: Option<std::sync::Arc<str>>,
     /// What the store answered when the last head's session was fetched
     /// (`Prepared::Fetch`): taken by the next prepare of that head, so a
     /// session the store does not have is no second round trip. Never
@@ -244,18 +249,19 @@ struct Verified {
 
 impl Verified {
     /// The session id in `value`, if its MAC holds: known already, or checked now.
-    fn id<'v>(&mut self, gateway: &Gateway, value: &'v str) -> Option<&'v str> {
+    fn id(&mut self, gateway: &Gateway, value: &str) -> Option<std::sync::Arc<str>> {
         let known = self.generation == gateway.generation
             && self
                 .value
                 .as_deref()
                 .is_some_and(|v| crate::session::tokens_equal(v, value));
         if known {
-            return value.rsplit_once('.').map(|(id, _)| id);
+            return self.id.clone();
         }
-        let id = gateway.signer.verify(value)?;
+        let id: std::sync::Arc<str> = gateway.signer.verify(value)?.into();
         self.generation = gateway.generation;
         self.value = Some(value.into());
+        self.id = Some(id.clone());
         Some(id)
     }
 }
@@ -318,6 +324,8 @@ struct Plan {
     started: std::time::Instant,
     /// Only when the access log is on.
     log: Option<Box<LogFields>>,
+    /// The session it is forwarded for, whose end ends it.
+    session: Option<std::sync::Arc<str>>,
 }
 
 struct LogFields {
@@ -365,8 +373,45 @@ enum Fail {
 
 impl Lane {
     /// Send the prepared request upstream and relay the answer. When the
-    /// client connection stays open, when the exchange ended.
+    /// client connection stays open, when the exchange ended. The session
+    /// it is sent for ending first ends it: a 401 when the upstream has not
+    /// answered yet, else the connection cut.
     async fn exchange(
+        &mut self,
+        gateway: &Gateway,
+        plan: &Plan,
+        out: &mut Vec<u8>,
+        closing: &Closing,
+    ) -> Option<std::time::Instant> {
+        let Some(id) = plan.session.clone() else {
+            return self.send(gateway, plan, out, closing).await;
+        };
+        let ending = gateway
+            .sessions
+            .ended(id, gateway.config.session.idle_timeout);
+        self.relaying = false;
+        tokio::select! {
+            done = self.send(gateway, plan, out, closing) => done,
+            () = ending => {
+                self.up = None;
+                if self.relaying {
+                    tracing::info!(peer = %self.peer.addr, "streamed answer cut: its session ended");
+                    return None;
+                }
+                tracing::info!(peer = %self.peer.addr, "request dropped while waiting: its session ended");
+                let answer = gateway.session_ended(plan.audience);
+                if let Some(log) = &plan.log {
+                    self.log(plan, log, answer.status().as_u16(), plan.started.elapsed());
+                }
+                let bytes = serialize(answer, true).await;
+                let _ = self.stream.write_all(&bytes).await;
+                None
+            }
+        }
+    }
+
+    /// `exchange`, without its session's watch.
+    async fn send(
         &mut self,
         gateway: &Gateway,
         plan: &Plan,
@@ -528,6 +573,7 @@ impl Lane {
     /// the body ended where its framing says, with the upstream socket
     /// fit for another exchange; and whether all of it went in one write.
     async fn relay(&mut self, head: &Head, out: &mut Vec<u8>, from_up: &mut Input) -> (bool, bool) {
+        self.relaying = true;
         let Lane {
             stream: client, up, ..
         } = self;
@@ -932,6 +978,7 @@ fn prepare(
         audience: Audience::of(accept),
         started: std::time::Instant::now(),
         log,
+        session: signed_in.filter(|_| identity.is_some()).map(|s| s.id),
     })
 }
 
@@ -964,16 +1011,16 @@ fn session(gateway: &Gateway, verified: &mut Verified, headers: &[httparse::Head
             let Some(id) = verified.id(gateway, value.trim().trim_matches('"')) else {
                 continue;
             };
-            let answer = match gateway.sessions.authenticated_now(id, idle) {
+            let answer = match gateway.sessions.authenticated_now(&id, idle) {
                 Some(answer) => answer,
                 None => match verified.fetched.take() {
-                    Some((fetched, answer)) if &*fetched == id => Ok(answer),
-                    _ => return Lookup::Fetch(id.to_owned()),
+                    Some((fetched, answer)) if *fetched == *id => Ok(answer),
+                    _ => return Lookup::Fetch(id.to_string()),
                 },
             };
             match answer {
                 Ok(Some(session)) => {
-                    if let Some(signed_in) = crate::gate::live(gateway, id, session) {
+                    if let Some(signed_in) = crate::gate::live(gateway, &id, session) {
                         return Lookup::Found(signed_in);
                     }
                 }

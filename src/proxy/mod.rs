@@ -6,6 +6,11 @@
 //!
 //! An HTTP/1.1 `Upgrade` (websockets) goes out on a connection of its own
 //! with `Connection: upgrade` kept; a 101 turns into a `tunnel`.
+//!
+//! A signed-in request lives no longer than its session: a long poll
+//! still waiting for the upstream is answered 401, a streamed answer (SSE,
+//! a download) is cut, a tunnel is closed, within a second of a sign-out,
+//! a revocation (on any replica) or the session's expiry (`Store::ended`).
 
 pub(crate) mod h1;
 pub(crate) mod headers;
@@ -16,6 +21,10 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 
 use crate::context::Context;
 use crate::gateway::Gateway;
@@ -24,8 +33,55 @@ use crate::respond::Audience;
 use crate::upstream::ConnSlot;
 use crate::Body;
 
+/// A future that resolves when a session has ended (`Store::ended`).
+pub(crate) type Ending = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// An upstream's response body on its way to the client, cut (an error,
+/// so that hyper aborts the response rather than end it cleanly) when the
+/// session it was sent for ends.
+pub struct Streamed {
+    body: Incoming,
+    ending: Option<Ending>,
+}
+
+impl Streamed {
+    fn new(body: Incoming, ending: Option<Ending>) -> Streamed {
+        Streamed { body, ending }
+    }
+}
+
+impl hyper::body::Body for Streamed {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if let Some(ending) = self.ending.as_mut() {
+            if ending.as_mut().poll(cx).is_ready() {
+                self.ending = None;
+                tracing::info!("streamed answer cut: its session ended");
+                return Poll::Ready(Some(Err("the session ended".into())));
+            }
+        }
+        Pin::new(&mut self.body)
+            .poll_frame(cx)
+            .map(|frame| frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Send `request` to route `index`'s upstream. `target` is the canonical
-/// `path?query` when it differs from the request's own.
+/// `path?query` when it differs from the request's own. `session`: the
+/// signed-in session it is sent for, whose end ends it.
 #[allow(clippy::too_many_arguments)]
 pub async fn forward(
     gateway: &Gateway,
@@ -34,6 +90,7 @@ pub async fn forward(
     context: &Context,
     target: Option<String>,
     identity: Option<&Identity>,
+    session: Option<Arc<str>>,
     audience: Audience,
     slot: &ConnSlot,
 ) -> Response<Body> {
@@ -81,13 +138,29 @@ pub async fn forward(
     // A connection that may become a tunnel is nobody's to reuse.
     let slot_hold = slot.hold.clone();
     let slot = upgrade.is_none().then_some(slot);
-    match gateway.upstreams.send(upstream, request, slot).await {
+    let mut ending: Option<Ending> = session.map(|id| {
+        let idle = gateway.config.session.idle_timeout;
+        Box::pin(gateway.sessions.ended(id, idle)) as Ending
+    });
+    let sent = gateway.upstreams.send(upstream, request, slot);
+    let answered = match ending.as_mut() {
+        None => sent.await,
+        Some(ending) => tokio::select! {
+            answered = sent => answered,
+            () = ending.as_mut() => {
+                tracing::info!(upstream = %route.upstream, "request dropped while waiting: its session ended");
+                return gateway.session_ended(audience);
+            }
+        },
+    };
+    match answered {
         Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => match upgrade {
             Some(upgrade) => tunnel::switch(
                 response,
                 upgrade.client,
                 slot_hold,
                 gateway.config.proxy.tunnel_idle_timeout,
+                ending,
             ),
             None => {
                 gateway.route_metrics[index].upstream_errors.inc();
@@ -98,7 +171,7 @@ pub async fn forward(
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, Either::Left(body))
+            Response::from_parts(parts, Either::Left(Streamed::new(body, ending)))
         }
         Err(error) => {
             gateway.route_metrics[index].upstream_errors.inc();

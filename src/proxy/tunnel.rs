@@ -1,7 +1,7 @@
 //! Upgraded connections (websockets): once the upstream answers 101, the
 //! client's and the upstream's connections are joined into a byte tunnel
 //! that outlives the request, closed after `proxy.tunnel_idle_timeout` of
-//! silence either way.
+//! silence either way, or when the session it was opened for ends.
 
 use http::header::UPGRADE;
 use http::Response;
@@ -21,6 +21,7 @@ pub(super) fn switch(
     client: OnUpgrade,
     hold: Option<ConnHold>,
     idle_timeout: std::time::Duration,
+    ending: Option<super::Ending>,
 ) -> Response<Body> {
     let upstream = hyper::upgrade::on(&mut response);
     let protocol = response.headers().get(UPGRADE).cloned();
@@ -29,7 +30,7 @@ pub(super) fn switch(
     if let Some(protocol) = protocol {
         keep_upgrade(&mut parts.headers, protocol);
     }
-    tokio::spawn(tunnel(client, upstream, hold, idle_timeout));
+    tokio::spawn(tunnel(client, upstream, hold, idle_timeout, ending));
     Response::from_parts(parts, empty())
 }
 
@@ -42,7 +43,14 @@ async fn tunnel(
     upstream: OnUpgrade,
     _hold: Option<ConnHold>,
     idle_timeout: std::time::Duration,
+    ending: Option<super::Ending>,
 ) {
+    let ended = async {
+        match ending {
+            Some(ending) => ending.await,
+            None => std::future::pending().await,
+        }
+    };
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(error) => {
@@ -63,6 +71,7 @@ async fn tunnel(
         _ = activity.idle_for(idle_timeout) => {
             tracing::debug!(?idle_timeout, "tunnel closed: idle")
         }
+        () = ended => tracing::info!("tunnel closed: its session ended"),
     }
 }
 

@@ -2,8 +2,10 @@
 //! the records. It hashes ids into keys, so no backend ever sees an id; it
 //! answers the hot path from memory (the backend's own, or a read-through
 //! cache), so a proxied request makes no round trip; it writes the sliding
-//! idle deadline back at most once per `write_back`; and it evicts what
-//! other processes revoke, within `poll` (`watch`).
+//! idle deadline back at most once per `write_back`; it evicts what
+//! other processes revoke, within `poll` (`watch`); and it tells the
+//! connections that outlive their request (tunnels, streams, long polls)
+//! when their session has ended (`ended`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,7 +91,15 @@ pub struct Store {
     backend: Arc<dyn Backend>,
     options: StoreOptions,
     cache: RwLock<HashMap<Key, Arc<Cached>>>,
+    /// Sessions with a connection waiting on `ended`, and the nudge that
+    /// makes those connections look again.
+    live: std::sync::Mutex<HashMap<Key, tokio::sync::watch::Sender<()>>>,
 }
+
+/// How long a request runs before it starts listening for its session's
+/// end. Shorter ones (nearly all) cost a timer, not a registration; the
+/// end of a session still reaches the rest well within a second.
+const LIVE_AFTER: Duration = Duration::from_millis(200);
 
 impl Store {
     pub fn new(backend: Arc<dyn Backend>, options: StoreOptions) -> Store {
@@ -97,6 +107,7 @@ impl Store {
             backend,
             options,
             cache: RwLock::default(),
+            live: Default::default(),
         }
     }
 
@@ -111,6 +122,58 @@ impl Store {
     fn forget(&self, key: &Key) {
         let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
         cache.remove(key);
+    }
+
+    /// A session may have ended: forget it, and have its live connections
+    /// look again.
+    fn ending(&self, key: &Key) {
+        self.forget(key);
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(nudge) = live.get(key) {
+            nudge.send_replace(());
+        }
+    }
+
+    /// Resolves when session `id` has ended: signed out or revoked (here,
+    /// or in any process sharing the store), expired, or no longer
+    /// answerable by the store (fail closed). A connection waiting on this
+    /// counts as activity: it keeps the idle deadline moving, as the
+    /// requests of a polling page would. Meant to be raced against a
+    /// connection that outlives its request; the first `LIVE_AFTER` of it
+    /// is only a timer.
+    pub fn ended(
+        self: &Arc<Self>,
+        id: Arc<str>,
+        idle: Duration,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let store = self.clone();
+        async move {
+            tokio::time::sleep(LIVE_AFTER).await;
+            let key = Key::of(&id);
+            let mut listening = Listening::new(&store, key);
+            loop {
+                listening.nudges.borrow_and_update();
+                let expires = match store.authenticated(&id, idle).await {
+                    Ok(Some(session)) => session.expires,
+                    Ok(None) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "session store unavailable: a live connection is closed");
+                        return;
+                    }
+                };
+                // Look again when the session's lifetime is over, and at
+                // least once per cache period: a revocation the store could
+                // not announce reaches the connection as late as a request.
+                let until_expiry = (std::time::UNIX_EPOCH + Duration::from_secs(expires))
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                let next = until_expiry.min(recheck_period(&store));
+                tokio::select! {
+                    _ = listening.nudges.changed() => {}
+                    _ = tokio::time::sleep(next) => {}
+                }
+            }
+        }
     }
 
     /// The whole record, fresh from the backend (login pages read and write
@@ -168,7 +231,9 @@ impl Store {
     /// there was one.
     pub async fn delete_key(&self, key: &Key) -> Result<bool, StoreError> {
         self.forget(key);
-        self.backend.delete(key).await
+        let deleted = self.backend.delete(key).await;
+        self.ending(key);
+        deleted
     }
 
     /// End every authenticated session of one user; how many.
@@ -329,7 +394,7 @@ impl Store {
                         }
                         cursor = Some(next);
                         for key in keys {
-                            store.forget(&key);
+                            store.ending(&key);
                         }
                     }
                     Err(error) => {
@@ -341,6 +406,48 @@ impl Store {
                 }
             }
         });
+    }
+}
+
+/// How often a live connection looks at its session when nothing nudges it.
+fn recheck_period(store: &Store) -> Duration {
+    store.options.cache_ttl.max(Duration::from_secs(1))
+}
+
+/// One connection's registration for its session's nudges; dropped, it is
+/// gone, and the session's entry with the last one.
+struct Listening {
+    store: Arc<Store>,
+    key: Key,
+    nudges: tokio::sync::watch::Receiver<()>,
+}
+
+impl Listening {
+    fn new(store: &Arc<Store>, key: Key) -> Listening {
+        let mut live = store.live.lock().unwrap_or_else(|p| p.into_inner());
+        let nudges = live
+            .entry(key.clone())
+            .or_insert_with(|| tokio::sync::watch::channel(()).0)
+            .subscribe();
+        drop(live);
+        Listening {
+            store: store.clone(),
+            key,
+            nudges,
+        }
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let mut live = self.store.live.lock().unwrap_or_else(|p| p.into_inner());
+        // This receiver is the one still counted.
+        if live
+            .get(&self.key)
+            .is_some_and(|nudge| nudge.receiver_count() <= 1)
+        {
+            live.remove(&self.key);
+        }
     }
 }
 
@@ -472,12 +579,75 @@ pub(super) mod tests {
         assert!(store.get(&id).await.unwrap().is_none());
     }
 
+    /// A live connection hears of its session's end: sign-out, a delete
+    /// through another front on the same backend (another process), and
+    /// expiry; and nothing else ends it.
+    pub async fn live_connections_hear_their_session_end(
+        one: Arc<dyn Backend>,
+        other: Option<Arc<dyn Backend>>,
+    ) {
+        let store = Arc::new(store(one));
+        store.watch(Duration::from_millis(50));
+        let now = now_secs();
+        let ttl = Duration::from_secs(600);
+        let idle = Duration::from_secs(600);
+        let put = |id: &'static str, session: Session| {
+            let store = store.clone();
+            async move { store.put(id, &session, ttl).await.unwrap() }
+        };
+        put("l1", Session::authenticated(identity("alice"), now, ttl)).await;
+        let ending = store.ended("l1".into(), idle);
+        tokio::pin!(ending);
+        // Alive: the connection stays.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(600), ending.as_mut())
+                .await
+                .is_err()
+        );
+        let started = std::time::Instant::now();
+        store.delete("l1").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), ending)
+            .await
+            .expect("ended within 1 s of sign-out");
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(400), "{took:?}");
+
+        // Ended by another process sharing the backend.
+        if let Some(other) = other {
+            put("l2", Session::authenticated(identity("bob"), now, ttl)).await;
+            let ending = tokio::spawn(store.ended("l2".into(), idle));
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(!ending.is_finished());
+            let started = std::time::Instant::now();
+            assert!(other.delete(&Key::of("l2")).await.unwrap());
+            tokio::time::timeout(Duration::from_secs(1), ending)
+                .await
+                .expect("ended within 1 s of a revocation elsewhere")
+                .unwrap();
+            assert!(started.elapsed() < Duration::from_secs(1));
+        }
+
+        // Expiry: a session with two seconds left ends on time.
+        let mut short = Session::authenticated(identity("carol"), now, ttl);
+        short.expires = now + 2;
+        put("l3", short).await;
+        let expiry = std::time::UNIX_EPOCH + Duration::from_secs(now + 2);
+        store.ended("l3".into(), idle).await;
+        let late = std::time::SystemTime::now()
+            .duration_since(expiry)
+            .expect("not before its expiry");
+        assert!(late < Duration::from_secs(1), "{late:?} after expiry");
+        // Every listener gone with its connection.
+        assert!(store.live.lock().unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn memory_keeps_the_contract() {
         let memory = || Arc::new(super::super::MemoryBackend::new(2)) as Arc<dyn Backend>;
         pre_auth_records_are_bounded(memory()).await;
         records_expire_and_end_per_user(memory()).await;
         the_backend_sees_keys_not_ids(memory()).await;
+        live_connections_hear_their_session_end(memory(), None).await;
     }
 
     #[tokio::test]
@@ -490,6 +660,7 @@ pub(super) mod tests {
         pre_auth_records_are_bounded(open("a.state")).await;
         records_expire_and_end_per_user(open("b.state")).await;
         the_backend_sees_keys_not_ids(open("c.state")).await;
+        live_connections_hear_their_session_end(open("d.state"), Some(open("d.state"))).await;
     }
 
     /// A `redis-server` of this test's own on a free loopback port, stopped
@@ -639,6 +810,7 @@ pub(super) mod tests {
         pre_auth_records_are_bounded(open("a:")).await;
         records_expire_and_end_per_user(open("b:")).await;
         the_backend_sees_keys_not_ids(open("c:")).await;
+        live_connections_hear_their_session_end(open("l:"), Some(open("l:"))).await;
         // Two processes' fronts on one Redis: a deletion through one is
         // heard by the other, which drops its cached copy.
         let one = Arc::new(store(open("d:")));

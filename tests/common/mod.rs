@@ -3,6 +3,7 @@
 //! client that keeps cookies. Every test talks to them over real sockets.
 #![allow(dead_code)]
 
+pub mod apps;
 pub mod ca;
 pub mod h2;
 pub mod raw;
@@ -429,6 +430,26 @@ pub async fn signed_in(gate: &Flowgate, user: &TestUser) -> (reqwest::Client, St
 }
 
 /// Where the shared fixtures live inside this repository.
+/// Sign out as a browser does: the confirmation page, then its form.
+pub async fn sign_out(client: &reqwest::Client, gate: &Flowgate) {
+    let confirm = client
+        .get(gate.url("/_flowgate/sign_out"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = input_value(&confirm, "csrf_token").expect("a sign-out form");
+    let out = client
+        .post(gate.url("/_flowgate/sign_out"))
+        .form(&[("csrf_token", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 200, "signed out");
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
