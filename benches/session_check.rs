@@ -18,7 +18,6 @@ use http::header::{HeaderValue, COOKIE};
 use http::HeaderMap;
 
 use flowgate::app::Shared;
-use flowgate::engine::Throttle;
 use flowgate::identity::Identity;
 use flowgate::metrics::Metrics;
 use flowgate::session::{
@@ -79,8 +78,6 @@ fn session_check(c: &mut Criterion) {
         sessions: store.clone(),
         fallback_secret: random_token().into_bytes(),
         metrics: Arc::new(Metrics::new()),
-        throttle: Arc::new(Throttle::default()),
-        used_codes: Arc::default(),
         client_starts: Arc::default(),
     };
     let gateway = Gateway::new(config, &shared).expect("the gateway builds");

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
-use crate::engine::Throttle;
 use crate::gateway::{Gateway, People};
 use crate::metrics::Metrics;
 use crate::session::{Store, StoreOptions};
@@ -38,10 +37,6 @@ pub struct Shared {
     /// this process; a reload does not sign everybody out either way.
     pub fallback_secret: Vec<u8>,
     pub metrics: Arc<Metrics>,
-    /// Failed logins per name and address.
-    pub throttle: Arc<Throttle>,
-    /// TOTP codes already used: good once, whatever reloads come between.
-    pub used_codes: crate::directory::UsedCodes,
     /// Logins started per client address.
     pub client_starts: Arc<crate::session::ClientStarts>,
 }
@@ -84,8 +79,6 @@ impl App {
             sessions,
             fallback_secret: kept.unwrap_or(fresh),
             metrics: metrics.clone(),
-            throttle: Arc::default(),
-            used_codes: Arc::default(),
             client_starts: Arc::default(),
         };
         let started = config.clone();

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -137,15 +137,20 @@ pub trait Directory: Send + Sync {
     /// wrong passwords. Disabled users always fail.
     async fn verify_password(&self, user: Option<&User>, password: &str) -> bool;
 
-    /// Check a TOTP code against one of the user's devices; a code is good
-    /// once (no replay within its window).
-    fn verify_totp(&self, user: &User, code: &str, unix_time: u64) -> bool;
+    /// Which of the user's devices `code` is right for at `unix_time`, and
+    /// for which time step. Only the match: that a step is used once is the
+    /// caller's to keep (the state store's marks).
+    fn totp_step(&self, user: &User, code: &str, unix_time: u64) -> Option<TotpStep>;
 }
 
-/// TOTP time steps already used, per (username, device). Outlives the
-/// directory it was made with: a reload must not make a used code good again
-/// (RFC 6238 §5.2).
-pub type UsedCodes = Arc<Mutex<HashMap<(String, String), u64>>>;
+/// A TOTP code that matched: the device (its uid), the time step, the
+/// device's period in seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TotpStep {
+    pub device: String,
+    pub step: u64,
+    pub period: u64,
+}
 
 pub struct FileDirectory {
     users: Vec<Arc<User>>,
@@ -158,9 +163,6 @@ pub struct FileDirectory {
     identities: HashMap<String, Arc<Identity>>,
     dummy_hash: String,
     hashing: Arc<Semaphore>,
-    /// Last accepted TOTP time step per (username, device): no code twice,
-    /// also across reloads (`sharing_used_codes`).
-    totp_used: UsedCodes,
 }
 
 /// Password checks allowed at once: argon2 uses ~19 MiB and a core's worth of
@@ -212,7 +214,6 @@ impl FileDirectory {
             identities,
             dummy_hash: dummy_hash(),
             hashing: Arc::new(Semaphore::new(hashing_permits())),
-            totp_used: UsedCodes::default(),
         })
     }
 
@@ -224,13 +225,6 @@ impl FileDirectory {
     /// deleted or disabled since (their sessions end with this load).
     pub fn current(&self, username: &str) -> Option<Arc<Identity>> {
         self.identities.get(username).cloned()
-    }
-
-    /// Remember used TOTP codes in `used` (the process's), not in a memory
-    /// of this load's own.
-    pub fn sharing_used_codes(mut self, used: UsedCodes) -> FileDirectory {
-        self.totp_used = used;
-        self
     }
 
     /// The users whose sessions must end now that `newer` replaces this
@@ -412,10 +406,10 @@ impl Directory for FileDirectory {
         matched && usable
     }
 
-    fn verify_totp(&self, user: &User, code: &str, unix_time: u64) -> bool {
+    fn totp_step(&self, user: &User, code: &str, unix_time: u64) -> Option<TotpStep> {
         let code = code.trim();
         if user.disabled || code.is_empty() || !code.bytes().all(|b| b.is_ascii_digit()) {
-            return false;
+            return None;
         }
         for device in &user.totp {
             // One step of clock skew either way, as authenticator apps drift.
@@ -423,21 +417,16 @@ impl Directory for FileDirectory {
                 let Some(step) = (unix_time / device.period).checked_add_signed(skew) else {
                     continue;
                 };
-                if totp_code(&device.secret, step, device.digits).as_bytes() != code.as_bytes() {
-                    continue;
+                if totp_code(&device.secret, step, device.digits).as_bytes() == code.as_bytes() {
+                    return Some(TotpStep {
+                        device: device.uid.clone(),
+                        step,
+                        period: device.period,
+                    });
                 }
-                let mut used = self.totp_used.lock().unwrap_or_else(|p| p.into_inner());
-                let slot = used
-                    .entry((user.username.clone(), device.uid.clone()))
-                    .or_insert(0);
-                if step <= *slot {
-                    return false;
-                }
-                *slot = step;
-                return true;
             }
         }
-        false
+        None
     }
 }
 
@@ -540,16 +529,25 @@ disabled = true
     }
 
     #[test]
-    fn totp_codes_are_accepted_once() {
+    fn totp_codes_match_their_device_and_step_with_a_step_of_skew() {
         let dir = directory();
         let alice = dir.find("alice", &[UserField::Username]).unwrap();
         let now = 1_800_000_000;
         let code = totp_code(b"12345678901234567890", now / 30, 6);
-        assert!(!dir.verify_totp(&alice, "000000x", now));
-        assert!(dir.verify_totp(&alice, &code, now));
-        assert!(!dir.verify_totp(&alice, &code, now), "a code is good once");
-        let next = totp_code(b"12345678901234567890", now / 30 + 1, 6);
-        assert!(dir.verify_totp(&alice, &next, now + 30));
+        assert_eq!(dir.totp_step(&alice, "000000x", now), None);
+        let matched = dir.totp_step(&alice, &code, now).unwrap();
+        assert_eq!((matched.step, matched.period), (now / 30, 30));
+        assert_eq!(matched.device, alice.totp[0].uid);
+        // A step late or early still matches, as the same step.
+        assert_eq!(
+            dir.totp_step(&alice, &code, now + 30).unwrap().step,
+            now / 30
+        );
+        assert_eq!(
+            dir.totp_step(&alice, &code, now - 30).unwrap().step,
+            now / 30
+        );
+        assert_eq!(dir.totp_step(&alice, &code, now + 60), None);
     }
 
     #[test]

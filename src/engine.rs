@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,7 @@ use crate::flow::{
 use crate::login::{FAILED_PASSWORD, FAILED_TOTP};
 use crate::metrics::Metrics;
 use crate::redirect::RedirectPolicy;
-use crate::session::now_secs;
+use crate::session::{now_secs, Store};
 
 /// authentik's messages, kept word for word: clients match on them.
 const INVALID_PASSWORD: &str = "Invalid password";
@@ -105,23 +105,28 @@ pub struct Engine {
     stages: HashMap<String, StageConfig>,
     directory: Arc<dyn Directory>,
     redirects: RedirectPolicy,
-    /// Shared with the engines of later reloads, so a reload does not
-    /// forgive anyone's failures.
-    throttle: Arc<Throttle>,
+    /// Failures counted in the state store: a reload or a restart forgives
+    /// nobody.
+    throttle: Throttle,
+    /// Where one-time marks go (TOTP steps used).
+    state: Arc<Store>,
     metrics: Option<Arc<Metrics>>,
     cancel_url: String,
 }
 
 impl Engine {
+    /// On a store of its own, in memory.
     pub fn new(config: &Config, directory: Arc<dyn Directory>) -> Engine {
-        Engine::with_shared(config, directory, Arc::default(), None)
+        let state = Throttle::default().store;
+        Engine::with_shared(config, directory, state, None)
     }
 
-    /// An engine whose brute-force memory (and failure counter) outlive it.
+    /// An engine that keeps its counters and marks in `state`, and counts
+    /// in `metrics`: both outlive it.
     pub fn with_shared(
         config: &Config,
         directory: Arc<dyn Directory>,
-        throttle: Arc<Throttle>,
+        state: Arc<Store>,
         metrics: Option<Arc<Metrics>>,
     ) -> Engine {
         let mut stages: HashMap<String, StageConfig> = config
@@ -147,7 +152,8 @@ impl Engine {
             stages,
             directory,
             redirects: RedirectPolicy::from_config(config),
-            throttle,
+            throttle: Throttle::new(state.clone()),
+            state,
             metrics,
             cancel_url: format!("{}/sign_out", config.server.prefix),
         }
@@ -155,7 +161,7 @@ impl Engine {
 
     /// A credential check failed: log it (one line, the name as typed),
     /// count it against the throttle and in the metrics.
-    fn failed(
+    async fn failed(
         &self,
         reason: &'static str,
         identifier: &str,
@@ -163,7 +169,7 @@ impl Engine {
         attempt: Attempt<'_>,
     ) {
         crate::login::log_failed(reason, identifier, request.client_ip, request.slug);
-        attempt.failed();
+        attempt.failed().await;
         if let Some(metrics) = &self.metrics {
             metrics.logins_failed.inc();
         }
@@ -171,8 +177,8 @@ impl Engine {
 
     /// A credential check the throttle lets through, or `None` when it
     /// refuses it unchecked (logged, one line).
-    fn attempt(&self, identifier: &str, request: &FlowRequest<'_>) -> Option<Attempt<'_>> {
-        let attempt = self.throttle.begin(identifier, request.client_ip);
+    async fn attempt(&self, identifier: &str, request: &FlowRequest<'_>) -> Option<Attempt<'_>> {
+        let attempt = self.throttle.begin(identifier, request.client_ip).await;
         if attempt.is_none() {
             crate::login::log_failed(
                 crate::login::FAILED_THROTTLED,
@@ -182,6 +188,27 @@ impl Engine {
             );
         }
         attempt
+    }
+
+    /// Whether `code` is good for one of `user`'s devices now, and not
+    /// used before: its time step is marked in the state store, so no
+    /// process on it takes the same code twice (RFC 6238 §5.2), across
+    /// reloads and restarts too.
+    async fn accept_totp(&self, user: &User, code: &str) -> bool {
+        let Some(matched) = self.directory.totp_step(user, code, now_secs()) else {
+            return false;
+        };
+        let mark = format!("totp:{}:{}", user.username, matched.device);
+        // A step is good for a period either side of its own (clock skew):
+        // the mark must outlive that.
+        let ttl = Duration::from_secs(matched.period.saturating_mul(3));
+        match self.state.raise(&mark, matched.step, ttl).await {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                tracing::warn!(%error, "used TOTP codes cannot be checked: the code is refused");
+                false
+            }
+        }
     }
 
     fn flow(&self, slug: &str) -> Result<&FlowConfig, FlowError> {
@@ -437,7 +464,7 @@ impl Engine {
                 let user = self.directory.find(identifier, &user_fields);
                 if password {
                     let secret = body.get("password").and_then(Value::as_str).unwrap_or("");
-                    let Some(attempt) = self.attempt(identifier, request) else {
+                    let Some(attempt) = self.attempt(identifier, request).await else {
                         return Outcome::Invalid(field_error(
                             "non_field_errors",
                             THROTTLED,
@@ -449,7 +476,8 @@ impl Engine {
                         .verify_password(user.as_deref(), secret)
                         .await
                     {
-                        self.failed(FAILED_PASSWORD, identifier, request, attempt);
+                        self.failed(FAILED_PASSWORD, identifier, request, attempt)
+                            .await;
                         return Outcome::Invalid(field_error(
                             "non_field_errors",
                             FAILED_TO_AUTHENTICATE,
@@ -485,7 +513,7 @@ impl Engine {
                         ))
                     }
                 };
-                let Some(attempt) = self.attempt(&identifier, request) else {
+                let Some(attempt) = self.attempt(&identifier, request).await else {
                     return Outcome::Invalid(field_error("password", THROTTLED, "throttled"));
                 };
                 let user = self.user(plan);
@@ -497,7 +525,8 @@ impl Engine {
                     plan.password_ok = true;
                     return Outcome::Pass;
                 }
-                self.failed(FAILED_PASSWORD, &identifier, request, attempt);
+                self.failed(FAILED_PASSWORD, &identifier, request, attempt)
+                    .await;
                 plan.failed_attempts += 1;
                 if failed_attempts_before_cancel > 0
                     && plan.failed_attempts >= failed_attempts_before_cancel
@@ -523,14 +552,15 @@ impl Engine {
                     }
                 };
                 let identifier = plan.identifier.clone().unwrap_or_default();
-                let Some(attempt) = self.attempt(&identifier, request) else {
+                let Some(attempt) = self.attempt(&identifier, request).await else {
                     return Outcome::Invalid(field_error("code", THROTTLED, "throttled"));
                 };
-                if self.directory.verify_totp(&user, &code, now_secs()) {
+                if self.accept_totp(&user, &code).await {
                     plan.second_factor = true;
                     Outcome::Pass
                 } else {
-                    self.failed(FAILED_TOTP, &identifier, request, attempt);
+                    self.failed(FAILED_TOTP, &identifier, request, attempt)
+                        .await;
                     Outcome::Invalid(field_error("code", INVALID_TOKEN, "invalid"))
                 }
             }
@@ -650,25 +680,23 @@ impl FlowExecutor for Engine {
 /// Slows password and code guessing: after `LIMIT` failures within `WINDOW`
 /// for one identifier, or `IP_LIMIT` from one address, further attempts are
 /// refused unchecked until `WINDOW` has passed since the last failure.
-/// Checks in progress count as failures until they are done, so guesses
-/// sent side by side are held to the same limit as guesses sent in turn.
-#[derive(Default)]
+/// Failures are counted in the state store, so every replica on it counts
+/// against the same limits and a restart forgives nobody. Checks in
+/// progress count as failures until they are done (in this process), so
+/// guesses sent side by side are held to the same limit as guesses sent in
+/// turn.
 pub struct Throttle {
-    counts: Mutex<HashMap<String, Count>>,
+    store: Arc<Store>,
+    in_flight: Mutex<HashMap<String, u32>>,
 }
 
-struct Count {
-    failures: u32,
-    last: Instant,
-    in_flight: u32,
-}
-
-impl Count {
-    fn failures_now(&self) -> u32 {
-        match self.last.elapsed() < WINDOW {
-            true => self.failures,
-            false => 0,
-        }
+impl Default for Throttle {
+    /// On a store of its own, in memory (tests, a lone engine).
+    fn default() -> Throttle {
+        Throttle::new(Arc::new(Store::new(
+            Arc::new(crate::session::MemoryBackend::new(0)),
+            crate::session::StoreOptions::for_idle(Duration::from_secs(60)),
+        )))
     }
 }
 
@@ -682,49 +710,56 @@ pub struct Attempt<'t> {
 const LIMIT: u32 = 10;
 const IP_LIMIT: u32 = 50;
 const WINDOW: Duration = Duration::from_secs(5 * 60);
-/// Past this many tracked keys, expired entries are swept on the next check.
-const SWEEP_AT: usize = 10_000;
 
 impl Throttle {
+    pub fn new(store: Arc<Store>) -> Throttle {
+        Throttle {
+            store,
+            in_flight: Mutex::default(),
+        }
+    }
+
     fn keys(identifier: &str, ip: Option<IpAddr>) -> [(Option<String>, u32); 2] {
         [
             (
-                Some(format!("u:{}", identifier.trim().to_lowercase())),
+                Some(format!("throttle:u:{}", identifier.trim().to_lowercase())),
                 LIMIT,
             ),
-            (ip.map(|ip| format!("ip:{ip}")), IP_LIMIT),
+            (ip.map(|ip| format!("throttle:ip:{ip}")), IP_LIMIT),
         ]
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Count>> {
-        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A check for `identifier` from `ip` may run: `None` when failures
-    /// (and checks still running) reach a limit.
-    fn begin(&self, identifier: &str, ip: Option<IpAddr>) -> Option<Attempt<'_>> {
-        let mut map = self.lock();
-        if map.len() > SWEEP_AT {
-            map.retain(|_, c| c.in_flight > 0 || c.last.elapsed() < WINDOW);
-        }
+    /// (and checks still running) reach a limit, or when the store cannot
+    /// say (closed: logged).
+    async fn begin(&self, identifier: &str, ip: Option<IpAddr>) -> Option<Attempt<'_>> {
         let keys = Self::keys(identifier, ip);
-        let blocked = keys.iter().any(|(key, limit)| {
+        let mut failures = [0u32; 2];
+        for (slot, (key, _)) in failures.iter_mut().zip(&keys) {
+            let Some(key) = key else { continue };
+            match self.store.count(key, 0, WINDOW).await {
+                Ok(n) => *slot = n,
+                Err(error) => {
+                    tracing::warn!(%error, "the throttle's counters cannot be read: the attempt is refused");
+                    return None;
+                }
+            }
+        }
+        let mut in_flight = self.lock();
+        let blocked = keys.iter().zip(failures).any(|((key, limit), failed)| {
             key.as_ref()
-                .and_then(|k| map.get(k))
-                .is_some_and(|c| c.failures_now() + c.in_flight >= *limit)
+                .is_some_and(|k| failed + in_flight.get(k).copied().unwrap_or(0) >= *limit)
         });
         if blocked {
             return None;
         }
         let keys: Vec<String> = keys.into_iter().filter_map(|(key, _)| key).collect();
         for key in &keys {
-            map.entry(key.clone())
-                .or_insert(Count {
-                    failures: 0,
-                    last: Instant::now(),
-                    in_flight: 0,
-                })
-                .in_flight += 1;
+            *in_flight.entry(key.clone()).or_insert(0) += 1;
         }
         Some(Attempt {
             throttle: self,
@@ -734,13 +769,12 @@ impl Throttle {
 }
 
 impl Attempt<'_> {
-    /// The check failed: it counts against the limits for `WINDOW`.
-    fn failed(self) {
-        let mut map = self.throttle.lock();
+    /// The check failed: it counts against the limits for `WINDOW`, in
+    /// every process on the store.
+    async fn failed(self) {
         for key in &self.keys {
-            if let Some(count) = map.get_mut(key) {
-                count.failures = count.failures_now() + 1;
-                count.last = Instant::now();
+            if let Err(error) = self.throttle.store.count(key, 1, WINDOW).await {
+                tracing::warn!(%error, "a failed attempt could not be counted");
             }
         }
     }
@@ -748,10 +782,13 @@ impl Attempt<'_> {
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        let mut map = self.throttle.lock();
+        let mut in_flight = self.throttle.lock();
         for key in &self.keys {
-            if let Some(count) = map.get_mut(key) {
-                count.in_flight = count.in_flight.saturating_sub(1);
+            if let Some(count) = in_flight.get_mut(key) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    in_flight.remove(key);
+                }
             }
         }
     }
@@ -940,7 +977,13 @@ mod tests {
         );
         let ip = Some("192.0.2.1".parse().unwrap());
         for _ in 0..LIMIT {
-            engine.throttle.begin("alice", ip).unwrap().failed();
+            engine
+                .throttle
+                .begin("alice", ip)
+                .await
+                .unwrap()
+                .failed()
+                .await;
         }
         let mut state = FlowState::default();
         let req = FlowRequest {
@@ -970,29 +1013,44 @@ mod tests {
         assert!(engine
             .throttle
             .begin("bob", Some("192.0.2.2".parse().unwrap()))
+            .await
             .is_some());
     }
 
     /// Checks side by side count as they run: a burst of guesses for one
     /// name gets `LIMIT` checks, not one per request.
-    #[test]
-    fn checks_in_progress_count_against_the_limit() {
+    #[tokio::test]
+    async fn checks_in_progress_count_against_the_limit() {
         let throttle = Throttle::default();
         let ip = |i: u8| Some(IpAddr::from([192, 0, 2, i]));
-        let running: Vec<_> = (0..LIMIT as u8)
-            .map(|i| throttle.begin("alice", ip(i)).expect("under the limit"))
-            .collect();
+        let mut running = Vec::new();
+        for i in 0..LIMIT as u8 {
+            running.push(
+                throttle
+                    .begin("alice", ip(i))
+                    .await
+                    .expect("under the limit"),
+            );
+        }
         assert!(
-            throttle.begin("alice", ip(99)).is_none(),
+            throttle.begin("alice", ip(99)).await.is_none(),
             "the 11th at once"
         );
         drop(running);
         // Done without failing: room again; failures take it for good.
         for i in 0..LIMIT as u8 {
-            throttle.begin("alice", ip(i)).unwrap().failed();
+            throttle.begin("alice", ip(i)).await.unwrap().failed().await;
         }
-        assert!(throttle.begin("alice", ip(99)).is_none());
-        assert!(throttle.begin("bob", ip(99)).is_some());
+        assert!(throttle.begin("alice", ip(99)).await.is_none());
+        assert!(throttle.begin("bob", ip(99)).await.is_some());
+        // Another throttle on the same store (another replica, or this
+        // one restarted) counts the same failures.
+        let other = Throttle::new(throttle.store.clone());
+        assert!(other.begin("alice", ip(98)).await.is_none());
+        assert!(
+            other.begin("Alice ", ip(98)).await.is_none(),
+            "names as the directory matches them"
+        );
     }
 
     #[tokio::test]

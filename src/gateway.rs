@@ -54,18 +54,14 @@ impl Gateway {
         let (executor, people): (Arc<dyn FlowExecutor>, People) = match &config.executor {
             ExecutorConfig::Embedded => {
                 let users = config.directory.users_file.clone();
-                let directory = Arc::new(
-                    FileDirectory::load(&users)
-                        .map_err(|e| e.to_string())?
-                        .sharing_used_codes(shared.used_codes.clone()),
-                );
+                let directory = Arc::new(FileDirectory::load(&users).map_err(|e| e.to_string())?);
                 if directory.is_empty() {
                     tracing::warn!(file = %users.display(), "the users file has no users: nobody can log in");
                 }
                 let engine = Engine::with_shared(
                     &config,
                     directory.clone(),
-                    shared.throttle.clone(),
+                    shared.sessions.clone(),
                     Some(shared.metrics.clone()),
                 );
                 (Arc::new(engine), People::File(directory))

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::apps::{next_message, ws_connect, WsUpstream};
 use common::redis::Redis;
+use common::totp::{base32, totp_now};
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -18,6 +19,10 @@ use tokio_tungstenite::tungstenite::Message;
 /// Without a secret of its own: both replicas take the one kept in Redis.
 /// `/ws` goes to the websocket app at `ws`, if any.
 fn replica(upstream: &str, ws: Option<&WsUpstream>, redis: &Redis) -> Flowgate {
+    replica_with(upstream, ws, redis, &users_file(&[&ALICE, &BOB]))
+}
+
+fn replica_with(upstream: &str, ws: Option<&WsUpstream>, redis: &Redis, users: &str) -> Flowgate {
     let ws_route = ws.map_or(String::new(), |ws| {
         format!(
             "[[route]]\nhost = \"*\"\npath_prefix = \"/ws\"\nupstream = \"{}\"\nflow = \"{FLOW}\"\n\n",
@@ -35,7 +40,7 @@ fn replica(upstream: &str, ws: Option<&WsUpstream>, redis: &Redis) -> Flowgate {
         "secret = \"test-secret-test-secret-test-secret-0123456789\"\n",
         "",
     );
-    Flowgate::start(&config, &users_file(&[&ALICE, &BOB]))
+    Flowgate::start(&config, users)
 }
 
 async fn status(client: &reqwest::Client, gate: &Flowgate) -> u16 {
@@ -265,4 +270,76 @@ async fn with_redis_down_logins_fail_closed_and_all_comes_back_with_it() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(!gate.log().contains("panicked"), "{}", gate.log());
+}
+
+const CAROL_PASSWORD: &str = "carol-Secret-Pw1!";
+
+/// Failed passwords on A and on B count against one throttle, and a TOTP
+/// code used on A is refused on B.
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_and_used_codes_count_on_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = Redis::start(dir.path()) else {
+        return;
+    };
+    const KEY: &[u8] = b"replica-totp-key-012";
+    let carol = TestUser {
+        username: "carol",
+        password: CAROL_PASSWORD,
+        email: "carol@example.test",
+        groups: &[],
+        extra: Box::leak(format!("totp = [\"{}\"]", base32(KEY)).into_boxed_str()),
+    };
+    let users = users_file(&[&ALICE, &carol]);
+    let upstream = Upstream::start().await;
+    let a = replica_with(&upstream.url(), None, &redis, &users);
+    let b = replica_with(&upstream.url(), None, &redis, &users);
+    for gate in [&a, &b].repeat(5) {
+        let error = password_error(&gate.url(""), "alice", "wrong").await;
+        assert_eq!(error.as_deref(), Some("invalid"));
+    }
+    for gate in [&a, &b] {
+        assert_eq!(
+            password_error(&gate.url(""), "alice", ALICE.password)
+                .await
+                .as_deref(),
+            Some("throttled"),
+            "five failures on each replica make ten"
+        );
+    }
+
+    // carol's code, taken on A, is spent on B too.
+    let code_answer = |gate: &Flowgate, code: String| {
+        let (base, url) = (gate.url(""), executor(gate));
+        async move {
+            let client = client();
+            let step = json_login(&client, &base, "carol", CAROL_PASSWORD, "/").await;
+            assert_eq!(
+                step["component"], "ak-stage-authenticator-validate",
+                "{step}"
+            );
+            let mut response = client
+                .post(&url)
+                .json(&json!({"code": code}))
+                .send()
+                .await
+                .unwrap();
+            while response.status() == 302 {
+                response = client.get(&url).send().await.unwrap();
+            }
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let code = totp_now(KEY);
+    let first = code_answer(&a, code.clone()).await;
+    assert_eq!(first["component"], "xak-flow-redirect", "{first}");
+    let again = code_answer(&b, code).await;
+    assert_eq!(
+        again["component"], "ak-stage-authenticator-validate",
+        "{again}"
+    );
+    assert_eq!(
+        again["response_errors"]["code"][0]["code"], "invalid",
+        "{again}"
+    );
 }

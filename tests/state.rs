@@ -188,3 +188,23 @@ async fn the_state_file_holds_no_session_id() {
         assert!(!text.contains(id.as_str()), "a session id in the file");
     }
 }
+
+/// Failed passwords are counted in the store: a restart (even a `kill -9`)
+/// forgives nobody.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_throttle_remembers_failures_through_a_restart() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    for _ in 0..10 {
+        let error = password_error(&gate.url(""), "alice", "wrong").await;
+        assert_eq!(error.as_deref(), Some("invalid"));
+    }
+    let gate = gate.restart(true);
+    assert_eq!(
+        password_error(&gate.url(""), "alice", ALICE.password)
+            .await
+            .as_deref(),
+        Some("throttled"),
+        "even the right password, after a restart"
+    );
+}

@@ -9,7 +9,10 @@
 //! - `users`: username → keys, for listing and ending one user's sessions;
 //! - `revoked`: sequence → (when, key): deletions, read by every process
 //!   that has the file open (the server hears of the CLI's), kept a minute;
-//! - `meta`: the pre-auth count and the kept secret.
+//! - `meta`: the pre-auth count and the kept secret;
+//! - `counters`: name → (value, when it dies in Unix ms), with
+//!   `counter_expiry` (when, name) for purging: throttle counters and
+//!   one-time marks.
 //!
 //! Several processes may open the file at once (redb's multi-writer mode):
 //! `flowgate sessions` works beside a running server. Every call runs on
@@ -17,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{
@@ -31,6 +35,8 @@ const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
 const USERS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("users");
 const REVOKED: TableDefinition<u64, (u64, &str)> = TableDefinition::new("revoked");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
+const COUNTER_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("counter_expiry");
 
 const PRE_AUTH: &str = "pre_auth";
 const SECRET: &str = "secret";
@@ -70,6 +76,8 @@ impl EmbeddedBackend {
             txn.open_multimap_table(USERS)?;
             txn.open_table(REVOKED)?;
             txn.open_table(META)?;
+            txn.open_table(COUNTERS)?;
+            txn.open_table(COUNTER_EXPIRY)?;
             Ok(())
         })?;
         Ok(backend)
@@ -202,6 +210,49 @@ fn insert_in(txn: &WriteTransaction, key: &str, record: &Record) -> Result<(), F
         set_counter(txn, PRE_AUTH, count + 1)?;
     }
     Ok(())
+}
+
+/// Set counter or mark `name` to `value` until `dies` (Unix ms).
+fn set_mark_in(txn: &WriteTransaction, name: &str, value: u64, dies: u64) -> Result<(), Failure> {
+    let mut counters = txn.open_table(COUNTERS)?;
+    let old = counters.insert(name, (value, dies))?.map(|v| v.value().1);
+    drop(counters);
+    let mut expiry = txn.open_table(COUNTER_EXPIRY)?;
+    if let Some(old) = old {
+        expiry.remove((old, name))?;
+    }
+    expiry.insert((dies, name), ())?;
+    Ok(())
+}
+
+/// The value of counter or mark `name` at `now` (Unix ms), if alive.
+fn mark_in(txn: &WriteTransaction, name: &str, now: u64) -> Result<Option<u64>, Failure> {
+    let counters = txn.open_table(COUNTERS)?;
+    let found = counters.get(name)?.map(|v| v.value());
+    Ok(found
+        .filter(|(_, dies)| *dies > now)
+        .map(|(value, _)| value))
+}
+
+/// Remove every counter and mark that has died by `now` (Unix ms).
+fn purge_counters_in(txn: &WriteTransaction, now: u64) -> Result<usize, Failure> {
+    let dead: Vec<(u64, String)> = {
+        let expiry = txn.open_table(COUNTER_EXPIRY)?;
+        let mut dead = Vec::new();
+        for entry in expiry.range(..=(now, "~"))? {
+            let (at, _) = entry?;
+            let (when, name) = at.value();
+            dead.push((when, name.to_owned()));
+        }
+        dead
+    };
+    let mut counters = txn.open_table(COUNTERS)?;
+    let mut expiry = txn.open_table(COUNTER_EXPIRY)?;
+    for (when, name) in &dead {
+        counters.remove(name.as_str())?;
+        expiry.remove((*when, name.as_str()))?;
+    }
+    Ok(dead.len())
 }
 
 /// Remove every record that has died by `now`, reading only those.
@@ -356,8 +407,52 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {
-        self.blocking(|db| db.write(|txn| purge_in(txn, now_secs())))
-            .await
+        self.blocking(|db| {
+            db.write(|txn| {
+                purge_counters_in(txn, super::now_millis())?;
+                purge_in(txn, now_secs())
+            })
+        })
+        .await
+    }
+
+    async fn count(&self, name: &str, by: u32, window: Duration) -> Result<u32, StoreError> {
+        let name = name.to_owned();
+        self.blocking(move |db| {
+            let now = super::now_millis();
+            if by == 0 {
+                let path = db.path.clone();
+                let txn = db.db.begin_read().map_err(|e| failed(&path, e))?;
+                let counters = txn.open_table(COUNTERS).map_err(|e| failed(&path, e))?;
+                let found = counters
+                    .get(name.as_str())
+                    .map_err(|e| failed(&path, e))?
+                    .map(|v| v.value());
+                let value = found.filter(|(_, dies)| *dies > now).map_or(0, |(v, _)| v);
+                return Ok(value.min(u32::MAX as u64) as u32);
+            }
+            db.write(|txn| {
+                let value = mark_in(txn, &name, now)?.unwrap_or(0) + by as u64;
+                set_mark_in(txn, &name, value, now + window.as_millis() as u64)?;
+                Ok(value.min(u32::MAX as u64) as u32)
+            })
+        })
+        .await
+    }
+
+    async fn raise(&self, name: &str, value: u64, ttl: Duration) -> Result<bool, StoreError> {
+        let name = name.to_owned();
+        self.blocking(move |db| {
+            db.write(|txn| {
+                let now = super::now_millis();
+                if mark_in(txn, &name, now)?.is_some_and(|v| v >= value) {
+                    return Ok(false);
+                }
+                set_mark_in(txn, &name, value, now + ttl.as_millis() as u64)?;
+                Ok(true)
+            })
+        })
+        .await
     }
 
     async fn revoked_since(&self, cursor: Option<u64>) -> Result<(u64, Vec<Key>), StoreError> {

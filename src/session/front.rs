@@ -245,6 +245,18 @@ impl Store {
         Ok(ended)
     }
 
+    /// Counter `name` plus `by` (0 reads it), alive `window` after its last
+    /// rise (`Backend::count`).
+    pub async fn count(&self, name: &str, by: u32, window: Duration) -> Result<u32, StoreError> {
+        self.backend.count(name, by, window).await
+    }
+
+    /// Raise mark `name` to `value` for `ttl`; whether it rose
+    /// (`Backend::raise`).
+    pub async fn raise(&self, name: &str, value: u64, ttl: Duration) -> Result<bool, StoreError> {
+        self.backend.raise(name, value, ttl).await
+    }
+
     /// Live authenticated sessions, of one user or of all, newest first.
     pub async fn list(&self, user: Option<&str>) -> Result<Vec<Listed>, StoreError> {
         let mut listed: Vec<Listed> = self
@@ -641,6 +653,42 @@ pub(super) mod tests {
         assert!(store.live.lock().unwrap().is_empty());
     }
 
+    /// Counters count and die a window after their last rise; marks rise
+    /// once per value; both are the same for every front on the backend.
+    pub async fn counters_and_marks_are_shared(one: Arc<dyn Backend>, other: Arc<dyn Backend>) {
+        let window = Duration::from_millis(600);
+        assert_eq!(one.count("t:alice", 0, window).await.unwrap(), 0);
+        assert_eq!(one.count("t:alice", 1, window).await.unwrap(), 1);
+        assert_eq!(other.count("t:alice", 1, window).await.unwrap(), 2);
+        assert_eq!(one.count("t:alice", 0, window).await.unwrap(), 2);
+        assert_eq!(other.count("t:bob", 0, window).await.unwrap(), 0);
+        // Reading does not keep it alive; a rise does.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(one.count("t:alice", 1, window).await.unwrap(), 3);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(other.count("t:alice", 0, window).await.unwrap(), 3);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(other.count("t:alice", 0, window).await.unwrap(), 0);
+
+        let ttl = Duration::from_millis(600);
+        assert!(one.raise("m:alice", 10, ttl).await.unwrap());
+        assert!(
+            !other.raise("m:alice", 10, ttl).await.unwrap(),
+            "once per value"
+        );
+        assert!(!other.raise("m:alice", 9, ttl).await.unwrap(), "never back");
+        assert!(other.raise("m:alice", 11, ttl).await.unwrap());
+        assert!(one.raise("m:bob", 1, ttl).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            one.raise("m:alice", 5, ttl).await.unwrap(),
+            "gone after its ttl"
+        );
+        // Dead ones are purged with the records.
+        one.purge_expired().await.unwrap();
+        assert_eq!(one.count("t:alice", 0, window).await.unwrap(), 0);
+    }
+
     #[tokio::test]
     async fn memory_keeps_the_contract() {
         let memory = || Arc::new(super::super::MemoryBackend::new(2)) as Arc<dyn Backend>;
@@ -648,6 +696,8 @@ pub(super) mod tests {
         records_expire_and_end_per_user(memory()).await;
         the_backend_sees_keys_not_ids(memory()).await;
         live_connections_hear_their_session_end(memory(), None).await;
+        let one = memory();
+        counters_and_marks_are_shared(one.clone(), one).await;
     }
 
     #[tokio::test]
@@ -661,6 +711,7 @@ pub(super) mod tests {
         records_expire_and_end_per_user(open("b.state")).await;
         the_backend_sees_keys_not_ids(open("c.state")).await;
         live_connections_hear_their_session_end(open("d.state"), Some(open("d.state"))).await;
+        counters_and_marks_are_shared(open("e.state"), open("e.state")).await;
     }
 
     /// A `redis-server` of this test's own on a free loopback port, stopped
@@ -811,6 +862,7 @@ pub(super) mod tests {
         records_expire_and_end_per_user(open("b:")).await;
         the_backend_sees_keys_not_ids(open("c:")).await;
         live_connections_hear_their_session_end(open("l:"), Some(open("l:"))).await;
+        counters_and_marks_are_shared(open("t:"), open("t:")).await;
         // Two processes' fronts on one Redis: a deletion through one is
         // heard by the other, which drops its cached copy.
         let one = Arc::new(store(open("d:")));

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{now_secs, Backend, Key, Record, Session, StoreError};
+use super::{now_millis, now_secs, Backend, Key, Record, Session, StoreError};
 
 struct Entry {
     session: Arc<Session>,
@@ -34,7 +34,12 @@ impl Entry {
 pub struct MemoryBackend {
     map: RwLock<Records>,
     max_pre_auth: usize,
+    /// Counters and marks: name → (value, when it dies, Unix milliseconds).
+    counters: std::sync::Mutex<HashMap<String, (u64, u64)>>,
 }
+
+/// Past this many counters and marks, the dead ones are swept.
+const COUNTERS_SWEPT_AT: usize = 10_000;
 
 /// The records, and how many of them are pre-auth: kept under the same
 /// lock, so that creating a pre-auth session never scans the map.
@@ -82,7 +87,17 @@ impl MemoryBackend {
         MemoryBackend {
             map: RwLock::new(Records::default()),
             max_pre_auth,
+            counters: Default::default(),
         }
+    }
+
+    /// The counters, the dead ones swept when there are many.
+    fn counters(&self, now: u64) -> std::sync::MutexGuard<'_, HashMap<String, (u64, u64)>> {
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        if counters.len() >= COUNTERS_SWEPT_AT {
+            counters.retain(|_, (_, dies)| *dies > now);
+        }
+        counters
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Records> {
@@ -174,6 +189,35 @@ impl Backend for MemoryBackend {
 
     fn kept_secret(&self, _fresh: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(None)
+    }
+
+    async fn count(&self, name: &str, by: u32, window: Duration) -> Result<u32, StoreError> {
+        let now = now_millis();
+        let mut counters = self.counters(now);
+        let alive = counters
+            .get(name)
+            .filter(|(_, dies)| *dies > now)
+            .map(|(v, _)| *v);
+        if by == 0 {
+            return Ok(alive.unwrap_or(0) as u32);
+        }
+        let value = alive.unwrap_or(0) + by as u64;
+        counters.insert(name.to_owned(), (value, now + window.as_millis() as u64));
+        Ok(value.min(u32::MAX as u64) as u32)
+    }
+
+    async fn raise(&self, name: &str, value: u64, ttl: Duration) -> Result<bool, StoreError> {
+        let now = now_millis();
+        let mut counters = self.counters(now);
+        let stands = counters
+            .get(name)
+            .filter(|(_, dies)| *dies > now)
+            .map(|(v, _)| *v);
+        if stands.is_some_and(|v| v >= value) {
+            return Ok(false);
+        }
+        counters.insert(name.to_owned(), (value, now + ttl.as_millis() as u64));
+        Ok(true)
     }
 
     fn authenticated_now(&self, key: &Key, idle: Duration) -> Option<Option<Arc<Session>>> {

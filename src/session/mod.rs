@@ -148,6 +148,14 @@ impl Session {
     }
 }
 
+/// Unix milliseconds (counters and marks expire more finely than records).
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -269,6 +277,15 @@ pub trait Backend: Send + Sync {
     /// none: the one kept already, or `fresh`, kept from now on. `None`:
     /// this backend keeps nothing past the process. Called once, at start.
     fn kept_secret(&self, fresh: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Counter `name` plus `by` (0 only reads it), alive `window` after
+    /// its last rise; its value now (0 when it never was or has died).
+    /// The brute-force throttle counts failures here, so every process on
+    /// the store counts against the same limit.
+    async fn count(&self, name: &str, by: u32, window: Duration) -> Result<u32, StoreError>;
+    /// Raise mark `name` to `value`, kept for `ttl`; whether it rose (not:
+    /// it stands at `value` or past it already). A TOTP time step is
+    /// accepted once, by whichever process sees it first.
+    async fn raise(&self, name: &str, value: u64, ttl: Duration) -> Result<bool, StoreError>;
     /// The hot path without waiting, for backends in this process: a live
     /// authenticated session, its idle deadline pushed to `idle` from now.
     /// `None`: ask the cache.

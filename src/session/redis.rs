@@ -10,6 +10,9 @@
 //!   of death (the pre-auth bound, listing);
 //! - `u:<username>`: a set of that user's keys;
 //! - `secret`: the cookie secret kept for configs that name none;
+//! - `c:<name>`: counters (the throttle's), expiring a window after their
+//!   last rise; `m:<name>`: marks (TOTP steps used), raised by a script so
+//!   that two replicas cannot both accept one code;
 //! - channel `revoked`: keys ended by any replica.
 //!
 //! The connection manager reconnects by itself, with backoff; while Redis
@@ -720,6 +723,61 @@ impl RedisBackend {
     }
 }
 
+/// Raise a mark (`KEYS[1]`) to `ARGV[1]` for `ARGV[2]` ms, if it stands
+/// lower (or not at all); 1 when it rose.
+const RAISE: &str = r"
+local stands = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) > stands then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+impl RedisBackend {
+    async fn count_unbounded(
+        &self,
+        name: &str,
+        by: u32,
+        window: Duration,
+    ) -> Result<u32, StoreError> {
+        let mut con = self.connection().await?;
+        let key = format!("{}c:{name}", self.prefix);
+        let value: u64 = if by == 0 {
+            let value: Option<u64> = con.get(&key).await.map_err(|e| self.failed(e))?;
+            value.unwrap_or(0)
+        } else {
+            let (value,): (u64,) = redis::pipe()
+                .atomic()
+                .incr(&key, by)
+                .pexpire(&key, window.as_millis() as i64)
+                .ignore()
+                .query_async(&mut con)
+                .await
+                .map_err(|e| self.failed(e))?;
+            value
+        };
+        Ok(value.min(u32::MAX as u64) as u32)
+    }
+
+    async fn raise_unbounded(
+        &self,
+        name: &str,
+        value: u64,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut con = self.connection().await?;
+        let rose: i64 = redis::Script::new(RAISE)
+            .key(format!("{}m:{name}", self.prefix))
+            .arg(value)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(rose == 1)
+    }
+}
+
 /// Every call to Redis gives up after this: a Redis that is down or
 /// stalled makes requests fail (closed), not hang.
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -768,6 +826,14 @@ impl Backend for RedisBackend {
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         self.bounded(self.purge_expired_unbounded()).await
+    }
+
+    async fn count(&self, name: &str, by: u32, window: Duration) -> Result<u32, StoreError> {
+        self.bounded(self.count_unbounded(name, by, window)).await
+    }
+
+    async fn raise(&self, name: &str, value: u64, ttl: Duration) -> Result<bool, StoreError> {
+        self.bounded(self.raise_unbounded(name, value, ttl)).await
     }
 
     async fn revoked_since(&self, cursor: Option<u64>) -> Result<(u64, Vec<Key>), StoreError> {

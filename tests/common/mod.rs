@@ -376,6 +376,22 @@ pub async fn json_login(
     response.json().await.unwrap()
 }
 
+/// One password attempt for `user` through the JSON API, in a flow of its
+/// own: the error code the password stage answered (`invalid`,
+/// `throttled`), or `None` when it passed.
+pub async fn password_error(base: &str, user: &str, password: &str) -> Option<String> {
+    let done = json_login(&client(), base, user, password, "/").await;
+    match done["component"].as_str() {
+        Some("ak-stage-password") => Some(
+            done["response_errors"]["password"][0]["code"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no error code: {done}"))
+                .to_owned(),
+        ),
+        _ => None,
+    }
+}
+
 /// GET `url` as an API client (`Accept: application/json`): the status.
 pub async fn api_status(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> u16 {
     client
