@@ -98,7 +98,8 @@ impl Listener {
         self.app
             .gateway()
             .sessions
-            .watch(Duration::from_millis(250));
+            .watch(Duration::from_millis(250))
+            .await;
         tokio::pin!(shutdown);
         loop {
             // At the cap, stop accepting: further clients wait in the

@@ -194,3 +194,40 @@ async fn without_a_token_file_the_session_endpoints_are_off() {
     assert!(!ok);
     assert!(err.contains("admin listener"), "{err}");
 }
+
+/// A revocation made right after the server starts is heard (the server
+/// knows where to listen from before it serves), and the fast lane keeps a
+/// connection's session answers no longer than the store does: on one
+/// kept-alive connection, the requests after a revocation are refused
+/// within a second (an answer the lane fetched once is not reused).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revocation_holds_on_a_connection_kept_alive_since_before_it() {
+    let upstream = Upstream::start().await;
+    let gate = start(&upstream.url());
+    let (_, cookie) = signed_in(&gate, &ALICE).await;
+    let addr = gate.addr;
+    let get = common::raw::request("GET", "/private", &[&format!("cookie: {cookie}")]);
+    let mut connection = tokio::task::spawn_blocking(move || {
+        let mut connection = common::raw::Client::connect(addr);
+        for _ in 0..3 {
+            connection.send(&get);
+            assert_eq!(connection.response("GET").status, 200);
+        }
+        connection
+    })
+    .await
+    .unwrap();
+    let (ok, out, err) = cli(&gate, &["revoke", "--user", "alice"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "1 session ended");
+    // Heard within a quarter second; the very next request is refused.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let get = common::raw::request("GET", "/private", &[&format!("cookie: {cookie}")]);
+    let status = tokio::task::spawn_blocking(move || {
+        connection.send(&get);
+        connection.response("GET").status
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 401, "{}", gate.log());
+}

@@ -993,6 +993,10 @@ enum Lookup {
 fn session(gateway: &Gateway, verified: &mut Verified, headers: &[httparse::Header<'_>]) -> Lookup {
     let name = gateway.config.session.cookie_name.as_str();
     let idle = gateway.config.session.idle_timeout;
+    // A fetched answer is for the head it was fetched for, the one being
+    // prepared again now: never kept for a later request, which would take
+    // it for the store's answer long after the session ended.
+    let mut fetched = verified.fetched.take();
     for header in headers {
         if !header.name.eq_ignore_ascii_case("cookie") {
             continue;
@@ -1013,7 +1017,7 @@ fn session(gateway: &Gateway, verified: &mut Verified, headers: &[httparse::Head
             };
             let answer = match gateway.sessions.authenticated_now(&id, idle) {
                 Some(answer) => answer,
-                None => match verified.fetched.take() {
+                None => match fetched.take() {
                     Some((fetched, answer)) if *fetched == *id => Ok(answer),
                     _ => return Lookup::Fetch(id.to_string()),
                 },

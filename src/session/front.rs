@@ -94,6 +94,8 @@ pub struct Store {
     /// Sessions with a connection waiting on `ended`, and the nudge that
     /// makes those connections look again.
     live: std::sync::Mutex<HashMap<Key, tokio::sync::watch::Sender<()>>>,
+    /// `watch` has started.
+    watching: std::sync::atomic::AtomicBool,
 }
 
 /// How long a request runs before it starts listening for its session's
@@ -108,6 +110,7 @@ impl Store {
             options,
             cache: RwLock::default(),
             live: Default::default(),
+            watching: Default::default(),
         }
     }
 
@@ -387,12 +390,23 @@ impl Store {
     }
 
     /// Evict what other processes revoke, until the store is dropped. Ask
-    /// every `poll`.
-    pub fn watch(self: &Arc<Self>, poll: Duration) {
+    /// every `poll`. Where the listening starts is settled before this
+    /// returns: a revocation made after it is heard, however soon. Once per
+    /// store; later calls do nothing.
+    pub async fn watch(self: &Arc<Self>, poll: Duration) {
+        if self.watching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let first = self.backend.revoked_since(None).await;
         let store = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut cursor = None;
-            let mut failing = false;
+            let (mut cursor, mut failing) = match first {
+                Ok((cursor, _)) => (Some(cursor), false),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot hear of sessions ended elsewhere");
+                    (None, true)
+                }
+            };
             loop {
                 tokio::time::sleep(poll).await;
                 let Some(store) = store.upgrade() else {
@@ -599,7 +613,7 @@ pub(super) mod tests {
         other: Option<Arc<dyn Backend>>,
     ) {
         let store = Arc::new(store(one));
-        store.watch(Duration::from_millis(50));
+        store.watch(Duration::from_millis(50)).await;
         let now = now_secs();
         let ttl = Duration::from_secs(600);
         let idle = Duration::from_secs(600);
@@ -867,7 +881,7 @@ pub(super) mod tests {
         // heard by the other, which drops its cached copy.
         let one = Arc::new(store(open("d:")));
         let two = Arc::new(store(open("d:")));
-        two.watch(Duration::from_millis(50));
+        two.watch(Duration::from_millis(50)).await;
         let now = now_secs();
         let ttl = Duration::from_secs(600);
         let session = Session::authenticated(identity("alice"), now, ttl);
@@ -980,7 +994,7 @@ pub(super) mod tests {
             .is_some());
         // Another process (the CLI) ends it in the same file.
         let other = super::super::EmbeddedBackend::open(&path, 10).unwrap();
-        store.watch(Duration::from_millis(50));
+        store.watch(Duration::from_millis(50)).await;
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert!(other.delete(&Key::of("a")).await.unwrap());
         let mut waited = 0;
