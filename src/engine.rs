@@ -63,6 +63,10 @@ struct Plan {
     /// A TOTP code of the user's was checked.
     #[serde(default)]
     second_factor: bool,
+    /// The user chose to stay signed in: the session lives this many
+    /// seconds longer (the user-login stage's `remember_me_offset`).
+    #[serde(default)]
+    remember_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -75,6 +79,9 @@ struct EngineState {
     /// After `Step::Done`: with a second factor.
     #[serde(default)]
     second_factor: bool,
+    /// After `Step::Done`: the longer lifetime chosen, in seconds.
+    #[serde(default)]
+    remember_secs: u64,
 }
 
 impl EngineState {
@@ -327,6 +334,11 @@ impl Engine {
         match self.redirects.check(&next) {
             Some(to) => {
                 state.second_factor = plan.login.is_some() && plan.second_factor;
+                state.remember_secs = if plan.login.is_some() {
+                    plan.remember_secs
+                } else {
+                    0
+                };
                 state.logged_in = plan.login;
                 Step::Done { to: to.to_owned() }
             }
@@ -564,17 +576,21 @@ impl Engine {
                     Outcome::Invalid(field_error("code", INVALID_TOKEN, "invalid"))
                 }
             }
-            StageConfig::UserLogin { .. } => {
-                if !matches!(body.get("remember_me"), Some(Value::Bool(_))) {
+            StageConfig::UserLogin { remember_me_offset } => {
+                let Some(Value::Bool(remember)) = body.get("remember_me") else {
                     return Outcome::Invalid(field_error(
                         "remember_me",
                         "This field is required.",
                         "required",
                     ));
-                }
+                };
                 match self.user(plan).filter(|u| plan.password_ok && !u.disabled) {
                     Some(user) => {
                         plan.login = Some(user.username.clone());
+                        plan.remember_secs = match remember {
+                            true => remember_me_offset.as_secs(),
+                            false => 0,
+                        };
                         Outcome::Pass
                     }
                     None => Outcome::Deny("No Pending user to login.".into()),
@@ -673,6 +689,8 @@ impl FlowExecutor for Engine {
                 identity: u.identity(),
                 second_factor: state.second_factor,
                 executor_session: None,
+                remember: (state.remember_secs > 0)
+                    .then(|| Duration::from_secs(state.remember_secs)),
             }))
     }
 }

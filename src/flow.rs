@@ -575,4 +575,7 @@ pub struct Login {
     /// What the executor keeps for the new session (a remote's cookie jar),
     /// handed back to `sign_out` and `still_signed_in`.
     pub executor_session: Option<FlowState>,
+    /// The user chose to stay signed in: the session lives this much
+    /// longer than `session.lifetime`, and no idle timeout ends it.
+    pub remember: Option<std::time::Duration>,
 }

@@ -738,6 +738,9 @@ impl FlowExecutor for RemoteExecutor {
             identity,
             // The remote decides what its flow checks; flowgate cannot tell.
             second_factor: false,
+            // The remote's own session may be remembered; this one keeps
+            // `session.lifetime`.
+            remember: None,
             executor_session: Some(FlowState(
                 serde_json::to_value(RemoteState {
                     jar: remote.jar,

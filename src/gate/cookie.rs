@@ -61,21 +61,20 @@ pub async fn mint(
     response: &mut Response<Body>,
 ) -> Result<Session, StoreError> {
     gateway.metrics.logins_succeeded.inc();
-    let lifetime = gateway.config.session.lifetime;
+    let lifetime = gateway.config.session.lifetime + login.remember.unwrap_or_default();
+    // Staying signed in means no idle timeout: the record lives as long as
+    // the session.
+    let ttl = match login.remember {
+        Some(_) => lifetime,
+        None => gateway.config.session.idle_timeout.min(lifetime),
+    };
     let mut session = Session::authenticated(login.identity, now_secs(), lifetime);
     session.completed = assurance.completed;
     session.second_factor = assurance.second_factor;
     session.executor_session = login.executor_session;
     session.refused_applications = assurance.refused_applications;
     let id = crate::session::random_token();
-    gateway
-        .sessions
-        .put(
-            &id,
-            &session,
-            gateway.config.session.idle_timeout.min(lifetime),
-        )
-        .await?;
+    gateway.sessions.put(&id, &session, ttl).await?;
     if let Some(old) = old_id {
         let _ = gateway.sessions.delete(old).await;
     }
