@@ -157,8 +157,10 @@ pub enum CookieSecure {
 pub struct SessionConfig {
     /// `session.cookie_name`, default `flowgate_session`.
     pub cookie_name: String,
-    /// `session.cookie_domain`: absent means a host-only cookie.
-    pub cookie_domain: Option<String>,
+    /// `session.cookie_domain`, one or several: a request's cookie names
+    /// the longest one its host is under; none (or no such one) means a
+    /// host-only cookie.
+    pub cookie_domains: Vec<String>,
     /// `session.cookie_secure`: `auto` (default) | `always` | `never`.
     pub cookie_secure: CookieSecure,
     /// `session.lifetime`, default 12h: absolute.

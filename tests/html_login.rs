@@ -626,3 +626,40 @@ async fn cookies_are_host_only_on_hosts_outside_the_cookie_domain() {
     let lookalike = cookie_on("evillab.test").await;
     assert!(!lookalike.contains("Domain="), "{lookalike}");
 }
+
+/// Several parents (`cookie_domain` as a list): each host's cookie names
+/// the longest domain it is under.
+#[tokio::test(flavor = "multi_thread")]
+async fn cookies_name_the_longest_of_several_cookie_domains() {
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), "").replace(
+        "[session]\n",
+        "[session]\ncookie_domain = [\"lab.test\", \".corp.lab.test\", \"home.example\"]\n",
+    );
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let login = format!("/_flowgate/flow/{FLOW}/?next=%2F");
+    let domain_on = |host: &'static str| {
+        let url = gate.url(&login);
+        async move {
+            let response = client().get(url).header("host", host).send().await.unwrap();
+            let cookie = set_cookies(&response)
+                .into_iter()
+                .find(|c| c.starts_with("flowgate_session="))
+                .expect("a session cookie");
+            cookie
+                .split("; ")
+                .find_map(|part| part.strip_prefix("Domain="))
+                .map(str::to_owned)
+        }
+    };
+    assert_eq!(
+        domain_on("wiki.corp.lab.test").await.as_deref(),
+        Some("corp.lab.test")
+    );
+    assert_eq!(domain_on("app.lab.test").await.as_deref(), Some("lab.test"));
+    assert_eq!(
+        domain_on("nas.home.example").await.as_deref(),
+        Some("home.example")
+    );
+    assert_eq!(domain_on("elsewhere.test").await, None);
+}

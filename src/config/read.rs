@@ -557,6 +557,21 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// One string or a list of them; from the environment, comma-separated.
+    pub(crate) fn string_or_strings(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+    ) -> Option<Vec<(String, Place)>> {
+        let (raw, place) = self.get(section, key)?;
+        match raw {
+            Raw::Toml(item) if item.is_str() => {
+                Some(vec![(item.as_str().unwrap_or_default().to_owned(), place)])
+            }
+            raw => self.string_items(raw, &place),
+        }
+    }
+
     /// A list of strings; from the environment, comma-separated.
     pub(crate) fn strings(
         &mut self,
@@ -564,20 +579,24 @@ impl<'a> Reader<'a> {
         key: &'static str,
     ) -> Option<(Vec<(String, Place)>, Place)> {
         let (raw, place) = self.get(section, key)?;
+        let items = self.string_items(raw, &place)?;
+        Some((items, place))
+    }
+
+    /// The strings of a list value, each with its own place.
+    fn string_items(&mut self, raw: Raw<'_>, place: &Place) -> Option<Vec<(String, Place)>> {
         match raw {
-            Raw::Env(s) => {
-                let items = s
-                    .split(',')
+            Raw::Env(s) => Some(
+                s.split(',')
                     .map(str::trim)
                     .filter(|s| !s.is_empty())
                     .map(|s| (s.to_owned(), place.clone()))
-                    .collect();
-                Some((items, place))
-            }
+                    .collect(),
+            ),
             Raw::Toml(item) => {
                 let Some(array) = item.as_array() else {
                     self.error_at(
-                        &place,
+                        place,
                         format!("expected a list of strings, found {}", type_name(item)),
                     );
                     return None;
@@ -597,7 +616,7 @@ impl<'a> Reader<'a> {
                         ),
                     }
                 }
-                Some((items, place))
+                Some(items)
             }
         }
     }
@@ -706,7 +725,7 @@ impl<'a> Reader<'a> {
                 false => Flows::Embedded(&flows),
             },
             &proxy,
-            session.cookie_domain.as_deref(),
+            &session.cookie_domains,
         );
         self.finish(top);
         Config {
@@ -1198,19 +1217,31 @@ impl<'a> Reader<'a> {
             }
             None => "flowgate_session".to_owned(),
         };
-        let cookie_domain = match self.string(&mut s, "cookie_domain") {
-            Some((domain, place)) => {
-                let bare = domain.trim_start_matches('.');
-                if bare.is_empty()
-                    || !bare
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-                {
-                    self.error_at(&place, format!("\"{domain}\" is not a domain name"));
+        // One domain, or a list of them (SSO across subdomains of several
+        // parents).
+        let cookie_domains = match self.string_or_strings(&mut s, "cookie_domain") {
+            Some(domains) => {
+                let mut kept: Vec<String> = Vec::new();
+                for (domain, place) in domains {
+                    let bare = domain.trim_start_matches('.');
+                    if bare.is_empty()
+                        || !bare
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                    {
+                        self.error_at(&place, format!("\"{domain}\" is not a domain name"));
+                    } else if kept
+                        .iter()
+                        .any(|k| k.trim_start_matches('.').eq_ignore_ascii_case(bare))
+                    {
+                        self.error_at(&place, format!("\"{domain}\" is listed twice"));
+                    } else {
+                        kept.push(domain);
+                    }
                 }
-                Some(domain)
+                kept
             }
-            None => None,
+            None => Vec::new(),
         };
         let cookie_secure = self.choice(
             &mut s,
@@ -1248,7 +1279,7 @@ impl<'a> Reader<'a> {
         self.finish(s);
         SessionConfig {
             cookie_name,
-            cookie_domain,
+            cookie_domains,
             cookie_secure,
             lifetime,
             idle_timeout,
@@ -1806,7 +1837,7 @@ impl<'a> Reader<'a> {
         root: &dyn TableLike,
         flows: Flows<'_>,
         proxy: &ProxyConfig,
-        cookie_domain: Option<&str>,
+        cookie_domains: &[String],
     ) -> Vec<RouteConfig> {
         let mut routes = Vec::new();
         let Some((key, item)) = root.get_key_value("route") else {
@@ -1839,8 +1870,8 @@ impl<'a> Reader<'a> {
             let line = self.line_of(table.span());
             let mut s = self.table_section(table, path.clone(), line);
             let host_entry = self.string(&mut s, "host");
-            if let (Some((host, place)), Some(domain)) = (&host_entry, cookie_domain) {
-                if let Some(why) = outside_cookie_domain(host, domain) {
+            if let Some((host, place)) = &host_entry {
+                if let Some(why) = outside_cookie_domains(host, cookie_domains) {
                     self.error_at(place, why);
                 }
             }
@@ -2280,19 +2311,29 @@ fn custom_header_name(name: &str) -> Result<http::HeaderName, String> {
 /// (`session.cookie_domain`), if it cannot: browsers drop a cookie whose
 /// domain does not cover the host that sets it, and sign-in there would
 /// never hold.
-fn outside_cookie_domain(host: &str, domain: &str) -> Option<String> {
-    let domain = domain.trim().trim_start_matches('.').to_ascii_lowercase();
+fn outside_cookie_domains(host: &str, domains: &[String]) -> Option<String> {
+    if domains.is_empty() {
+        return None;
+    }
     let host = host.trim().to_ascii_lowercase();
     let name = match host.strip_prefix("*.") {
         Some(parent) => parent.to_owned(),
         None if host == "*" => return None,
         None => host.clone(),
     };
-    let covered = name == domain || name.ends_with(&format!(".{domain}"));
+    let bare: Vec<String> = domains
+        .iter()
+        .map(|d| d.trim().trim_start_matches('.').to_ascii_lowercase())
+        .collect();
+    let covered = bare
+        .iter()
+        .any(|domain| name == *domain || name.ends_with(&format!(".{domain}")));
     (!covered).then(|| {
+        let listed = bare.join(", ");
         format!(
-            "session.cookie_domain is \"{domain}\": browsers drop that cookie on {host}, so \
-             nobody could stay signed in there (use a host under {domain}, or no cookie_domain)"
+            "session.cookie_domain is \"{listed}\": browsers drop that cookie on {host}, so \
+             nobody could stay signed in there (use a host under it, add its parent to \
+             cookie_domain, or name no cookie_domain)"
         )
     })
 }
@@ -2696,6 +2737,41 @@ upstream = \"http://127.0.0.1:1/base\"
             assert!(errors.contains(expected), "{expected}:\n{errors}");
         }
         assert!(!errors.contains("route[3].host"), "{errors}");
+    }
+
+    #[test]
+    fn cookie_domain_may_list_several_parents() {
+        let text = "[session]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
+                    cookie_domain = [\".home.test\", \"corp.example\", \"a.corp.example\"]\n\
+                    [[route]]\nhost = \"app.home.test\"\nupstream = \"http://127.0.0.1:1\"\n\
+                    [[route]]\nhost = \"*.corp.example\"\nupstream = \"http://127.0.0.1:2\"\n";
+        let config = from_str(text, Path::new("/tmp/flowgate.toml"), &|_| None).unwrap();
+        assert_eq!(
+            config.session.cookie_domains,
+            [".home.test", "corp.example", "a.corp.example"]
+        );
+        let errors = from_str(
+            &text
+                .replace("\"a.corp.example\"]", "\"a b\", \"HOME.test\"]")
+                .replace("app.home.test", "app.other.test"),
+            Path::new("/tmp/flowgate.toml"),
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "session.cookie_domain[2]: \"a b\" is not a domain name",
+            "session.cookie_domain[3]: \"HOME.test\" is listed twice",
+            "route[0].host: session.cookie_domain is \"home.test, corp.example\"",
+        ] {
+            assert!(errors.contains(expected), "{expected}:\n{errors}");
+        }
+        // From the environment: comma-separated.
+        let env = |name: &str| {
+            (name == "FLOWGATE_SESSION_COOKIE_DOMAIN").then(|| "home.test, corp.example".to_owned())
+        };
+        let config = from_str(text, Path::new("/tmp/flowgate.toml"), &env).unwrap();
+        assert_eq!(config.session.cookie_domains, ["home.test", "corp.example"]);
     }
 
     #[test]

@@ -82,19 +82,27 @@ pub async fn mint(
     Ok(session)
 }
 
-/// The `Domain` of our cookies on this request: `session.cookie_domain`
-/// when the request's host is under it, else none (a host-only cookie). A
-/// catch-all route also serves hosts outside the domain, where a cookie
-/// for the domain would be dropped and nobody could stay signed in.
+/// The `Domain` of our cookies on this request: of `session.cookie_domain`,
+/// the longest domain the request's host is under (`a.corp.example` takes
+/// `corp.example` over `example`), else none (a host-only cookie). A
+/// catch-all route also serves hosts outside every domain, where a cookie
+/// for one would be dropped and nobody could stay signed in.
 fn cookie_domain<'g>(gateway: &'g Gateway, context: &Context) -> Option<&'g str> {
-    let domain = gateway.config.session.cookie_domain.as_deref()?;
-    let bare = domain.trim_start_matches('.');
-    let host = context.host.as_str();
-    let under = host.eq_ignore_ascii_case(bare)
-        || (host.len() > bare.len()
-            && host.as_bytes()[host.len() - bare.len() - 1] == b'.'
-            && host[host.len() - bare.len()..].eq_ignore_ascii_case(bare));
-    under.then_some(domain)
+    longest_under(&gateway.config.session.cookie_domains, &context.host)
+}
+
+fn longest_under<'d>(domains: &'d [String], host: &str) -> Option<&'d str> {
+    domains
+        .iter()
+        .filter(|domain| {
+            let bare = domain.trim_start_matches('.');
+            host.eq_ignore_ascii_case(bare)
+                || (host.len() > bare.len()
+                    && host.as_bytes()[host.len() - bare.len() - 1] == b'.'
+                    && host[host.len() - bare.len()..].eq_ignore_ascii_case(bare))
+        })
+        .max_by_key(|domain| domain.trim_start_matches('.').len())
+        .map(String::as_str)
 }
 
 pub fn set_cookie(
@@ -182,5 +190,27 @@ pub fn set_csrf_cookie(
 fn append_cookie(response: &mut Response<Body>, cookie: cookie::CookieBuilder<'_>) {
     if let Ok(value) = HeaderValue::from_str(&cookie.build().to_string()) {
         response.headers_mut().append(SET_COOKIE, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::longest_under;
+
+    #[test]
+    fn the_longest_cookie_domain_the_host_is_under_wins() {
+        let domains: Vec<String> = ["example.com", ".corp.example.com", "lab.test"]
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        let pick = |host| longest_under(&domains, host);
+        assert_eq!(pick("app.corp.example.com"), Some(".corp.example.com"));
+        assert_eq!(pick("corp.example.com"), Some(".corp.example.com"));
+        assert_eq!(pick("www.example.com"), Some("example.com"));
+        assert_eq!(pick("APP.LAB.TEST"), Some("lab.test"));
+        assert_eq!(pick("evilexample.com"), None, "a suffix is not a parent");
+        assert_eq!(pick("xcorp.example.com"), Some("example.com"));
+        assert_eq!(pick("other.org"), None);
+        assert_eq!(longest_under(&[], "a.example.com"), None);
     }
 }
