@@ -241,6 +241,18 @@ impl Gateway {
     }
 
     /// 502 for an upstream whose answer flowgate cannot pass on.
+    /// 503: the session store cannot say whether the request's session
+    /// holds.
+    pub fn store_unavailable(&self, audience: Audience) -> Response<Body> {
+        self.refusal(
+            audience,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Try again shortly",
+            "Your session cannot be checked just now. Please try again in a moment.",
+            "session_store_unavailable",
+        )
+    }
+
     /// 401: the session a request was waiting on ended (signed out,
     /// revoked, expired) before the upstream answered.
     pub fn session_ended(&self, audience: Audience) -> Response<Body> {

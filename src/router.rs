@@ -81,7 +81,13 @@ impl Gateway {
             Ok(path) => path,
             Err(malformed) => return (self.bad_request(audience, malformed.reason()), None, None),
         };
-        let signed_in = crate::gate::signed_in(self, headers).await;
+        // A store that cannot answer leaves the request anonymous: a public
+        // path still goes through, one that needs a session gets a 503
+        // (below), not a sign-in its answer could not be stored for.
+        let (signed_in, store_down) = match crate::gate::signed_in(self, headers).await {
+            Ok(signed_in) => (signed_in, false),
+            Err(_) => (None, true),
+        };
         let method = request.method().as_str();
         let facts = crate::gate::Request {
             method,
@@ -144,6 +150,11 @@ impl Gateway {
             }
             Verdict::Refused(why) => self.bad_request(audience, why),
             Verdict::NoRoute => self.not_found(audience),
+            Verdict::SignIn { .. } | Verdict::StepUp { .. } | Verdict::Unauthorized { .. }
+                if store_down =>
+            {
+                self.store_unavailable(audience)
+            }
             Verdict::SignIn { flow, .. } | Verdict::StepUp { flow, .. } => {
                 crate::respond::to_login(&crate::gate::login_url(prefix, flow, &path.target()))
             }

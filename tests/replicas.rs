@@ -196,8 +196,43 @@ async fn with_redis_down_logins_fail_closed_and_all_comes_back_with_it() {
     let gate = replica(&upstream.url(), None, &redis);
     let (alice, _) = signed_in(&gate, &ALICE).await;
     assert_eq!(status(&alice, &gate).await, 200);
+    // bob's session is written, but not yet read by the gate: not cached.
+    let (bob_in, _) = signed_in(&gate, &BOB).await;
 
+    // Under load while Redis goes away: alice's cached session keeps
+    // working, bob's cannot be checked (503, not a sign-in that could not
+    // be stored, never a 500).
+    let load = |who: reqwest::Client, url: String| {
+        tokio::spawn(async move {
+            let mut seen = std::collections::BTreeMap::<u16, u32>::new();
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until {
+                *seen.entry(api_status(&who, &url).await).or_default() += 1;
+            }
+            seen
+        })
+    };
     redis.kill();
+    let alice_load = load(alice.clone(), gate.url("/private"));
+    let bob_load = load(bob_in.clone(), gate.url("/private"));
+    let alice_seen = alice_load.await.unwrap();
+    let bob_seen = bob_load.await.unwrap();
+    assert_eq!(alice_seen.keys().collect::<Vec<_>>(), [&200], "{alice_seen:?}");
+    assert_eq!(bob_seen.keys().collect::<Vec<_>>(), [&503], "{bob_seen:?}");
+    let unavailable = bob_in
+        .get(gate.url("/private"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        unavailable.contains("session_store_unavailable") && !unavailable.contains("redis"),
+        "{unavailable}"
+    );
+
     // A new login cannot be stored: 503, as a page and as JSON.
     let bob = client();
     let url = executor(&gate);
@@ -259,6 +294,7 @@ async fn with_redis_down_logins_fail_closed_and_all_comes_back_with_it() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(status(&bob_in, &gate).await, 200, "bob's session, written before the kill");
     let client = client();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

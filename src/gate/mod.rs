@@ -88,8 +88,13 @@ pub(super) async fn lookup(gateway: &Gateway, headers: &HeaderMap) -> Lookup {
 
 /// The request path's check: the authenticated session the cookie names,
 /// its idle deadline refreshed, with its user as the directory has them
-/// now. One read-locked lookup, no copy of the session.
-pub async fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<SignedIn> {
+/// now. One read-locked lookup, no copy of the session. An error: the
+/// store could not say (the caller answers 503 where a session is needed,
+/// and lets public paths through).
+pub async fn signed_in(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+) -> Result<Option<SignedIn>, StoreError> {
     let name = gateway.config.session.cookie_name.as_str();
     let idle = gateway.config.session.idle_timeout;
     for value in cookie_values(headers, name) {
@@ -98,17 +103,17 @@ pub async fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<SignedI
         };
         match gateway.sessions.authenticated(id, idle).await {
             Ok(Some(session)) => match live(gateway, &id.into(), session) {
-                Some(signed) => return Some(signed),
+                Some(signed) => return Ok(Some(signed)),
                 None => continue,
             },
             Ok(None) => continue,
             Err(error) => {
                 store_failed(&error);
-                return None;
+                return Err(error);
             }
         }
     }
-    None
+    Ok(None)
 }
 
 /// What a session-store answer means now: the session
@@ -204,7 +209,7 @@ pub async fn refused_by(
 }
 
 pub(crate) fn store_failed(error: &StoreError) {
-    tracing::warn!(%error, "session store lookup failed; treating the request as anonymous");
+    tracing::warn!(%error, "session store lookup failed: the session cannot be checked");
 }
 
 /// A query value, `application/x-www-form-urlencoded`.
