@@ -459,7 +459,7 @@ pub async fn sign_out(
     request: Request<Incoming>,
     context: &Context,
 ) -> Response<Body> {
-    let session = crate::gate::session(gateway, request.headers()).await;
+    let session = crate::gate::session_checked(gateway, request.headers()).await;
     let query = request.uri().query().unwrap_or("").to_owned();
     let rd = crate::flow::form_urlencoded_get(&query, "rd")
         .or_else(|| crate::flow::form_urlencoded_get(&query, "next"));
@@ -472,6 +472,20 @@ pub async fn sign_out(
             format!("?{query}")
         }
     );
+    // The store cannot say whether the session is there: nothing is
+    // "signed out" until it can (the cookie stays, for the retry).
+    let not_finished = |gateway: &Gateway, action: &str| {
+        gateway.page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-out not finished",
+            "Your session could not be ended just now. Please try again in a moment.",
+            Some((action, "Sign out")),
+        )
+    };
+    let session = match session {
+        Ok(session) => session,
+        Err(_) => return not_finished(gateway, &action),
+    };
     let signed_out = |gateway: &Gateway| {
         gateway.page(
             StatusCode::OK,
@@ -536,14 +550,7 @@ pub async fn sign_out(
                 .await
                 .is_err()
             {
-                let mut failed = gateway.page(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Sign-out not finished",
-                    "Your session could not be ended just now. Please try again in a moment.",
-                    Some((&action, "Sign out")),
-                );
-                crate::gate::clear_cookie(gateway, context, &mut failed);
-                return failed;
+                return not_finished(gateway, &action);
             }
             response
         }

@@ -212,7 +212,27 @@ async fn with_redis_down_logins_fail_closed_and_all_comes_back_with_it() {
             seen
         })
     };
+    let confirm = alice
+        .get(gate.url("/_flowgate/sign_out"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = input_value(&confirm, "csrf_token").expect("a sign-out form");
     redis.kill();
+    // A sign-out that cannot reach the store says so, and keeps the cookie
+    // for the retry: it must not say "signed out" while Redis holds the
+    // session.
+    let out = alice
+        .post(gate.url("/_flowgate/sign_out"))
+        .form(&[("csrf_token", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 503, "{}", gate.log());
+    assert!(set_cookies(&out).is_empty(), "{:?}", set_cookies(&out));
     let alice_load = load(alice.clone(), gate.url("/private"));
     let bob_load = load(bob_in.clone(), gate.url("/private"));
     let alice_seen = alice_load.await.unwrap();
@@ -295,6 +315,9 @@ async fn with_redis_down_logins_fail_closed_and_all_comes_back_with_it() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(status(&bob_in, &gate).await, 200, "bob's session, written before the kill");
+    // The sign-out that failed did not happen; tried again, it does.
+    sign_out(&alice, &gate).await;
+    assert_eq!(status(&alice, &gate).await, 401);
     let client = client();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

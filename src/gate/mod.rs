@@ -35,12 +35,29 @@ pub async fn session(gateway: &Gateway, headers: &HeaderMap) -> Option<(String, 
     lookup(gateway, headers).await.stored
 }
 
+/// `session`, telling a store that could not answer apart from no
+/// session: what sign-out needs, which must not say "signed out" while the
+/// store may still hold the session.
+pub async fn session_checked(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+) -> Result<Option<(String, Session)>, StoreError> {
+    let found = lookup(gateway, headers).await;
+    match (found.stored, found.failed) {
+        (Some(stored), _) => Ok(Some(stored)),
+        (None, Some(error)) => Err(error),
+        (None, None) => Ok(None),
+    }
+}
+
 /// What the request's cookies name: the first session the store has, and
 /// the first id that carried our signature but is not stored (a visitor
 /// shown a challenge and not stored yet, or one whose login expired).
 pub(super) struct Lookup {
     pub(super) stored: Option<(String, Session)>,
     pub(super) unstored: Option<String>,
+    /// The store failed to answer for a cookie that carried our signature.
+    pub(super) failed: Option<StoreError>,
 }
 
 pub(super) async fn lookup(gateway: &Gateway, headers: &HeaderMap) -> Lookup {
@@ -66,6 +83,7 @@ pub(super) async fn lookup(gateway: &Gateway, headers: &HeaderMap) -> Lookup {
                 return Lookup {
                     stored: Some((id.to_owned(), session)),
                     unstored,
+                    failed: None,
                 };
             }
             Ok(None) => {
@@ -76,13 +94,18 @@ pub(super) async fn lookup(gateway: &Gateway, headers: &HeaderMap) -> Lookup {
                 // store and still shows; storing its answer fails (503).
                 store_failed(&error);
                 unstored.get_or_insert_with(|| id.to_owned());
-                break;
+                return Lookup {
+                    stored: None,
+                    unstored,
+                    failed: Some(error),
+                };
             }
         }
     }
     Lookup {
         stored: None,
         unstored,
+        failed: None,
     }
 }
 
