@@ -184,8 +184,19 @@ impl Engine {
 
     /// A credential check the throttle lets through, or `None` when it
     /// refuses it unchecked (logged, one line).
-    async fn attempt(&self, identifier: &str, request: &FlowRequest<'_>) -> Option<Attempt<'_>> {
-        let attempt = self.throttle.begin(identifier, request.client_ip).await;
+    /// Counted against `account` (the username the identifier matched,
+    /// whichever of its names was typed) or, for a name matching nobody,
+    /// against the identifier itself.
+    async fn attempt(
+        &self,
+        identifier: &str,
+        account: Option<&str>,
+        request: &FlowRequest<'_>,
+    ) -> Option<Attempt<'_>> {
+        let attempt = self
+            .throttle
+            .begin(account.unwrap_or(identifier), request.client_ip)
+            .await;
         if attempt.is_none() {
             crate::login::log_failed(
                 crate::login::FAILED_THROTTLED,
@@ -476,7 +487,8 @@ impl Engine {
                 let user = self.directory.find(identifier, &user_fields);
                 if password {
                     let secret = body.get("password").and_then(Value::as_str).unwrap_or("");
-                    let Some(attempt) = self.attempt(identifier, request).await else {
+                    let account = user.as_ref().map(|u| u.username.as_str());
+                    let Some(attempt) = self.attempt(identifier, account, request).await else {
                         return Outcome::Invalid(field_error(
                             "non_field_errors",
                             THROTTLED,
@@ -525,7 +537,10 @@ impl Engine {
                         ))
                     }
                 };
-                let Some(attempt) = self.attempt(&identifier, request).await else {
+                let Some(attempt) = self
+                    .attempt(&identifier, plan.user.as_deref(), request)
+                    .await
+                else {
                     return Outcome::Invalid(field_error("password", THROTTLED, "throttled"));
                 };
                 let user = self.user(plan);
@@ -564,7 +579,10 @@ impl Engine {
                     }
                 };
                 let identifier = plan.identifier.clone().unwrap_or_default();
-                let Some(attempt) = self.attempt(&identifier, request).await else {
+                let Some(attempt) = self
+                    .attempt(&identifier, plan.user.as_deref(), request)
+                    .await
+                else {
                     return Outcome::Invalid(field_error("code", THROTTLED, "throttled"));
                 };
                 if self.accept_totp(&user, &code).await {

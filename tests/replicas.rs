@@ -237,7 +237,11 @@ async fn with_redis_down_logins_fail_closed_and_all_comes_back_with_it() {
     let bob_load = load(bob_in.clone(), gate.url("/private"));
     let alice_seen = alice_load.await.unwrap();
     let bob_seen = bob_load.await.unwrap();
-    assert_eq!(alice_seen.keys().collect::<Vec<_>>(), [&200], "{alice_seen:?}");
+    assert_eq!(
+        alice_seen.keys().collect::<Vec<_>>(),
+        [&200],
+        "{alice_seen:?}"
+    );
     assert_eq!(bob_seen.keys().collect::<Vec<_>>(), [&503], "{bob_seen:?}");
     let unavailable = bob_in
         .get(gate.url("/private"))
@@ -314,7 +318,11 @@ async fn with_redis_down_logins_fail_closed_and_all_comes_back_with_it() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(status(&bob_in, &gate).await, 200, "bob's session, written before the kill");
+    assert_eq!(
+        status(&bob_in, &gate).await,
+        200,
+        "bob's session, written before the kill"
+    );
     // The sign-out that failed did not happen; tried again, it does.
     sign_out(&alice, &gate).await;
     assert_eq!(status(&alice, &gate).await, 401);

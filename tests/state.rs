@@ -189,8 +189,9 @@ async fn the_state_file_holds_no_session_id() {
     }
 }
 
-/// Failed passwords are counted in the store: a restart (even a `kill -9`)
-/// forgives nobody.
+/// Failed passwords are counted in the store, per account: a restart (even
+/// a `kill -9`) forgives nobody, and another name of the account is no way
+/// round the limit.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_throttle_remembers_failures_through_a_restart() {
     let upstream = Upstream::start().await;
@@ -206,5 +207,20 @@ async fn the_throttle_remembers_failures_through_a_restart() {
             .as_deref(),
         Some("throttled"),
         "even the right password, after a restart"
+    );
+    // Counted per account: her other name is throttled with it, and a
+    // name that matches nobody is counted apart.
+    assert_eq!(
+        password_error(&gate.url(""), ALICE.email, ALICE.password)
+            .await
+            .as_deref(),
+        Some("throttled"),
+        "the email is the same account"
+    );
+    assert_eq!(
+        password_error(&gate.url(""), "nobody", "x")
+            .await
+            .as_deref(),
+        Some("invalid")
     );
 }
