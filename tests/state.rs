@@ -181,6 +181,13 @@ async fn the_state_file_holds_no_session_id() {
         .await
         .unwrap();
     let gate = gate.restart(false);
+    // It keeps the generated cookie secret: its owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(gate.path().join("flowgate.state"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     let bytes = std::fs::read(gate.path().join("flowgate.state")).unwrap();
     let text = String::from_utf8_lossy(&bytes);
     assert!(text.contains("alice"), "the records are there");

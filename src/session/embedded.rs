@@ -59,6 +59,18 @@ impl EmbeddedBackend {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| failed(parent, e))?;
         }
+        // Made readable by its owner only: it keeps the generated cookie
+        // secret and each session's CSRF token (never a session id).
+        #[cfg(unix)]
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| failed(path, e))?;
+        }
         let db = Database::builder()
             .set_cache_size(32 << 20)
             .set_concurrency_mode(ConcurrencyMode::MultiWriter)

@@ -242,7 +242,7 @@ impl Store {
     /// End every authenticated session of one user; how many.
     pub async fn delete_all_for_user(&self, username: &str) -> Result<usize, StoreError> {
         let mut ended = 0;
-        for (key, _) in self.backend.list(Some(username)).await? {
+        for (key, _) in self.records_of(Some(username)).await? {
             ended += self.delete_key(&key).await? as usize;
         }
         Ok(ended)
@@ -260,11 +260,33 @@ impl Store {
         self.backend.raise(name, value, ttl).await
     }
 
+    /// The records of `user`'s sessions (the name as the directory
+    /// matches it: whatever its case), or of everybody's.
+    async fn records_of(&self, user: Option<&str>) -> Result<Vec<(Key, Record)>, StoreError> {
+        let Some(user) = user else {
+            return self.backend.list(None).await;
+        };
+        let mut records = self.backend.list(Some(user)).await?;
+        if records.is_empty() {
+            records = self
+                .backend
+                .list(None)
+                .await?
+                .into_iter()
+                .filter(|(_, r)| {
+                    r.session
+                        .identity()
+                        .is_some_and(|i| i.username.eq_ignore_ascii_case(user))
+                })
+                .collect();
+        }
+        Ok(records)
+    }
+
     /// Live authenticated sessions, of one user or of all, newest first.
     pub async fn list(&self, user: Option<&str>) -> Result<Vec<Listed>, StoreError> {
         let mut listed: Vec<Listed> = self
-            .backend
-            .list(user)
+            .records_of(user)
             .await?
             .iter()
             .map(|(key, record)| Listed::of(key, record))
@@ -542,7 +564,8 @@ pub(super) mod tests {
         assert_eq!(listed.len(), 2);
         assert!(listed.iter().all(|l| l.user == "alice" && l.id.len() == 64));
         assert!(listed.iter().any(|l| l.id == Key::of("a1").as_str()));
-        assert_eq!(store.delete_all_for_user("alice").await.unwrap(), 2);
+        assert_eq!(store.list(Some("ALICE")).await.unwrap().len(), 2, "any case");
+        assert_eq!(store.delete_all_for_user("Alice").await.unwrap(), 2);
         assert!(store.get("a1").await.unwrap().is_none());
         assert!(store.get("b1").await.unwrap().is_some());
         assert!(store.get("p1").await.unwrap().is_some());
