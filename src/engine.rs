@@ -67,6 +67,10 @@ struct Plan {
     /// seconds longer (the user-login stage's `remember_me_offset`).
     #[serde(default)]
     remember_secs: u64,
+    /// Asked to stay signed in, the user said no: the cookie ends with the
+    /// browser session.
+    #[serde(default)]
+    declined_remember: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -82,6 +86,9 @@ struct EngineState {
     /// After `Step::Done`: the longer lifetime chosen, in seconds.
     #[serde(default)]
     remember_secs: u64,
+    /// After `Step::Done`: asked to stay signed in, the user said no.
+    #[serde(default)]
+    declined_remember: bool,
 }
 
 impl EngineState {
@@ -345,11 +352,9 @@ impl Engine {
         match self.redirects.check(&next) {
             Some(to) => {
                 state.second_factor = plan.login.is_some() && plan.second_factor;
-                state.remember_secs = if plan.login.is_some() {
-                    plan.remember_secs
-                } else {
-                    0
-                };
+                let logged_in = plan.login.is_some();
+                state.remember_secs = if logged_in { plan.remember_secs } else { 0 };
+                state.declined_remember = logged_in && plan.declined_remember;
                 state.logged_in = plan.login;
                 Step::Done { to: to.to_owned() }
             }
@@ -595,12 +600,22 @@ impl Engine {
                 }
             }
             StageConfig::UserLogin { remember_me_offset } => {
-                let Some(Value::Bool(remember)) = body.get("remember_me") else {
-                    return Outcome::Invalid(field_error(
-                        "remember_me",
-                        "This field is required.",
-                        "required",
-                    ));
+                let remember = match body.get("remember_me") {
+                    Some(Value::Bool(remember)) => *remember,
+                    None | Some(Value::Null) => {
+                        return Outcome::Invalid(field_error(
+                            "remember_me",
+                            "This field is required.",
+                            "required",
+                        ))
+                    }
+                    Some(_) => {
+                        return Outcome::Invalid(field_error(
+                            "remember_me",
+                            "Must be a valid boolean.",
+                            "invalid",
+                        ))
+                    }
                 };
                 match self.user(plan).filter(|u| plan.password_ok && !u.disabled) {
                     Some(user) => {
@@ -609,6 +624,7 @@ impl Engine {
                             true => remember_me_offset.as_secs(),
                             false => 0,
                         };
+                        plan.declined_remember = !remember && !remember_me_offset.is_zero();
                         Outcome::Pass
                     }
                     None => Outcome::Deny("No Pending user to login.".into()),
@@ -709,6 +725,7 @@ impl FlowExecutor for Engine {
                 executor_session: None,
                 remember: (state.remember_secs > 0)
                     .then(|| Duration::from_secs(state.remember_secs)),
+                browser_session: state.declined_remember,
             }))
     }
 }

@@ -578,4 +578,8 @@ pub struct Login {
     /// The user chose to stay signed in: the session lives this much
     /// longer than `session.lifetime`, and no idle timeout ends it.
     pub remember: Option<std::time::Duration>,
+    /// Asked to stay signed in, the user said no: the cookie has no
+    /// `Max-Age` and ends with the browser session (the session itself
+    /// keeps `session.lifetime` and the idle timeout).
+    pub browser_session: bool,
 }

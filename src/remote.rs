@@ -741,6 +741,7 @@ impl FlowExecutor for RemoteExecutor {
             // The remote's own session may be remembered; this one keeps
             // `session.lifetime`.
             remember: None,
+            browser_session: false,
             executor_session: Some(FlowState(
                 serde_json::to_value(RemoteState {
                     jar: remote.jar,

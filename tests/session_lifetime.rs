@@ -1,7 +1,8 @@
 //! How long a session lives: the idle timeout ends a quiet one and use keeps
 //! it; the lifetime ends even a busy one; "stay signed in" at the user-login
 //! stage (`remember_me_offset`) adds to the lifetime and lifts the idle
-//! timeout, and the cookie's `Max-Age` says so.
+//! timeout, and the cookie's `Max-Age` says so; "no" gives a cookie that
+//! ends with the browser.
 
 mod common;
 
@@ -59,8 +60,8 @@ async fn the_lifetime_ends_even_a_busy_session() {
 
 /// Identification and password as JSON, then the user-login stage's
 /// question answered with `remember`: the client, and the session
-/// cookie's `Max-Age`.
-async fn login_remembering(gate: &Flowgate, remember: bool) -> (reqwest::Client, u64) {
+/// cookie's `Max-Age` (none: a browser-session cookie).
+async fn login_remembering(gate: &Flowgate, remember: bool) -> (reqwest::Client, Option<u64>) {
     let client = client();
     let step = json_login(&client, &gate.url(""), "alice", ALICE.password, "/").await;
     assert_eq!(step["component"], "ak-stage-user-login", "{step}");
@@ -79,6 +80,19 @@ async fn login_remembering(gate: &Flowgate, remember: bool) -> (reqwest::Client,
         missing["response_errors"]["remember_me"][0]["code"], "required",
         "{missing}"
     );
+    let not_a_boolean: Value = client
+        .post(&url)
+        .json(&json!({"remember_me": "yes"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        not_a_boolean["response_errors"]["remember_me"][0]["code"], "invalid",
+        "{not_a_boolean}"
+    );
     let mut response = client
         .post(&url)
         .json(&json!({"remember_me": remember}))
@@ -86,10 +100,12 @@ async fn login_remembering(gate: &Flowgate, remember: bool) -> (reqwest::Client,
         .await
         .unwrap();
     let mut max_age = None;
+    let mut minted = false;
     loop {
         for cookie in set_cookies(&response) {
             if let Some(rest) = cookie.strip_prefix("flowgate_session=") {
                 if !rest.starts_with(';') {
+                    minted = true;
                     max_age = cookie
                         .split(';')
                         .find_map(|part| part.trim().strip_prefix("Max-Age="))
@@ -104,7 +120,8 @@ async fn login_remembering(gate: &Flowgate, remember: bool) -> (reqwest::Client,
     }
     let done: Value = response.json().await.unwrap();
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
-    (client, max_age.expect("a session cookie with a Max-Age"))
+    assert!(minted, "a session cookie");
+    (client, max_age)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -116,9 +133,10 @@ async fn staying_signed_in_adds_to_the_lifetime_and_lifts_the_idle_timeout() {
         "[stage.login]\nkind = \"user_login\"\nremember_me_offset = \"30d\"\n",
     );
     let (remembered, max_age) = login_remembering(&gate, true).await;
-    assert_eq!(max_age, 3600 + 30 * 86400);
+    assert_eq!(max_age, Some(3600 + 30 * 86400));
+    // No (a shared device): the cookie ends with the browser.
     let (forgotten, max_age) = login_remembering(&gate, false).await;
-    assert_eq!(max_age, 3600);
+    assert_eq!(max_age, None);
     assert_eq!(status(&remembered, &gate).await, 200);
     assert_eq!(status(&forgotten, &gate).await, 200);
     tokio::time::sleep(Duration::from_secs(3)).await;

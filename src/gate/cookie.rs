@@ -78,7 +78,8 @@ pub async fn mint(
     if let Some(old) = old_id {
         let _ = gateway.sessions.delete(old).await;
     }
-    set_cookie(gateway, context, &id, Some(lifetime), response);
+    let max_age = (!login.browser_session).then_some(lifetime);
+    set_cookie(gateway, context, &id, max_age, response);
     Ok(session)
 }
 

@@ -564,7 +564,11 @@ pub(super) mod tests {
         assert_eq!(listed.len(), 2);
         assert!(listed.iter().all(|l| l.user == "alice" && l.id.len() == 64));
         assert!(listed.iter().any(|l| l.id == Key::of("a1").as_str()));
-        assert_eq!(store.list(Some("ALICE")).await.unwrap().len(), 2, "any case");
+        assert_eq!(
+            store.list(Some("ALICE")).await.unwrap().len(),
+            2,
+            "any case"
+        );
         assert_eq!(store.delete_all_for_user("Alice").await.unwrap(), 2);
         assert!(store.get("a1").await.unwrap().is_none());
         assert!(store.get("b1").await.unwrap().is_some());
