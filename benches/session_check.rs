@@ -134,7 +134,9 @@ fn session_check(c: &mut Criterion) {
     let mut group = c.benchmark_group("session_check");
     for (name, headers, signed_in) in &cases {
         // A bench that quietly measured the wrong branch would mislead.
-        let found = runtime.block_on(flowgate::gate::signed_in(&gateway, headers));
+        let found = runtime
+            .block_on(flowgate::gate::signed_in(&gateway, headers))
+            .expect("the memory store answers");
         assert_eq!(found.is_some(), *signed_in, "{name}: unexpected outcome");
         group.bench_function(*name, |b| {
             b.to_async(&runtime)

@@ -111,13 +111,19 @@ async fn sessions(app: &App, request: Request<Incoming>) -> Response<Body> {
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
     let expected = std::str::from_utf8(&token.0).unwrap_or("");
-    if !crate::session::tokens_equal(sent.trim(), expected) {
+    if !sent.is_some_and(|sent| crate::session::tokens_equal(sent.trim(), expected)) {
+        let detail = match sent {
+            Some(_) => "the bearer token is not admin.token_file's",
+            None => "a bearer token (admin.token_file) is required",
+        };
         let mut response = json(
             StatusCode::UNAUTHORIZED,
-            serde_json::json!({"detail": "a bearer token (admin.token_file) is required"}),
+            serde_json::json!({ "detail": detail }),
         );
         response.headers_mut().insert(
             http::header::WWW_AUTHENTICATE,

@@ -130,6 +130,27 @@ async fn the_admin_listener_lists_and_ends_sessions_with_the_token() {
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), 401, "{token:?}");
     }
+    // Another scheme, or the token in the query: refused too. The scheme's
+    // case is not the token's.
+    for (header, expected) in [
+        (format!("Basic {TOKEN}"), 401),
+        (format!("bearer {TOKEN}"), 200),
+        (format!("BEARER {TOKEN}"), 200),
+    ] {
+        let response = http
+            .get(format!("{admin}/sessions"))
+            .header("authorization", &header)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected, "{header}");
+    }
+    let query = http
+        .get(format!("{admin}/sessions?access_token={TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(query.status(), 401);
     let listed: Value = http
         .get(format!("{admin}/sessions?user=bob"))
         .bearer_auth(TOKEN)

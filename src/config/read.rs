@@ -1045,6 +1045,21 @@ impl<'a> Reader<'a> {
             ),
             _ => {}
         }
+        // Where Redis is, for a store that is not Redis: a likely slip (the
+        // replicas would each keep their own state, sharing nothing).
+        if store != StoreKind::Redis {
+            let named = redis_url
+                .as_ref()
+                .map(|(_, place)| place)
+                .or(redis_sentinels.as_ref().map(|(_, place, _)| place));
+            if let Some(place) = named {
+                self.error_at(
+                    place,
+                    "only with store = \"redis\": with another store nothing is kept in Redis \
+                     (set store = \"redis\", or remove this)",
+                );
+            }
+        }
         match (&redis_sentinels, &redis_master_name) {
             (Some((_, place, _)), None) => {
                 let line = place.line.or(s.line);
@@ -1229,6 +1244,16 @@ impl<'a> Reader<'a> {
                             .bytes()
                             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
                     {
+                        self.error_at(&place, format!("\"{domain}\" is not a domain name"));
+                    } else if !bare.trim_end_matches('.').contains('.') {
+                        self.error_at(
+                            &place,
+                            format!(
+                                "\"{domain}\" is a top-level domain: browsers drop cookies for it; \
+                                 name the domain your hosts share, like \"example.{bare}\""
+                            ),
+                        );
+                    } else if bare.contains("..") || bare.ends_with('.') || bare.starts_with('-') {
                         self.error_at(&place, format!("\"{domain}\" is not a domain name"));
                     } else if kept
                         .iter()
@@ -2740,6 +2765,21 @@ upstream = \"http://127.0.0.1:1/base\"
     }
 
     #[test]
+    fn a_redis_address_without_the_redis_store_is_refused() {
+        for line in [
+            "redis_url = \"redis://127.0.0.1:6379/0\"",
+            "redis_sentinels = [\"redis://127.0.0.1:26379\"]\nredis_master_name = \"m\"",
+        ] {
+            let text = format!("[state]\nstore = \"embedded\"\n{line}\n\n[[route]]\nupstream = \"http://127.0.0.1:1\"\n");
+            let errors = from_str(&text, Path::new("/tmp/flowgate.toml"), &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(errors.contains("flowgate.toml:3: state.redis_"), "{errors}");
+            assert!(errors.contains("only with store = \"redis\""), "{errors}");
+        }
+    }
+
+    #[test]
     fn cookie_domain_may_list_several_parents() {
         let text = "[session]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
                     cookie_domain = [\".home.test\", \"corp.example\", \"a.corp.example\"]\n\
@@ -2759,6 +2799,21 @@ upstream = \"http://127.0.0.1:1/base\"
         )
         .unwrap_err()
         .to_string();
+        let bad = |domain: &str| {
+            from_str(
+                &text.replace("\"a.corp.example\"", &format!("\"{domain}\"")),
+                Path::new("/tmp/flowgate.toml"),
+                &|_| None,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(
+            bad(".com").contains("\".com\" is a top-level domain"),
+            "{}",
+            bad(".com")
+        );
+        assert!(bad("a..corp.example").contains("is not a domain name"));
         for expected in [
             "session.cookie_domain[2]: \"a b\" is not a domain name",
             "session.cookie_domain[3]: \"HOME.test\" is listed twice",
