@@ -99,7 +99,12 @@ EOF
 REDIS_LINE=
 if [ "$STORE" = redis ]; then
   REDIS_PORT=$(free_port)
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+  # Beside the load generator and the upstream, off flowgate's pinned core.
+  PIN_REDIS=()
+  if [ "${BENCH_PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+    PIN_REDIS=(taskset -c 0)
+  fi
+  "${PIN_REDIS[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
   REDIS_PID=$!
   for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$REDIS_PORT") 2>/dev/null && break; sleep 0.05; done
   REDIS_LINE="redis_url = \"redis://127.0.0.1:$REDIS_PORT/0\""

@@ -139,6 +139,24 @@ async fn two_replicas_share_logins_flows_and_sign_outs() {
     users.sort();
     assert_eq!(users, ["alice", "bob"], "{listed}");
 
+    // A dump of Redis (every key, every value) holds no session id from
+    // any cookie.
+    let (_, bobs_cookie) = signed_in(&b, &BOB).await;
+    let ids = [session_id(&cookie), session_id(&bobs_cookie)];
+    let dump = redis_dump(&redis);
+    assert!(dump.contains("flowgate:"), "{dump}");
+    for id in &ids {
+        assert!(
+            !dump.contains(id.as_str()),
+            "a session id in the Redis dump"
+        );
+    }
+
+    // A restart of a replica (even a kill -9) loses nothing.
+    let a = a.restart(true);
+    assert_eq!(status(&alice, &a).await, 200, "{}", a.log());
+    assert_eq!(status(&bob, &a).await, 200);
+
     // alice signs out on B; A, which has her cached, lets go within 1 s.
     let page = alice
         .get(b.url("/_flowgate/sign_out"))
@@ -409,4 +427,43 @@ async fn failures_and_used_codes_count_on_every_replica() {
         again["response_errors"]["code"][0]["code"], "invalid",
         "{again}"
     );
+}
+
+/// The session id in a `Cookie` header's `flowgate_session` value.
+fn session_id(cookie: &str) -> String {
+    cookie
+        .split("; ")
+        .find_map(|c| c.strip_prefix("flowgate_session="))
+        .and_then(|v| v.rsplit_once('.'))
+        .map(|(id, _)| id.to_owned())
+        .expect("a signed session cookie")
+}
+
+/// Every key of Redis and every value under it, as text.
+fn redis_dump(redis: &Redis) -> String {
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS").arg("*").query(&mut con).unwrap();
+    let mut dump = String::new();
+    for key in keys {
+        let kind: String = ::redis::cmd("TYPE").arg(&key).query(&mut con).unwrap();
+        let values: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![::redis::cmd("GET").arg(&key).query(&mut con).unwrap()],
+            "set" => ::redis::cmd("SMEMBERS").arg(&key).query(&mut con).unwrap(),
+            "zset" => ::redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query(&mut con)
+                .unwrap(),
+            other => panic!("{key}: a {other} flowgate does not write"),
+        };
+        dump.push_str(&key);
+        for value in values {
+            dump.push(' ');
+            dump.push_str(&String::from_utf8_lossy(&value));
+        }
+        dump.push('\n');
+    }
+    dump
 }
