@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::{Redis, Sentinel};
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const MASTER: &str = "mymaster";
 
@@ -53,30 +53,6 @@ async fn login_step(gate: &Flowgate, user: &TestUser) -> u16 {
         .unwrap()
         .status()
         .as_u16()
-}
-
-async fn sign_out(client: &reqwest::Client, gate: &Flowgate) {
-    let page = client
-        .get(gate.url("/_flowgate/sign_out"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = input_value(&page, "csrf_token").expect("the sign-out form");
-    let out = client
-        .post(gate.url("/_flowgate/sign_out"))
-        .form(&[("csrf_token", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        out.status().is_success() || out.status().is_redirection(),
-        "{}\n{}",
-        out.status(),
-        gate.log()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -155,25 +131,7 @@ async fn after_a_failover_flowgate_follows_the_new_master_by_itself() {
 
     // alice's session, written before the kill, is on the new master: the
     // command line (no cache, through the sentinel) lists it beside bob's.
-    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .args(["sessions", "list", "--json", "--config"])
-        .arg(a.path().join("flowgate.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        listed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&listed.stderr)
-    );
-    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
-    let mut users: Vec<&str> = listed["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|s| s["user"].as_str())
-        .collect();
-    users.sort();
-    assert_eq!(users, ["alice", "bob"], "{listed}");
+    assert_eq!(listed_users(&a), ["alice", "bob"]);
 
     // A's revocation listener is on the new master: bob, just cached by A,
     // signs out on B, and A lets go within a second (its cache would

@@ -119,25 +119,7 @@ async fn two_replicas_share_logins_flows_and_sign_outs() {
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
     assert_eq!(status(&bob, &a).await, 200);
     // The command line sees the same sessions, through Redis.
-    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .args(["sessions", "list", "--json", "--config"])
-        .arg(a.path().join("flowgate.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        listed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&listed.stderr)
-    );
-    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
-    let mut users: Vec<&str> = listed["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|s| s["user"].as_str())
-        .collect();
-    users.sort();
-    assert_eq!(users, ["alice", "bob"], "{listed}");
+    assert_eq!(listed_users(&a), ["alice", "bob"]);
 
     // A dump of Redis (every key, every value) holds no session id from
     // any cookie.
@@ -152,32 +134,8 @@ async fn two_replicas_share_logins_flows_and_sign_outs() {
         );
     }
 
-    // A restart of a replica (even a kill -9) loses nothing.
-    let a = a.restart(true);
-    assert_eq!(status(&alice, &a).await, 200, "{}", a.log());
-    assert_eq!(status(&bob, &a).await, 200);
-
     // alice signs out on B; A, which has her cached, lets go within 1 s.
-    let page = alice
-        .get(b.url("/_flowgate/sign_out"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = input_value(&page, "csrf_token").expect("the sign-out form");
-    let out = alice
-        .post(b.url("/_flowgate/sign_out"))
-        .form(&[("csrf_token", csrf.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        out.status().is_success() || out.status().is_redirection(),
-        "{}",
-        out.status()
-    );
+    sign_out(&alice, &b).await;
     let started = Instant::now();
     let closed = async {
         while let Some(Ok(_)) = alices_ws.next().await {}
@@ -202,6 +160,11 @@ async fn two_replicas_share_logins_flows_and_sign_outs() {
     }
     eprintln!("sign-out on B reached A in {:?}", started.elapsed());
     assert_eq!(status(&bob, &b).await, 200, "bob's stays");
+
+    // A restart of a replica (even a kill -9) loses nothing.
+    let a = a.restart(true);
+    assert_eq!(status(&bob, &a).await, 200, "{}", a.log());
+    assert_eq!(status(&alice, &a).await, 401, "signed out stays signed out");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -230,15 +193,7 @@ async fn with_redis_down_logins_fail_closed_and_all_comes_back_with_it() {
             seen
         })
     };
-    let confirm = alice
-        .get(gate.url("/_flowgate/sign_out"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = input_value(&confirm, "csrf_token").expect("a sign-out form");
+    let csrf = sign_out_csrf(&alice, &gate).await;
     redis.kill();
     // A sign-out that cannot reach the store says so, and keeps the cookie
     // for the retry: it must not say "signed out" while Redis holds the

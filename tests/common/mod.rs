@@ -446,8 +446,8 @@ pub async fn signed_in(gate: &Flowgate, user: &TestUser) -> (reqwest::Client, St
 }
 
 /// Where the shared fixtures live inside this repository.
-/// Sign out as a browser does: the confirmation page, then its form.
-pub async fn sign_out(client: &reqwest::Client, gate: &Flowgate) {
+/// The sign-out confirmation page's CSRF token, for `client`'s session.
+pub async fn sign_out_csrf(client: &reqwest::Client, gate: &Flowgate) -> String {
     let confirm = client
         .get(gate.url("/_flowgate/sign_out"))
         .send()
@@ -456,7 +456,12 @@ pub async fn sign_out(client: &reqwest::Client, gate: &Flowgate) {
         .text()
         .await
         .unwrap();
-    let csrf = input_value(&confirm, "csrf_token").expect("a sign-out form");
+    input_value(&confirm, "csrf_token").expect("a sign-out form")
+}
+
+/// Sign out as a browser does: the confirmation page, then its form.
+pub async fn sign_out(client: &reqwest::Client, gate: &Flowgate) {
+    let csrf = sign_out_csrf(client, gate).await;
     let out = client
         .post(gate.url("/_flowgate/sign_out"))
         .form(&[("csrf_token", csrf.as_str())])
@@ -464,6 +469,30 @@ pub async fn sign_out(client: &reqwest::Client, gate: &Flowgate) {
         .await
         .unwrap();
     assert_eq!(out.status(), 200, "signed out");
+}
+
+/// The users `flowgate sessions list --json` shows for `gate`'s config
+/// (the store read by the command line, not the server), sorted.
+pub fn listed_users(gate: &Flowgate) -> Vec<String> {
+    let listed = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["sessions", "list", "--json", "--config"])
+        .arg(gate.path().join("flowgate.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let mut users: Vec<String> = listed["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["user"].as_str().map(str::to_owned))
+        .collect();
+    users.sort();
+    users
 }
 
 pub fn fixtures() -> PathBuf {
