@@ -242,7 +242,13 @@ fn sessions(path: &Path, action: SessionsAction) -> anyhow::Result<()> {
             }
             SessionsAction::Revoke { user, id } => {
                 let ended = match (user, id) {
-                    (Some(user), _) => store.delete_all_for_user(&user).await?,
+                    (Some(user), _) => {
+                        let ended = store.delete_all_for_user(&user).await?;
+                        if ended == 0 {
+                            eprintln!("no session of {user:?} is live (`flowgate sessions list` shows whose are)");
+                        }
+                        ended
+                    }
                     (None, Some(id)) => {
                         let key = Key::parse(&id).ok_or_else(|| {
                             anyhow::anyhow!("{id:?} is not a session id as `flowgate sessions list` shows them (64 hex digits)")

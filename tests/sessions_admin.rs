@@ -109,6 +109,10 @@ async fn the_cli_lists_and_revokes_beside_the_running_server() {
     assert!(ok);
     assert_eq!(out.trim(), "1 session ended");
     refused_within(&bob, &gate, Duration::from_secs(1)).await;
+    let (ok, out, err) = cli(&gate, &["revoke", "--user", "nobody"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "0 sessions ended");
+    assert!(err.contains("no session of \"nobody\" is live"), "{err}");
     let (ok, _, err) = cli(&gate, &["revoke", "--id", "not-an-id"]);
     assert!(!ok);
     assert!(err.contains("64 hex digits"), "{err}");
