@@ -151,7 +151,16 @@ impl App {
             }
         }
         let ended = old.people.ended_in(&gateway.people);
+        let regrouped = old.people.regrouped_in(&gateway.people);
         self.current.store(Arc::new(gateway));
+        // Open connections were let through on the old groups: they end,
+        // and what comes next is decided on the new ones.
+        if !regrouped.is_empty() {
+            let closed = self.shared.sessions.end_live_of(&regrouped);
+            if closed > 0 {
+                tracing::info!(users = ?regrouped, sessions = closed, "open connections closed: their users' groups changed");
+            }
+        }
         self.metrics.reloads.inc();
         Ok(ended)
     }

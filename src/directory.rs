@@ -246,6 +246,25 @@ impl FileDirectory {
             .collect()
     }
 
+    /// The users enabled here and in `newer` whose groups differ there:
+    /// what their open connections were let through for may not hold.
+    pub fn regrouped_in(&self, newer: &FileDirectory) -> Vec<String> {
+        self.users
+            .iter()
+            .filter(|old| !old.disabled)
+            .filter(|old| {
+                newer
+                    .by_username
+                    .get(&old.username.to_lowercase())
+                    .map(|&i| &newer.users[i])
+                    .is_some_and(|now| {
+                        !now.disabled && now.username == old.username && now.groups != old.groups
+                    })
+            })
+            .map(|old| old.username.clone())
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }

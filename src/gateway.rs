@@ -195,6 +195,14 @@ impl People {
             _ => Vec::new(),
         }
     }
+
+    /// Users whose groups `newer` changes (`FileDirectory::regrouped_in`).
+    pub fn regrouped_in(&self, newer: &People) -> Vec<String> {
+        match (self, newer) {
+            (People::File(old), People::File(new)) => old.regrouped_in(new),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// A route's name in metrics and logs: its host pattern and path prefix.

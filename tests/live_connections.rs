@@ -47,11 +47,13 @@ async fn streaming_app() -> App {
     .await
 }
 
-/// flowgate in front of `app`, with `/ws` going to `ws`, an admin listener
-/// with a token, and `session` lines added to `[session]`.
+/// flowgate in front of `app`, with `/ws` going to `ws` (for group
+/// `staff`), an admin listener with a token, and `session` lines added to
+/// `[session]`.
 fn start(app: &App, ws: &WsUpstream, session: &str) -> Flowgate {
     let extra = format!(
-        "[[route]]\nhost = \"*\"\npath_prefix = \"/ws\"\nupstream = \"{}\"\nflow = \"{FLOW}\"\n\n\
+        "[[route]]\nhost = \"*\"\npath_prefix = \"/ws\"\nupstream = \"{}\"\nflow = \"{FLOW}\"\n\
+         allow = {{ groups = [\"staff\"] }}\n\n\
          [admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n",
         ws.url()
     );
@@ -271,4 +273,58 @@ async fn an_expiring_session_ends_its_connections_on_time() {
         signed_in_at.elapsed()
     );
     assert_eq!(api_status(&client, gate.url("/private")).await, 401);
+}
+
+/// An open connection was let through on the groups of its time: when the
+/// users file changes a user's groups, their open connections end (their
+/// session does not), and the next request is decided on the new groups.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_users_groups_changed_at_a_reload_end_their_open_connections() {
+    let (app, ws) = (streaming_app().await, WsUpstream::start().await);
+    let gate = start(&app, &ws, "");
+    let (alice, cookie) = signed_in(&gate, &ALICE).await;
+    let (_, bob_cookie) = signed_in(&gate, &BOB).await;
+    let mut alices = ws_connect(&gate, Some(&cookie))
+        .await
+        .expect("alice's websocket");
+    assert_eq!(
+        next_message(&mut alices).await,
+        Message::text("hello alice")
+    );
+    let mut bobs = ws_connect(&gate, Some(&bob_cookie))
+        .await
+        .expect("bob's websocket");
+    assert_eq!(next_message(&mut bobs).await, Message::text("hello bob"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    // alice leaves staff; bob's groups stay.
+    const ALICE_NOT_STAFF: TestUser = TestUser {
+        groups: &["admins"],
+        ..ALICE
+    };
+    common::ca::replace(
+        &gate.path().join("users.toml"),
+        &users_file(&[&ALICE_NOT_STAFF, &BOB]),
+    );
+    let closed = async { while let Some(Ok(_)) = alices.next().await {} };
+    if tokio::time::timeout(Duration::from_secs(4), closed)
+        .await
+        .is_err()
+    {
+        panic!(
+            "alice's websocket still open after her groups changed:\n{}",
+            gate.log()
+        );
+    }
+    gate.wait_for_log("open connections closed", Duration::from_secs(1));
+    bobs.send_text("still here").await;
+    assert_eq!(next_message(&mut bobs).await, Message::text("still here"));
+    // Her session holds; /ws is hers no more.
+    assert_eq!(api_status(&alice, gate.url("/events-once")).await, 200);
+    match ws_connect(&gate, Some(&cookie)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("the new handshake: {:?}", other.map(|_| "accepted")),
+    }
 }

@@ -93,7 +93,7 @@ pub struct Store {
     cache: RwLock<HashMap<Key, Arc<Cached>>>,
     /// Sessions with a connection waiting on `ended`, and the nudge that
     /// makes those connections look again.
-    live: std::sync::Mutex<HashMap<Key, tokio::sync::watch::Sender<()>>>,
+    live: std::sync::Mutex<HashMap<Key, Live>>,
     /// `watch` has started.
     watching: std::sync::atomic::AtomicBool,
 }
@@ -132,9 +132,25 @@ impl Store {
     fn ending(&self, key: &Key) {
         self.forget(key);
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(nudge) = live.get(key) {
-            nudge.send_replace(());
+        if let Some(live) = live.get(key) {
+            live.nudge.send_modify(|_| {});
         }
+    }
+
+    /// End the open connections (not the sessions) of `users`: what they
+    /// were let through for may not hold any more (their groups changed).
+    /// Their next request is decided afresh. How many sessions had some.
+    pub fn end_live_of(&self, users: &[String]) -> usize {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = 0;
+        for entry in live.values() {
+            let user = entry.user.lock().unwrap_or_else(|p| p.into_inner());
+            if user.as_ref().is_some_and(|u| users.contains(u)) {
+                entry.nudge.send_replace(true);
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// Resolves when session `id` has ended: signed out or revoked (here,
@@ -155,9 +171,14 @@ impl Store {
             let key = Key::of(&id);
             let mut listening = Listening::new(&store, key);
             loop {
-                listening.nudges.borrow_and_update();
+                if *listening.nudges.borrow_and_update() {
+                    return;
+                }
                 let expires = match store.authenticated(&id, idle).await {
-                    Ok(Some(session)) => session.expires,
+                    Ok(Some(session)) => {
+                        listening.user_is(session.identity().map(|i| i.username.as_str()));
+                        session.expires
+                    }
                     Ok(None) => return,
                     Err(error) => {
                         tracing::warn!(%error, "session store unavailable: a live connection is closed");
@@ -462,26 +483,50 @@ fn recheck_period(store: &Store) -> Duration {
     store.options.cache_ttl.max(Duration::from_secs(1))
 }
 
+/// A session with open connections: the nudge that makes them look again
+/// (true: end, whatever they find), and whose the session is.
+struct Live {
+    nudge: tokio::sync::watch::Sender<bool>,
+    user: Arc<std::sync::Mutex<Option<String>>>,
+}
+
 /// One connection's registration for its session's nudges; dropped, it is
 /// gone, and the session's entry with the last one.
 struct Listening {
     store: Arc<Store>,
     key: Key,
-    nudges: tokio::sync::watch::Receiver<()>,
+    nudges: tokio::sync::watch::Receiver<bool>,
+    user: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Listening {
     fn new(store: &Arc<Store>, key: Key) -> Listening {
         let mut live = store.live.lock().unwrap_or_else(|p| p.into_inner());
-        let nudges = live
-            .entry(key.clone())
-            .or_insert_with(|| tokio::sync::watch::channel(()).0)
-            .subscribe();
+        let fresh = || Live {
+            nudge: tokio::sync::watch::channel(false).0,
+            user: Arc::default(),
+        };
+        let entry = live.entry(key.clone()).or_insert_with(fresh);
+        // Connections told to end are going: a new one starts afresh (they
+        // keep the value they were told).
+        if *entry.nudge.borrow() {
+            *entry = fresh();
+        }
+        let (nudges, user) = (entry.nudge.subscribe(), entry.user.clone());
         drop(live);
         Listening {
             store: store.clone(),
             key,
             nudges,
+            user,
+        }
+    }
+
+    /// The session is `user`'s (`end_live_of` finds it by that).
+    fn user_is(&self, user: Option<&str>) {
+        let mut known = self.user.lock().unwrap_or_else(|p| p.into_inner());
+        if known.is_none() {
+            *known = user.map(str::to_owned);
         }
     }
 }
@@ -489,11 +534,11 @@ impl Listening {
 impl Drop for Listening {
     fn drop(&mut self) {
         let mut live = self.store.live.lock().unwrap_or_else(|p| p.into_inner());
-        // This receiver is the one still counted.
-        if live
-            .get(&self.key)
-            .is_some_and(|nudge| nudge.receiver_count() <= 1)
-        {
+        // This receiver is the one still counted; an entry made afresh
+        // since (`Listening::new`) is another's.
+        if live.get(&self.key).is_some_and(|entry| {
+            Arc::ptr_eq(&entry.user, &self.user) && entry.nudge.receiver_count() <= 1
+        }) {
             live.remove(&self.key);
         }
     }
