@@ -18,8 +18,10 @@ use regex::Regex;
 
 pub use crate::identity::{HeaderPreset, HeaderSet};
 
+pub use crate::engine::policy::{Binding, Bindings, Mode as PolicyMode, PolicyConfig};
+pub use crate::engine::stage::StageConfig;
 pub use read::{from_str, load};
-pub(crate) use read::{read_toml, Reader};
+pub(crate) use read::{read_toml, stage_defaults, Options, Reader};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub struct Config {
     pub flows: Vec<FlowConfig>,
     /// `[stage.<name>]`, plus the built-in stage names (see `StageConfig::builtin`).
     pub stages: BTreeMap<String, StageConfig>,
+    /// `[policy.<name>]`.
+    pub policies: BTreeMap<String, PolicyConfig>,
     /// `[[route]]`, in file order.
     pub routes: Vec<RouteConfig>,
 }
@@ -343,6 +347,59 @@ pub enum FlowAuthentication {
     None,
     RequireAuthenticated,
     RequireUnauthenticated,
+    RequireSuperuser,
+}
+
+/// `flow.denied_action`: what a visitor the flow's policies refuse gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeniedAction {
+    /// Sent on to `next` when there is one, else told (the default).
+    MessageContinue,
+    /// Told, always.
+    Message,
+    /// Sent on to `next` (or `/`), never told.
+    Continue,
+}
+
+/// A stage binding's `invalid_response_action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidResponseAction {
+    /// Show the stage again with the errors (the default).
+    Retry,
+    /// Start the flow again from its first stage, with a fresh context.
+    Restart,
+    /// Start the flow again from its first stage, keeping the context.
+    RestartWithContext,
+}
+
+/// One entry of a flow's `stages`: a stage name, or a table binding it
+/// with options.
+#[derive(Debug, Clone)]
+pub struct StageBinding {
+    pub stage: String,
+    /// `policies` (and `policy_engine_mode`): the stage runs only for
+    /// visitors they pass.
+    pub policies: Bindings,
+    /// `evaluate_on_plan`, default false: the policies decide once, when
+    /// the flow is planned.
+    pub evaluate_on_plan: bool,
+    /// `re_evaluate_policies`, default true: the policies decide when the
+    /// stage comes up, on the context as it is then.
+    pub re_evaluate_policies: bool,
+    pub invalid_response_action: InvalidResponseAction,
+}
+
+impl StageBinding {
+    /// A stage bound with no policies and every default.
+    pub fn plain(stage: &str) -> StageBinding {
+        StageBinding {
+            stage: stage.to_owned(),
+            policies: Bindings::default(),
+            evaluate_on_plan: false,
+            re_evaluate_policies: true,
+            invalid_response_action: InvalidResponseAction::Retry,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -354,8 +411,12 @@ pub struct FlowConfig {
     pub designation: Designation,
     /// `authentication`, default `none`.
     pub authentication: FlowAuthentication,
-    /// Stage names, each a key of `Config::stages`.
-    pub stages: Vec<String>,
+    /// `policies` (and `policy_engine_mode`): who may run the flow.
+    pub policies: Bindings,
+    /// `denied_action`, default `message_continue`.
+    pub denied_action: DeniedAction,
+    /// The stages in order, each a key of `Config::stages`.
+    pub stages: Vec<StageBinding>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,75 +431,6 @@ impl UserField {
             UserField::Username => "username",
             UserField::Email => "email",
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotConfiguredAction {
-    /// Users without a second factor pass the stage (authentik's `skip`).
-    Skip,
-    /// Users without a second factor are refused.
-    Deny,
-}
-
-/// One stage definition: `[stage.<name>]` with `kind = …`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StageConfig {
-    Identification {
-        /// `user_fields`, default `["username", "email"]`.
-        user_fields: Vec<UserField>,
-        /// `password = true`: ask for the password on the same form.
-        password: bool,
-        /// `pretend_user_exists`, default true: an unknown name goes on to
-        /// the password stage, which then fails like a wrong password.
-        pretend_user_exists: bool,
-    },
-    Password {
-        /// `failed_attempts_before_cancel`, default 5.
-        failed_attempts_before_cancel: u32,
-        /// `allow_show_password`, default false.
-        allow_show_password: bool,
-    },
-    AuthenticatorValidate {
-        /// `not_configured_action`: `skip` (default) | `deny`.
-        not_configured_action: NotConfiguredAction,
-    },
-    UserLogin {
-        /// `remember_me_offset`: when non-zero, the stage shows
-        /// `ak-stage-user-login` and a "remember me" choice adds this much
-        /// to the session lifetime. Default zero: log in silently.
-        remember_me_offset: Duration,
-    },
-    Deny {
-        /// `message`, default "Access denied".
-        message: String,
-    },
-}
-
-impl StageConfig {
-    /// The stage names a flow may use without a `[stage.<name>]` table.
-    pub fn builtin(name: &str) -> Option<StageConfig> {
-        Some(match name {
-            "identification" | "identify" => StageConfig::Identification {
-                user_fields: vec![UserField::Username, UserField::Email],
-                password: false,
-                pretend_user_exists: true,
-            },
-            "password" => StageConfig::Password {
-                failed_attempts_before_cancel: 5,
-                allow_show_password: false,
-            },
-            "mfa" | "totp" | "authenticator-validate" => StageConfig::AuthenticatorValidate {
-                not_configured_action: NotConfiguredAction::Skip,
-            },
-            "login" | "user-login" => StageConfig::UserLogin {
-                remember_me_offset: Duration::ZERO,
-            },
-            "deny" => StageConfig::Deny {
-                message: "Access denied".to_owned(),
-            },
-            _ => return None,
-        })
     }
 }
 
@@ -507,6 +499,9 @@ pub struct RouteConfig {
     /// query) that pass anonymously.
     pub skip_auth: Vec<Regex>,
     pub allow: Allow,
+    /// `policies` (and `policy_engine_mode`): a signed-in user they refuse
+    /// is denied (403), as one `allow` does not name is.
+    pub policies: Bindings,
     /// `headers`: `default` | `authentik` | `oauth2-proxy` | `authelia`, or
     /// a table of the route's own names (`{ user = "X-WEBAUTH-USER", … }`).
     pub headers: HeaderSet,

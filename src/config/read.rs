@@ -18,10 +18,15 @@ use crate::identity::Field;
 use super::{
     resolve_against, AdminConfig, Allow, Config, ConfigError, ConfigErrors, CookieSecure,
     Designation, DirectoryConfig, ExecutorApiConfig, ExecutorConfig, FlowAuthentication,
-    FlowConfig, HeaderPreset, HeaderSet, HostPattern, LogConfig, LogFormat, NotConfiguredAction,
-    PathRule, ProxyConfig, RemoteConfig, RouteConfig, Secret, Server, SessionConfig, StageConfig,
-    StateConfig, StoreKind, TlsConfig, UserField,
+    FlowConfig, HeaderPreset, HeaderSet, HostPattern, LogConfig, LogFormat, PathRule, ProxyConfig,
+    RemoteConfig, RouteConfig, Secret, Server, SessionConfig, StageConfig, StateConfig, StoreKind,
+    TlsConfig,
 };
+use super::{
+    Binding, Bindings, DeniedAction, InvalidResponseAction, PolicyConfig, PolicyMode, StageBinding,
+};
+use crate::engine::policy;
+use crate::engine::stage::{self, Kind, Stage};
 
 /// `redis` or `rediss`, for a URL of one with a host; `None` otherwise.
 fn redis_scheme(text: &str) -> Option<&'static str> {
@@ -187,6 +192,125 @@ pub(crate) struct Reader<'a> {
     /// Every `FLOWGATE_<SECTION>_<KEY>` variable a key was looked up under.
     asked: HashSet<String>,
     errors: Vec<ConfigError>,
+}
+
+/// A stage's options, as its kind reads them (`engine::stage::Kind`):
+/// the typed getters of the reader, on the stage's own table, with the
+/// same file:line:key messages as everywhere else.
+pub(crate) struct Options<'r, 'a, 't> {
+    reader: &'r mut Reader<'a>,
+    section: Section<'t>,
+}
+
+impl Options<'_, '_, '_> {
+    pub(crate) fn string(&mut self, key: &'static str) -> Option<(String, Place)> {
+        self.reader.string(&mut self.section, key)
+    }
+
+    pub(crate) fn strings(&mut self, key: &'static str) -> Option<(Vec<(String, Place)>, Place)> {
+        self.reader.strings(&mut self.section, key)
+    }
+
+    pub(crate) fn bool(&mut self, key: &'static str, default: bool) -> bool {
+        self.reader.bool(&mut self.section, key, default)
+    }
+
+    pub(crate) fn integer(&mut self, key: &'static str, default: u64, min: u64) -> u64 {
+        self.reader.integer(&mut self.section, key, default, min)
+    }
+
+    pub(crate) fn duration(
+        &mut self,
+        key: &'static str,
+        default: Duration,
+        allow_zero: bool,
+    ) -> Duration {
+        self.reader
+            .duration(&mut self.section, key, default, allow_zero)
+    }
+
+    pub(crate) fn choice<T: Copy>(
+        &mut self,
+        key: &'static str,
+        choices: &[(&str, T)],
+        default: T,
+    ) -> T {
+        self.reader.choice(&mut self.section, key, choices, default)
+    }
+
+    /// A whole number that may be below zero.
+    pub(crate) fn signed(&mut self, key: &'static str, default: i64) -> i64 {
+        let Some((raw, place)) = self.reader.get(&mut self.section, key) else {
+            return default;
+        };
+        let value = match raw {
+            Raw::Env(s) => s.trim().parse::<i64>().ok(),
+            Raw::Toml(item) => item.as_integer(),
+        };
+        value.unwrap_or_else(|| {
+            self.reader.error_at(&place, "expected a whole number");
+            default
+        })
+    }
+
+    /// Each table of the `[[key]]` list (or inline list of tables), read
+    /// by `each` with its own unknown keys reported.
+    pub(crate) fn tables(
+        &mut self,
+        key: &'static str,
+        mut each: impl FnMut(&mut Options<'_, '_, '_>),
+    ) {
+        for section in self.reader.tables(&mut self.section, key) {
+            let mut options = Options {
+                reader: &mut *self.reader,
+                section,
+            };
+            each(&mut options);
+            let section = options.section;
+            self.reader.finish(section);
+        }
+    }
+
+    pub(crate) fn error_at(&mut self, place: &Place, message: impl Into<String>) {
+        self.reader.error_at(place, message);
+    }
+
+    /// A problem with the table as a whole.
+    pub(crate) fn error(&mut self, message: impl Into<String>) {
+        let (line, path) = (self.section.line, self.section.path.clone());
+        self.reader.error(line, &path, message);
+    }
+}
+
+/// A kind's reader of its options (a stage's, a policy's).
+type ReadKind<T> = fn(&mut Options<'_, '_, '_>) -> T;
+/// A registry's lookup of a kind by name: its own name and its reader.
+type FindKind<T> = fn(&str) -> Option<(&'static str, ReadKind<T>)>;
+
+/// A stage kind with every option at its default: what a built-in stage
+/// name means without a table.
+pub(crate) fn stage_defaults(kind: &Kind) -> std::sync::Arc<dyn Stage> {
+    let mut reader = Reader {
+        file: String::new(),
+        path: Path::new(""),
+        lines: Vec::new(),
+        env: &|_| None,
+        files: Files::TextOnly,
+        asked: HashSet::new(),
+        errors: Vec::new(),
+    };
+    let section = Section {
+        table: None,
+        path: String::new(),
+        env: None,
+        line: None,
+        known: Vec::new(),
+    };
+    let mut options = Options {
+        reader: &mut reader,
+        section,
+    };
+    (kind.read)(&mut options)
 }
 
 impl<'a> Reader<'a> {
@@ -382,7 +506,13 @@ impl<'a> Reader<'a> {
         tables
             .into_iter()
             .enumerate()
-            .map(|(i, (table, line))| self.table_section(table, format!("{key}[{i}]"), line))
+            .map(|(i, (table, line))| {
+                let path = match parent.path.as_str() {
+                    "" => format!("{key}[{i}]"),
+                    at => format!("{at}.{key}[{i}]"),
+                };
+                self.table_section(table, path, line)
+            })
             .collect()
     }
 
@@ -683,6 +813,7 @@ impl<'a> Reader<'a> {
             "state",
             "flow",
             "stage",
+            "policy",
             "route",
         ]);
         let server = self.server(root);
@@ -710,11 +841,12 @@ impl<'a> Reader<'a> {
         let state = self.state(root);
         let executor_api = self.executor_api(root, remote);
         self.listeners_apart(&server, &admin, executor_api.as_ref());
+        let policies = self.policies(root);
         let (stages, flows) = match remote {
             true => (BTreeMap::new(), Vec::new()),
             false => {
                 let stages = self.stages(root);
-                let flows = self.flows(root, &stages);
+                let flows = self.flows(root, &stages, &policies);
                 (stages, flows)
             }
         };
@@ -726,6 +858,7 @@ impl<'a> Reader<'a> {
             },
             &proxy,
             &session.cookie_domains,
+            &policies,
         );
         self.finish(top);
         Config {
@@ -741,6 +874,7 @@ impl<'a> Reader<'a> {
             executor_api,
             flows,
             stages,
+            policies,
             routes,
         }
     }
@@ -1589,29 +1723,69 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// `[stage.<name>]` tables, plus the built-in names.
+    /// `[stage.<name>]` tables, plus the built-in names. Each kind reads
+    /// its own options (`engine::stage::KINDS`).
     fn stages(&mut self, root: &dyn TableLike) -> BTreeMap<String, StageConfig> {
         let mut stages = BTreeMap::new();
-        for name in ["identification", "password", "mfa", "login", "deny"] {
+        for (name, _) in stage::BUILTINS {
             if let Some(stage) = StageConfig::builtin(name) {
-                stages.insert(name.to_owned(), stage);
+                stages.insert((*name).to_owned(), stage);
             }
         }
-        let all = self.section(root, "stage", "stage".into(), None);
+        let read = self.kinded(
+            root,
+            "stage",
+            stage::builtin_kind,
+            |kind| stage::kind(kind).map(|k| (k.name, k.read)),
+            stage::kind_names,
+        );
+        for (name, (kind, stage)) in read {
+            stages.insert(name, StageConfig { kind, stage });
+        }
+        stages
+    }
+
+    /// `[policy.<name>]` tables (`engine::policy::KINDS`).
+    fn policies(&mut self, root: &dyn TableLike) -> BTreeMap<String, PolicyConfig> {
+        self.kinded(
+            root,
+            "policy",
+            |_| None,
+            |kind| policy::kind(kind).map(|k| (k.name, k.read)),
+            policy::kind_names,
+        )
+        .into_iter()
+        .map(|(name, (kind, policy))| (name, PolicyConfig { kind, policy }))
+        .collect()
+    }
+
+    /// The `[<key>.<name>]` tables, each with a `kind` (or the kind
+    /// `default_kind` gives its name) that `find` knows, read by that
+    /// kind's reader; unknown options are named once the kind is known.
+    fn kinded<T>(
+        &mut self,
+        root: &dyn TableLike,
+        key: &'static str,
+        default_kind: fn(&str) -> Option<&'static str>,
+        find: FindKind<T>,
+        names: fn() -> String,
+    ) -> BTreeMap<String, (&'static str, T)> {
+        let mut read = BTreeMap::new();
+        let all = self.section(root, key, key.into(), None);
         let Some(table) = all.table else {
-            return stages;
+            return read;
         };
         for (name, item) in table.iter() {
-            let path = format!("stage.{name}");
+            let path = format!("{key}.{name}");
             let line = self
                 .line_of(table.key(name).and_then(|k| k.span()))
                 .or_else(|| self.line_of(item.span()));
-            let Some(stage_table) = item.as_table_like() else {
+            let Some(kind_table) = item.as_table_like() else {
                 self.error(
                     line,
                     &path,
                     format!(
-                        "expected a table `[stage.{name}]` with `kind = …`, found {}",
+                        "expected a table `[{key}.{name}]` with `kind = …`, found {}",
                         type_name(item)
                     ),
                 );
@@ -1621,113 +1795,134 @@ impl<'a> Reader<'a> {
                 self.error(
                     line,
                     &path,
-                    "stage names use lower-case letters, digits, `-` and `_`",
+                    format!("{key} names use lower-case letters, digits, `-` and `_`"),
                 );
             }
-            let mut s = self.table_section(stage_table, path.clone(), line);
+            let mut s = self.table_section(kind_table, path.clone(), line);
             let kind = match self.string(&mut s, "kind") {
                 Some((kind, place)) => Some((kind, Some(place))),
-                // A table named after a built-in stage tunes that stage.
-                None => builtin_kind(name).map(|k| (k.to_owned(), None)),
+                // A table named after a built-in tunes it.
+                None => default_kind(name).map(|k| (k.to_owned(), None)),
             };
             let Some((kind, place)) = kind else {
-                self.error(line, &path, "missing `kind` (identification, password, authenticator_validate, user_login or deny)");
+                self.error(line, &path, format!("missing `kind` ({})", names()));
                 continue;
             };
-            let stage = match kind.as_str() {
-                "identification" => {
-                    let mut user_fields = Vec::new();
-                    match self.strings(&mut s, "user_fields") {
-                        Some((items, list_place)) => {
-                            for (field, place) in items {
-                                match field.as_str() {
-                                    "username" => user_fields.push(UserField::Username),
-                                    "email" => user_fields.push(UserField::Email),
-                                    _ => self.error_at(
-                                        &place,
-                                        format!(
-                                            "\"{field}\" is not one of \"username\", \"email\""
-                                        ),
-                                    ),
-                                }
-                            }
-                            if user_fields.is_empty() {
-                                self.error_at(
-                                    &list_place,
-                                    "name at least one of \"username\", \"email\"",
-                                );
-                            }
-                        }
-                        None => user_fields = vec![UserField::Username, UserField::Email],
-                    }
-                    let password = self.bool(&mut s, "password", false);
-                    let pretend_user_exists = self.bool(&mut s, "pretend_user_exists", true);
-                    Some(StageConfig::Identification {
-                        user_fields,
-                        password,
-                        pretend_user_exists,
-                    })
+            let Some((kind, reader)) = find(&kind) else {
+                let message = format!(
+                    "\"{kind}\" is not a {key} kind flowgate has; use {}",
+                    names()
+                );
+                match &place {
+                    Some(place) => self.error_at(place, message),
+                    None => self.error(line, &path, message),
                 }
-                "password" => {
-                    let failed = self.integer(&mut s, "failed_attempts_before_cancel", 5, 1);
-                    let allow_show_password = self.bool(&mut s, "allow_show_password", false);
-                    Some(StageConfig::Password {
-                        failed_attempts_before_cancel: u32::try_from(failed).unwrap_or(u32::MAX),
-                        allow_show_password,
-                    })
-                }
-                "authenticator_validate" => {
-                    let not_configured_action = self.choice(
-                        &mut s,
-                        "not_configured_action",
-                        &[
-                            ("skip", NotConfiguredAction::Skip),
-                            ("deny", NotConfiguredAction::Deny),
-                        ],
-                        NotConfiguredAction::Skip,
-                    );
-                    Some(StageConfig::AuthenticatorValidate {
-                        not_configured_action,
-                    })
-                }
-                "user_login" => {
-                    let remember_me_offset =
-                        self.duration(&mut s, "remember_me_offset", Duration::ZERO, true);
-                    Some(StageConfig::UserLogin { remember_me_offset })
-                }
-                "deny" => {
-                    let message = self
-                        .string(&mut s, "message")
-                        .map(|(m, _)| m)
-                        .unwrap_or_else(|| "Access denied".to_owned());
-                    Some(StageConfig::Deny { message })
-                }
-                other => {
-                    let message = format!(
-                        "\"{other}\" is not a stage kind flowgate has; use identification, password, authenticator_validate, user_login or deny"
-                    );
-                    match &place {
-                        Some(place) => self.error_at(place, message),
-                        None => self.error(line, &path, message),
-                    }
-                    None
-                }
+                continue;
             };
-            // Unknown options are only worth naming once the kind is known.
-            if stage.is_some() {
-                self.finish(s);
+            let mut options = Options {
+                reader: self,
+                section: s,
+            };
+            let value = reader(&mut options);
+            let section = options.section;
+            self.finish(section);
+            read.insert(name.to_owned(), (kind, value));
+        }
+        read
+    }
+
+    /// `policies` and `policy_engine_mode` of a flow, a stage binding or a
+    /// route: each entry a policy's name or `{ policy = "…", negate = true }`.
+    fn bindings(
+        &mut self,
+        section: &mut Section<'_>,
+        policies: &BTreeMap<String, PolicyConfig>,
+    ) -> Bindings {
+        let mode = self.choice(
+            section,
+            "policy_engine_mode",
+            &[("any", PolicyMode::Any), ("all", PolicyMode::All)],
+            PolicyMode::Any,
+        );
+        let mut list = Vec::new();
+        let Some((raw, place)) = self.get(section, "policies") else {
+            return Bindings { mode, list };
+        };
+        let entries: Vec<(Option<String>, bool, Place)> = match raw {
+            Raw::Env(text) => text
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(|t| (Some(t.to_owned()), false, place.clone()))
+                .collect(),
+            Raw::Toml(item) => {
+                let Some(array) = item.as_array() else {
+                    self.error_at(
+                        &place,
+                        format!("expected a list of policy names, found {}", type_name(item)),
+                    );
+                    return Bindings { mode, list };
+                };
+                let mut entries = Vec::new();
+                for (i, value) in array.iter().enumerate() {
+                    let at = Place {
+                        env: None,
+                        line: self.line_of(value.span()).or(place.line),
+                        key: format!("{}[{i}]", place.key),
+                    };
+                    if let Some(name) = value.as_str() {
+                        entries.push((Some(name.to_owned()), false, at));
+                    } else if let Some(table) = value.as_inline_table() {
+                        let mut t = self.table_section(table, at.key.clone(), at.line);
+                        let name = self.string(&mut t, "policy").map(|(n, _)| n);
+                        if name.is_none() {
+                            self.error_at(&at, "missing `policy`: the policy's name");
+                        }
+                        let negate = self.bool(&mut t, "negate", false);
+                        self.finish(t);
+                        entries.push((name, negate, at));
+                    } else {
+                        self.error_at(
+                            &at,
+                            format!(
+                                "expected a policy name or {{ policy = …, negate = … }}, found {}",
+                                value_type(value)
+                            ),
+                        );
+                    }
+                }
+                entries
             }
-            if let Some(stage) = stage {
-                stages.insert(name.to_owned(), stage);
+        };
+        for (name, negate, at) in entries {
+            let Some(name) = name else { continue };
+            match policies.get(&name) {
+                Some(policy) => list.push(Binding {
+                    name,
+                    policy: policy.policy.clone(),
+                    negate,
+                }),
+                None => {
+                    let known: Vec<&str> = policies.keys().map(String::as_str).collect();
+                    let message = match known.is_empty() {
+                        true => format!("no policy \"{name}\": define `[policy.{name}]`"),
+                        false => format!(
+                            "no policy \"{name}\": define `[policy.{name}]` or use one of {}",
+                            known.join(", ")
+                        ),
+                    };
+                    self.error_at(&at, message);
+                }
             }
         }
-        stages
+        Bindings { mode, list }
     }
 
     fn flows(
         &mut self,
         root: &dyn TableLike,
         stages: &BTreeMap<String, StageConfig>,
+        policies: &BTreeMap<String, PolicyConfig>,
     ) -> Vec<FlowConfig> {
         let mut flows: Vec<FlowConfig> = Vec::new();
         let Some((key, item)) = root.get_key_value("flow") else {
@@ -1737,8 +1932,10 @@ impl<'a> Reader<'a> {
                     title: "Sign in".to_owned(),
                     designation: Designation::Authentication,
                     authentication: FlowAuthentication::None,
+                    policies: Bindings::default(),
+                    denied_action: DeniedAction::MessageContinue,
                     stages: ["identification", "password", "mfa", "login"]
-                        .map(str::to_owned)
+                        .map(StageBinding::plain)
                         .to_vec(),
                 },
                 // Run to its end, it signs the visitor out: what remote
@@ -1748,6 +1945,8 @@ impl<'a> Reader<'a> {
                     title: "Sign out".to_owned(),
                     designation: Designation::Invalidation,
                     authentication: FlowAuthentication::None,
+                    policies: Bindings::default(),
+                    denied_action: DeniedAction::MessageContinue,
                     stages: Vec::new(),
                 },
             ];
@@ -1811,50 +2010,157 @@ impl<'a> Reader<'a> {
                         "require_unauthenticated",
                         FlowAuthentication::RequireUnauthenticated,
                     ),
+                    ("require_superuser", FlowAuthentication::RequireSuperuser),
                 ],
                 FlowAuthentication::None,
             );
-            let mut flow_stages = Vec::new();
-            match self.strings(&mut s, "stages") {
-                Some((items, list_place)) => {
+            let flow_policies = self.bindings(&mut s, policies);
+            let denied_action = self.choice(
+                &mut s,
+                "denied_action",
+                &[
+                    ("message_continue", DeniedAction::MessageContinue),
+                    ("message", DeniedAction::Message),
+                    ("continue", DeniedAction::Continue),
+                ],
+                DeniedAction::MessageContinue,
+            );
+            let flow_stages = match self.get(&mut s, "stages") {
+                Some((raw, place)) => {
+                    let bound = self.stage_bindings(raw, &place, stages, policies);
                     // An invalidation flow may be nothing but its end.
-                    if items.is_empty() && designation != Designation::Invalidation {
-                        self.error_at(&list_place, "a flow needs at least one stage");
+                    if bound.is_empty() && designation != Designation::Invalidation {
+                        self.error_at(&place, "a flow needs at least one stage");
                     }
-                    for (name, place) in items {
-                        if stages.contains_key(&name) {
-                            flow_stages.push(name);
-                        } else if let Some(alias) = builtin_alias(&name) {
-                            flow_stages.push(alias.to_owned());
-                        } else {
-                            let mut known: Vec<&str> = stages.keys().map(String::as_str).collect();
-                            known.sort_unstable();
-                            self.error_at(
-                                &place,
-                                format!(
-                                    "no stage \"{name}\": define `[stage.{name}]` or use one of {}",
-                                    known.join(", ")
-                                ),
-                            );
-                        }
-                    }
+                    bound
                 }
-                None => self.error(
-                    line,
-                    &format!("{path}.stages"),
-                    "missing: list the stages, e.g. [\"identification\", \"password\", \"login\"]",
-                ),
-            }
+                None => {
+                    self.error(
+                        line,
+                        &format!("{path}.stages"),
+                        "missing: list the stages, e.g. [\"identification\", \"password\", \"login\"]",
+                    );
+                    Vec::new()
+                }
+            };
             self.finish(s);
             flows.push(FlowConfig {
                 slug,
                 title,
                 designation,
                 authentication,
+                policies: flow_policies,
+                denied_action,
                 stages: flow_stages,
             });
         }
         flows
+    }
+
+    /// A flow's `stages`: each a stage's name, or a table binding one
+    /// (`{ stage = "mfa", policies = […], … }`).
+    fn stage_bindings(
+        &mut self,
+        raw: Raw<'_>,
+        place: &Place,
+        stages: &BTreeMap<String, StageConfig>,
+        policies: &BTreeMap<String, PolicyConfig>,
+    ) -> Vec<StageBinding> {
+        let mut bound = Vec::new();
+        let entries: Vec<(Option<StageBinding>, Place)> = match raw {
+            Raw::Env(_) => {
+                self.error_at(place, "set in the file only");
+                return bound;
+            }
+            Raw::Toml(item) => {
+                let Some(array) = item.as_array() else {
+                    self.error_at(
+                        place,
+                        format!("expected a list of stage names, found {}", type_name(item)),
+                    );
+                    return bound;
+                };
+                let mut entries = Vec::new();
+                for (i, value) in array.iter().enumerate() {
+                    let at = Place {
+                        env: None,
+                        line: self.line_of(value.span()).or(place.line),
+                        key: format!("{}[{i}]", place.key),
+                    };
+                    if let Some(name) = value.as_str() {
+                        entries.push((Some(StageBinding::plain(name)), at));
+                    } else if let Some(table) = value.as_inline_table() {
+                        let mut t = self.table_section(table, at.key.clone(), at.line);
+                        let name = self.string(&mut t, "stage").map(|(n, _)| n);
+                        if name.is_none() {
+                            self.error_at(&at, "missing `stage`: the stage's name");
+                        }
+                        let binding = StageBinding {
+                            stage: name.clone().unwrap_or_default(),
+                            policies: self.bindings(&mut t, policies),
+                            evaluate_on_plan: self.bool(&mut t, "evaluate_on_plan", false),
+                            re_evaluate_policies: self.bool(&mut t, "re_evaluate_policies", true),
+                            invalid_response_action: self.choice(
+                                &mut t,
+                                "invalid_response_action",
+                                &[
+                                    ("retry", InvalidResponseAction::Retry),
+                                    ("restart", InvalidResponseAction::Restart),
+                                    (
+                                        "restart_with_context",
+                                        InvalidResponseAction::RestartWithContext,
+                                    ),
+                                ],
+                                InvalidResponseAction::Retry,
+                            ),
+                        };
+                        if !binding.policies.is_empty()
+                            && !binding.evaluate_on_plan
+                            && !binding.re_evaluate_policies
+                        {
+                            self.error_at(
+                                &at,
+                                "its policies would never be evaluated: set `evaluate_on_plan` or `re_evaluate_policies`",
+                            );
+                        }
+                        self.finish(t);
+                        entries.push((name.map(|_| binding), at));
+                    } else {
+                        self.error_at(
+                            &at,
+                            format!(
+                                "expected a stage name or {{ stage = …, policies = … }}, found {}",
+                                value_type(value)
+                            ),
+                        );
+                    }
+                }
+                entries
+            }
+        };
+        for (binding, at) in entries {
+            let Some(mut binding) = binding else { continue };
+            if let Some((_, canonical)) = stage::ALIASES
+                .iter()
+                .find(|(alias, _)| *alias == binding.stage)
+            {
+                binding.stage = (*canonical).to_owned();
+            }
+            if stages.contains_key(&binding.stage) {
+                bound.push(binding);
+            } else {
+                let name = &binding.stage;
+                let known: Vec<&str> = stages.keys().map(String::as_str).collect();
+                self.error_at(
+                    &at,
+                    format!(
+                        "no stage \"{name}\": define `[stage.{name}]` or use one of {}",
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        bound
     }
 
     fn routes(
@@ -1863,6 +2169,7 @@ impl<'a> Reader<'a> {
         flows: Flows<'_>,
         proxy: &ProxyConfig,
         cookie_domains: &[String],
+        policies: &BTreeMap<String, PolicyConfig>,
     ) -> Vec<RouteConfig> {
         let mut routes = Vec::new();
         let Some((key, item)) = root.get_key_value("route") else {
@@ -1987,6 +2294,14 @@ impl<'a> Reader<'a> {
                 }
             }
             let allow = self.allow(&mut s);
+            let route_policies = self.bindings(&mut s, policies);
+            if route_policies.uses_reputation() {
+                self.error(
+                    line,
+                    &format!("{path}.policies"),
+                    "a reputation policy scores logins: bind it to a flow, not a route",
+                );
+            }
             let headers = self.header_set(&mut s);
             let preserve_host = self.bool(&mut s, "preserve_host", true);
             let escaped_slashes = self.path_rule(&mut s, "escaped_slashes", proxy.escaped_slashes);
@@ -2014,6 +2329,7 @@ impl<'a> Reader<'a> {
                     flow,
                     skip_auth,
                     allow,
+                    policies: route_policies,
                     headers,
                     preserve_host,
                     case_insensitive,
@@ -2247,27 +2563,6 @@ fn is_slug(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
-/// The kind a `[stage.<builtin name>]` table has when it does not say.
-fn builtin_kind(name: &str) -> Option<&'static str> {
-    Some(match StageConfig::builtin(name)? {
-        StageConfig::Identification { .. } => "identification",
-        StageConfig::Password { .. } => "password",
-        StageConfig::AuthenticatorValidate { .. } => "authenticator_validate",
-        StageConfig::UserLogin { .. } => "user_login",
-        StageConfig::Deny { .. } => "deny",
-    })
-}
-
-/// Other spellings of the built-in stages, mapped to the canonical name.
-fn builtin_alias(name: &str) -> Option<&'static str> {
-    Some(match name {
-        "identify" => "identification",
-        "totp" | "authenticator-validate" => "mfa",
-        "user-login" => "login",
-        _ => return None,
-    })
 }
 
 fn one_line(s: &str) -> String {
@@ -2585,6 +2880,64 @@ flow = \"missing\"
     }
 
     #[test]
+    fn policies_and_their_bindings_are_cross_checked() {
+        let src = "\
+[policy.staff]
+kind = \"group\"
+groups = [\"staff\"]
+
+[policy.office]
+kind = \"network\"
+cidrs = [\"10.0.0.0/8\", \"not-a-net\"]
+
+[policy.scores]
+kind = \"reputation\"
+
+[policy.odd]
+kind = \"astrology\"
+
+[stage.profile]
+kind = \"prompt\"
+
+[[stage.profile.field]]
+key = \"age\"
+type = \"numbre\"
+
+[[flow]]
+slug = \"main\"
+policies = [\"staff\", { policy = \"nobody\" }]
+stages = [\"identification\", { stage = \"deny\", policies = [\"office\"], colour = 1 }, \"profile\"]
+
+[[route]]
+upstream = \"http://127.0.0.1:1\"
+policies = [\"scores\"]
+";
+        let errors = errors(src);
+        let found: Vec<(Option<usize>, &str)> =
+            errors.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (Some(7), "policy.office.cidrs[1]"),
+                (Some(13), "policy.odd.kind"),
+                (Some(20), "stage.profile.field[0].type"),
+                (Some(24), "flow[0].policies[1]"),
+                (Some(25), "flow[0].stages[1].colour"),
+                (Some(27), "route[0].policies"),
+            ],
+            "{errors:#?}"
+        );
+        assert!(
+            errors[3].message.contains("no policy \"nobody\""),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[5].message.contains("bind it to a flow"),
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
     fn stage_tables_configure_stages() {
         let src = "\
 [stage.identification]
@@ -2604,18 +2957,16 @@ upstream = \"http://127.0.0.1:1/base\"
 ";
         let config = read(src).unwrap();
         assert_eq!(
-            config.stages["identification"],
-            StageConfig::Identification {
-                user_fields: vec![UserField::Email],
-                password: true,
-                pretend_user_exists: true
-            }
+            format!("{:?}", config.stages["identification"]),
+            "Identification { user_fields: [Email], password: true, pretend_user_exists: true }"
         );
+        assert_eq!(config.stages["remember"].kind, "user_login");
         assert_eq!(
-            config.stages["remember"],
-            StageConfig::UserLogin {
-                remember_me_offset: Duration::from_secs(30 * 86400)
-            }
+            format!("{:?}", config.stages["remember"]),
+            format!(
+                "UserLogin {{ remember_me_offset: {:?} }}",
+                Duration::from_secs(30 * 86400)
+            )
         );
         assert_eq!(config.routes[0].flow, "one-form");
         assert_eq!(config.routes[0].upstream.path(), "/base");

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::config::{PathRule, RouteConfig};
+use crate::engine::policy::{Facts, RequestFacts};
 use crate::gate::Canonical;
 use crate::identity::Identity;
 use crate::session::Session;
@@ -136,8 +137,10 @@ pub fn decide<'r>(
     let public = (request.preflight && route.skip_auth_preflight)
         || route.skip_auth.iter().any(|re| re.is_match(&path));
     let flow = route.flow.as_str();
+    // Decided once per request: a route's policies are not free.
+    let permitted = session.map(|signed| permitted(route, signed, request, &path));
     match session {
-        Some(signed) if permitted(route, signed) && signed.completed(flow) => Verdict::Forward {
+        Some(signed) if permitted == Some(true) && signed.completed(flow) => Verdict::Forward {
             route: index,
             identity: Some(signed.identity.clone()),
         },
@@ -145,7 +148,7 @@ pub fn decide<'r>(
             route: index,
             identity: None,
         },
-        Some(signed) if !permitted(route, signed) => Verdict::Forbidden {
+        Some(signed) if permitted == Some(false) => Verdict::Forbidden {
             route: index,
             identity: signed.identity.clone(),
         },
@@ -234,7 +237,7 @@ pub fn allowed(route: &RouteConfig, identity: &Identity) -> bool {
 
 /// `allowed`, and the remote's application policy, when the route names
 /// one: refused at login or at the last revalidation is refused.
-fn permitted(route: &RouteConfig, signed: &SignedIn) -> bool {
+fn permitted(route: &RouteConfig, signed: &SignedIn, request: &Request<'_>, path: &str) -> bool {
     allowed(route, &signed.identity)
         && route.authentik_application.as_ref().is_none_or(|app| {
             !signed
@@ -243,6 +246,37 @@ fn permitted(route: &RouteConfig, signed: &SignedIn) -> bool {
                 .iter()
                 .any(|refused| refused == app)
         })
+        && policies_pass(route, &signed.identity, request, path)
+}
+
+/// The route's own policies, on the request as decided (its canonical
+/// path) and the user as the directory has them now.
+fn policies_pass(
+    route: &RouteConfig,
+    identity: &Identity,
+    request: &Request<'_>,
+    path: &str,
+) -> bool {
+    if route.policies.is_empty() {
+        return true;
+    }
+    let facts = RequestFacts {
+        ip: Some(request.client_ip),
+        host: request.host.to_owned(),
+        path: path.to_owned(),
+        method: request.method.to_owned(),
+        headers: Vec::new(),
+    };
+    route
+        .policies
+        .evaluate(&Facts {
+            user: Some(identity),
+            identifier: None,
+            request: &facts,
+            context: &serde_json::Map::new(),
+            reputation: None,
+        })
+        .passing
 }
 
 /// A CORS preflight (Fetch standard): what a browser sends, without
@@ -298,6 +332,7 @@ mod tests {
             escaped_slashes: PathRule::Refuse,
             path_parameters: PathRule::Refuse,
             authentik_application: None,
+            policies: Default::default(),
         }
     }
 

@@ -291,6 +291,7 @@ mod tests {
             escaped_slashes: PathRule::Refuse,
             path_parameters: PathRule::Refuse,
             authentik_application: None,
+            policies: Default::default(),
         }];
         let path = Canonical::of("/").unwrap();
         let request = Request {

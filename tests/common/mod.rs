@@ -591,3 +591,69 @@ pub fn shape_differences(path: &str, ours: &Value, recorded: &Value) -> Vec<Stri
     }
     differences
 }
+
+/// One run of a flow through the JSON executor API, as a script drives
+/// it: each POST that moves on (a raw 302) is followed by the GET of the
+/// next challenge.
+pub struct JsonFlow {
+    pub client: reqwest::Client,
+    pub url: String,
+    /// Sent as `X-Forwarded-For` (for a gate that trusts loopback).
+    pub forwarded_for: Option<String>,
+}
+
+impl JsonFlow {
+    pub fn new(base: &str, slug: &str, next: &str) -> JsonFlow {
+        JsonFlow::with_client(client(), base, slug, next)
+    }
+
+    pub fn with_client(client: reqwest::Client, base: &str, slug: &str, next: &str) -> JsonFlow {
+        let query: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("next", next)
+            .finish();
+        JsonFlow {
+            client,
+            url: format!(
+                "{base}/_flowgate/api/v3/flows/executor/{slug}/?query={}",
+                url::form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>()
+            ),
+            forwarded_for: None,
+        }
+    }
+
+    fn send(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.forwarded_for {
+            Some(ip) => request.header("x-forwarded-for", ip),
+            None => request,
+        }
+    }
+
+    /// The current challenge, past stages that pass by themselves (each
+    /// a raw 302 back to the executor).
+    pub async fn get(&self) -> Value {
+        for _ in 0..20 {
+            let response = self.send(self.client.get(&self.url)).send().await.unwrap();
+            match response.status().as_u16() {
+                302 => continue,
+                200 => return response.json().await.unwrap(),
+                other => panic!("GET {} answered {other}", self.url),
+            }
+        }
+        panic!("GET {} kept redirecting", self.url)
+    }
+
+    /// Answer the challenge: what comes after (the same challenge with
+    /// errors, the next one, or the end).
+    pub async fn post(&self, body: Value) -> Value {
+        let response = self
+            .send(self.client.post(&self.url).json(&body))
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            302 => self.get().await,
+            200 => response.json().await.unwrap(),
+            other => panic!("POST {} answered {other}", self.url),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! What a stage is: one kind of step in a flow, in one place.
+//!
+//! A kind is registered in [`KINDS`] by name, with the function that reads
+//! its `[stage.<name>]` options. Read, it is a [`Stage`]: the challenge it
+//! shows, what a GET does (show it, or pass or deny by itself) and what a
+//! POST of the visitor's answer does. Stages share what they learn through
+//! the plan's typed context; the driver (`engine::Engine`) runs the plan.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use super::plan::{Plan, PENDING_USER, PENDING_USER_IDENTIFIER};
+use super::stages;
+use super::Services;
+use crate::config::{FlowConfig, Options, UserField};
+use crate::directory::{avatar_for, User, DEFAULT_AVATAR};
+use crate::flow::{Component, ErrorMap, FlowRequest, PendingUser};
+
+/// What a stage made of a GET or a POST.
+pub enum Outcome {
+    /// Show the stage's challenge.
+    Show,
+    /// Done: on to the next stage.
+    Pass,
+    /// Show the challenge again, with these errors.
+    Invalid(ErrorMap),
+    /// End the flow with `ak-stage-access-denied` and this message.
+    Deny(String),
+}
+
+/// What a stage works with on one request.
+pub struct Cx<'a> {
+    pub services: &'a Services,
+    pub flow: &'a FlowConfig,
+    pub request: &'a FlowRequest<'a>,
+    pub plan: &'a mut Plan,
+}
+
+impl Cx<'_> {
+    /// The user the plan is about, if identification matched one.
+    pub fn user(&self) -> Option<Arc<User>> {
+        let name = self.plan.context.get(&PENDING_USER)?;
+        self.services.directory.find(&name, &[UserField::Username])
+    }
+
+    /// The pending user as challenges show them: the name as typed.
+    pub fn pending_user(&self) -> PendingUser {
+        pending_user(
+            &self
+                .plan
+                .context
+                .get(&PENDING_USER_IDENTIFIER)
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// A challenge's `pending_user` fields for `identifier`.
+pub fn pending_user(identifier: &str) -> PendingUser {
+    PendingUser {
+        pending_user: identifier.to_owned(),
+        pending_user_avatar: if identifier.is_empty() {
+            DEFAULT_AVATAR.to_owned()
+        } else {
+            avatar_for(identifier)
+        },
+    }
+}
+
+#[async_trait]
+pub trait Stage: fmt::Debug + Send + Sync {
+    /// The challenge for the plan as it stands; no side effects.
+    fn challenge(&self, cx: &Cx<'_>) -> Component;
+
+    /// A GET with this stage at the head of the plan.
+    async fn get(&self, _cx: &mut Cx<'_>) -> Outcome {
+        Outcome::Show
+    }
+
+    /// The visitor's answer to the challenge.
+    async fn post(&self, cx: &mut Cx<'_>, body: &Value) -> Outcome;
+}
+
+/// One stage kind: its name in `kind = "…"` and the reader of its options.
+pub struct Kind {
+    pub name: &'static str,
+    /// Reads the options of a `[stage.<name>]` table of this kind (every
+    /// option has a default); problems are reported through `options`.
+    pub(crate) read: fn(&mut Options<'_, '_, '_>) -> Arc<dyn Stage>,
+}
+
+/// Every stage kind flowgate has.
+pub const KINDS: &[Kind] = &[
+    stages::identification::KIND,
+    stages::password::KIND,
+    stages::authenticator_validate::KIND,
+    stages::user_login::KIND,
+    stages::deny::KIND,
+    stages::prompt::KIND,
+];
+
+/// Stage names a flow may use without a `[stage.<name>]` table, and their
+/// kind; a table of that name tunes the stage.
+pub const BUILTINS: &[(&str, &str)] = &[
+    ("identification", "identification"),
+    ("password", "password"),
+    ("mfa", "authenticator_validate"),
+    ("login", "user_login"),
+    ("deny", "deny"),
+];
+
+/// Other spellings of the built-in stage names.
+pub const ALIASES: &[(&str, &str)] = &[
+    ("identify", "identification"),
+    ("totp", "mfa"),
+    ("authenticator-validate", "mfa"),
+    ("user-login", "login"),
+];
+
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.name == name)
+}
+
+/// The kind names, for messages: `a, b or c`.
+pub fn kind_names() -> String {
+    let names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+    match names.split_last() {
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+/// The kind of a built-in stage name (aliases included).
+pub fn builtin_kind(name: &str) -> Option<&'static str> {
+    let name = ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == name)
+        .map_or(name, |(_, canonical)| canonical);
+    BUILTINS
+        .iter()
+        .find(|(builtin, _)| *builtin == name)
+        .map(|(_, kind)| *kind)
+}
+
+/// One stage definition: `[stage.<name>]` with `kind = …`, read.
+#[derive(Clone)]
+pub struct StageConfig {
+    pub kind: &'static str,
+    pub stage: Arc<dyn Stage>,
+}
+
+impl fmt::Debug for StageConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.stage.fmt(f)
+    }
+}
+
+impl StageConfig {
+    /// A built-in stage name (or alias) with every option at its default.
+    pub fn builtin(name: &str) -> Option<StageConfig> {
+        let kind = kind(builtin_kind(name)?)?;
+        Some(StageConfig {
+            kind: kind.name,
+            stage: crate::config::stage_defaults(kind),
+        })
+    }
+}

@@ -1,0 +1,323 @@
+//! Flows built from stages, bindings and policies in the config, driven
+//! whole through the JSON executor API and the gate over real sockets.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Identification and password for `user` in `flow`: the challenge after.
+async fn past_password(flow: &JsonFlow, user: &TestUser) -> Value {
+    assert_eq!(flow.get().await["component"], "ak-stage-identification");
+    let next = flow.post(json!({"uid_field": user.username})).await;
+    assert_eq!(next["component"], "ak-stage-password", "{next}");
+    flow.post(json!({"password": user.password})).await
+}
+
+fn error(challenge: &Value, field: &str) -> String {
+    challenge["response_errors"][field][0]["string"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error for {field}: {challenge}"))
+        .to_owned()
+}
+
+const PROFILE: &str = r#"
+[stage.profile]
+kind = "prompt"
+
+[[stage.profile.field]]
+key = "email"
+type = "email"
+label = "Email"
+
+[[stage.profile.field]]
+key = "password"
+type = "password"
+label = "New password"
+
+[[stage.profile.field]]
+key = "password_repeat"
+type = "password"
+label = "Repeat it"
+
+[[stage.profile.field]]
+key = "plan"
+type = "dropdown"
+choices = ["free", "pro"]
+
+[[stage.profile.field]]
+key = "source"
+type = "hidden"
+initial_value = "signup"
+
+[[flow]]
+slug = "profile"
+stages = ["identification", "password", "profile", "login"]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_checks_its_fields_on_the_server() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), PROFILE),
+        &users_file(&[&ALICE]),
+    );
+    let flow = JsonFlow::new(&gate.url(""), "profile", "/");
+    let prompt = past_password(&flow, &ALICE).await;
+    assert_eq!(prompt["component"], "ak-stage-prompt", "{prompt}");
+    let keys: Vec<&str> = prompt["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["email", "password", "password_repeat", "plan", "source"]
+    );
+    assert_eq!(
+        prompt["fields"][3]["choices"][1],
+        json!({"label": "pro", "value": "pro"})
+    );
+
+    let bad = flow
+        .post(json!({"email": "not-an-address", "password": "a", "password_repeat": "a", "plan": "gold"}))
+        .await;
+    assert_eq!(bad["component"], "ak-stage-prompt");
+    assert_eq!(error(&bad, "email"), "Enter a valid email address.");
+    assert_eq!(error(&bad, "plan"), "Select a valid choice.");
+
+    let missing = flow
+        .post(json!({"email": "a@b.example", "password": "a", "password_repeat": "a"}))
+        .await;
+    assert_eq!(error(&missing, "plan"), "This field is required.");
+
+    let mismatched = flow
+        .post(json!({"email": "a@b.example", "password": "one", "password_repeat": "two", "plan": "pro"}))
+        .await;
+    assert_eq!(
+        error(&mismatched, "non_field_errors"),
+        "Passwords don't match."
+    );
+
+    // A hidden field sent with another value keeps the operator's.
+    let done = flow
+        .post(json!({"email": "a@b.example", "password": "same", "password_repeat": "same", "plan": "pro", "source": "forged"}))
+        .await;
+    assert_eq!(done, json!({"component": "xak-flow-redirect", "to": "/"}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_on_a_stage_binding_denies_who_it_picks_out() {
+    let extra = r#"
+[policy.admins]
+kind = "group"
+groups = ["admins"]
+
+[[flow]]
+slug = "admins-only"
+stages = ["identification", "password", { stage = "deny", policies = [{ policy = "admins", negate = true }] }, "login"]
+"#;
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), extra),
+        &users_file(&[&ALICE, &BOB]),
+    );
+    let alice = JsonFlow::new(&gate.url(""), "admins-only", "/");
+    assert_eq!(
+        past_password(&alice, &ALICE).await,
+        json!({"component": "xak-flow-redirect", "to": "/"}),
+        "an admin: the deny stage is left out"
+    );
+    let bob = JsonFlow::new(&gate.url(""), "admins-only", "/");
+    let denied = past_password(&bob, &BOB).await;
+    assert_eq!(denied["component"], "ak-stage-access-denied", "{denied}");
+    assert_eq!(denied["pending_user"], "bob");
+    assert_eq!(
+        api_status(&bob.client, gate.url("/")).await,
+        401,
+        "no session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flow_bound_to_a_network_is_refused_elsewhere() {
+    let extra = r#"
+[policy.office]
+kind = "network"
+cidrs = ["10.0.0.0/8"]
+
+[policy.here]
+kind = "network"
+cidrs = ["127.0.0.0/8", "::1"]
+
+[[flow]]
+slug = "office"
+policies = ["office"]
+denied_action = "message"
+stages = ["identification", "password", "login"]
+
+[[flow]]
+slug = "here"
+policies = ["office", "here"]
+stages = ["identification", "password", "login"]
+"#;
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), extra),
+        &users_file(&[&ALICE]),
+    );
+    let office = JsonFlow::new(&gate.url(""), "office", "/");
+    let refused = office.get().await;
+    assert_eq!(refused["component"], "ak-stage-access-denied", "{refused}");
+    assert_eq!(
+        refused["error_message"],
+        "Flow does not apply to current user."
+    );
+    let here = JsonFlow::new(&gate.url(""), "here", "/");
+    assert_eq!(
+        here.get().await["component"],
+        "ak-stage-identification",
+        "any of two policies (the default mode) is enough"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_from_one_address_lower_its_reputation_and_not_another_s() {
+    let extra = r#"
+[policy.bad-address]
+kind = "reputation"
+check_username = false
+threshold = -3
+
+[[flow]]
+slug = "guarded"
+stages = ["identification", { stage = "deny", policies = ["bad-address"] }, "password", "login"]
+"#;
+    let upstream = Upstream::start().await;
+    let config = basic_config(&upstream.url(), extra).replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]",
+    );
+    let gate = Flowgate::start(&config, &users_file(&[&ALICE]));
+    let from = |ip: &str| {
+        let mut flow = JsonFlow::new(&gate.url(""), "guarded", "/");
+        flow.forwarded_for = Some(ip.to_owned());
+        flow
+    };
+    let bad = from("192.0.2.7");
+    bad.get().await;
+    assert_eq!(
+        bad.post(json!({"uid_field": "alice"})).await["component"],
+        "ak-stage-password"
+    );
+    for i in 0..3 {
+        let wrong = bad.post(json!({"password": format!("wrong {i}")})).await;
+        assert_eq!(error(&wrong, "password"), "Invalid password");
+    }
+    let again = from("192.0.2.7");
+    again.get().await;
+    let denied = again.post(json!({"uid_field": "alice"})).await;
+    assert_eq!(denied["component"], "ak-stage-access-denied", "{denied}");
+    let other = from("192.0.2.8");
+    other.get().await;
+    assert_eq!(
+        other.post(json!({"uid_field": "alice"})).await["component"],
+        "ak-stage-password",
+        "another address is unaffected"
+    );
+    assert_eq!(
+        other.post(json!({"password": ALICE.password})).await["component"],
+        "xak-flow-redirect"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_answer_can_restart_the_flow_with_or_without_its_context() {
+    let extra = r#"
+[[flow]]
+slug = "strict"
+stages = ["identification", { stage = "password", invalid_response_action = "restart" }, "login"]
+
+[[flow]]
+slug = "strict-keep"
+stages = ["identification", { stage = "password", invalid_response_action = "restart_with_context" }, "login"]
+"#;
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), extra),
+        &users_file(&[&ALICE]),
+    );
+    for (slug, kept) in [("strict", None), ("strict-keep", Some("alice"))] {
+        let flow = JsonFlow::new(&gate.url(""), slug, "/");
+        flow.get().await;
+        flow.post(json!({"uid_field": "alice"})).await;
+        let restarted = flow.post(json!({"password": "wrong"})).await;
+        assert_eq!(
+            restarted["component"], "ak-stage-identification",
+            "{slug}: {restarted}"
+        );
+        assert!(
+            restarted.get("response_errors").is_none(),
+            "{slug}: {restarted}"
+        );
+        assert_eq!(
+            restarted["pending_user_identifier"].as_str(),
+            kept,
+            "{slug}: the context kept or not"
+        );
+    }
+    // Retry, the default, shows the stage again with the error.
+    let flow = JsonFlow::new(&gate.url(""), FLOW, "/");
+    flow.get().await;
+    flow.post(json!({"uid_field": "alice"})).await;
+    let retried = flow.post(json!({"password": "wrong"})).await;
+    assert_eq!(retried["component"], "ak-stage-password");
+    assert_eq!(error(&retried, "password"), "Invalid password");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_s_policies_deny_a_signed_in_user_of_the_wrong_group() {
+    let upstream = Upstream::start().await;
+    let extra = format!(
+        r#"
+[policy.admins]
+kind = "group"
+groups = ["admins"]
+
+[[route]]
+host = "*"
+path_prefix = "/admin"
+upstream = "{}"
+flow = "{FLOW}"
+policies = ["admins"]
+"#,
+        upstream.url()
+    );
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), &extra),
+        &users_file(&[&ALICE, &BOB]),
+    );
+    let bob = client();
+    json_login(&bob, &gate.url(""), "bob", BOB.password, "/").await;
+    assert_eq!(api_status(&bob, gate.url("/elsewhere")).await, 200);
+    assert_eq!(api_status(&bob, gate.url("/admin/x")).await, 403);
+    // A browser gets the 403 page, not a sign-in loop.
+    let page = bob
+        .get(gate.url("/admin/x"))
+        .header("accept", "text/html")
+        .header("sec-fetch-mode", "navigate")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 403);
+    // Encodings of the same path are the same path.
+    assert_eq!(api_status(&bob, gate.url("/%61dmin/x")).await, 403);
+    assert_eq!(api_status(&bob, gate.url("/x/../admin/x")).await, 403);
+    let alice = client();
+    json_login(&alice, &gate.url(""), "alice", ALICE.password, "/").await;
+    assert_eq!(
+        upstream_user(&alice, gate.url("/admin/x")).await.as_deref(),
+        Some("alice")
+    );
+}
