@@ -529,6 +529,12 @@ pub trait FlowExecutor: Send + Sync {
     /// one in (e.g. a flow without a login stage).
     async fn login(&self, state: &FlowState) -> Result<Option<Login>, FlowError>;
 
+    /// After `Step::Done`: the flow ended the visitor's session (a
+    /// user-logout stage), as an invalidation flow does.
+    async fn signed_out(&self, _state: &FlowState) -> bool {
+        false
+    }
+
     /// A session minted from `Login::executor_session` is ending here: end
     /// the executor's side too (a remote runs its invalidation flow).
     async fn sign_out(&self, _session: &FlowState, _client_ip: IpAddr) -> Result<(), FlowError> {

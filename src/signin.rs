@@ -166,10 +166,11 @@ impl Flow {
         let login = match gateway.executor.login(&self.state).await {
             Ok(Some(login)) => login,
             Ok(None) => {
-                let invalidates = matches!(
-                    gateway.executor.find_flow(&self.slug).await,
-                    Ok(Some(summary)) if summary.invalidates
-                );
+                let invalidates = gateway.executor.signed_out(&self.state).await
+                    || matches!(
+                        gateway.executor.find_flow(&self.slug).await,
+                        Ok(Some(summary)) if summary.invalidates
+                    );
                 if invalidates {
                     // An invalidation flow run to its end: the visitor's
                     // session ends, as sign-out ends it.

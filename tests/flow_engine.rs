@@ -321,3 +321,70 @@ policies = ["admins"]
         Some("alice")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_and_logout_stages_end_the_flow_their_way() {
+    let extra = r#"
+[stage.welcome]
+kind = "redirect"
+to = "/welcome"
+
+[stage.to-main]
+kind = "redirect"
+flow = "default-authentication-flow"
+
+[stage.bye]
+kind = "user_logout"
+
+[[flow]]
+slug = "onboard"
+stages = ["identification", "password", "login", "welcome"]
+
+[[flow]]
+slug = "old-login"
+stages = ["to-main"]
+
+[[flow]]
+slug = "leave"
+designation = "authentication"
+stages = ["bye"]
+"#;
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), extra),
+        &users_file(&[&ALICE]),
+    );
+    let onboard = JsonFlow::new(&gate.url(""), "onboard", "/ignored");
+    assert_eq!(
+        past_password(&onboard, &ALICE).await,
+        json!({"component": "xak-flow-redirect", "to": "/welcome"}),
+        "the stage's URL, not next"
+    );
+    let me = get_json(
+        &onboard.client,
+        gate.url("/_flowgate/api/v3/core/users/me/"),
+    )
+    .await;
+    assert_eq!(
+        me["user"]["username"], "alice",
+        "logged in before the redirect: still so"
+    );
+
+    let old = JsonFlow::new(&gate.url(""), "old-login", "/x");
+    assert_eq!(
+        old.get().await,
+        json!({"component": "xak-flow-redirect", "to": "/_flowgate/flow/default-authentication-flow/?next=%2Fx"})
+    );
+
+    let leave = JsonFlow::with_client(onboard.client.clone(), &gate.url(""), "leave", "/");
+    assert_eq!(leave.get().await["component"], "xak-flow-redirect");
+    assert_eq!(
+        api_status(
+            &onboard.client,
+            gate.url("/_flowgate/api/v3/core/users/me/")
+        )
+        .await,
+        403,
+        "the logout stage ended the session"
+    );
+}

@@ -847,6 +847,18 @@ impl<'a> Reader<'a> {
             false => {
                 let stages = self.stages(root);
                 let flows = self.flows(root, &stages, &policies);
+                // A stage that leads to another flow names one there is.
+                for (name, stage) in &stages {
+                    if let Some(slug) = stage.stage.flow_named() {
+                        if !flows.iter().any(|f| f.slug == slug) {
+                            self.error(
+                                stage.line,
+                                &format!("stage.{name}.flow"),
+                                format!("no flow has the slug \"{slug}\""),
+                            );
+                        }
+                    }
+                }
                 (stages, flows)
             }
         };
@@ -1739,8 +1751,8 @@ impl<'a> Reader<'a> {
             |kind| stage::kind(kind).map(|k| (k.name, k.read)),
             stage::kind_names,
         );
-        for (name, (kind, stage)) in read {
-            stages.insert(name, StageConfig { kind, stage });
+        for (name, (kind, stage, line)) in read {
+            stages.insert(name, StageConfig { kind, stage, line });
         }
         stages
     }
@@ -1755,7 +1767,7 @@ impl<'a> Reader<'a> {
             policy::kind_names,
         )
         .into_iter()
-        .map(|(name, (kind, policy))| (name, PolicyConfig { kind, policy }))
+        .map(|(name, (kind, policy, _))| (name, PolicyConfig { kind, policy }))
         .collect()
     }
 
@@ -1769,7 +1781,7 @@ impl<'a> Reader<'a> {
         default_kind: fn(&str) -> Option<&'static str>,
         find: FindKind<T>,
         names: fn() -> String,
-    ) -> BTreeMap<String, (&'static str, T)> {
+    ) -> BTreeMap<String, (&'static str, T, Option<usize>)> {
         let mut read = BTreeMap::new();
         let all = self.section(root, key, key.into(), None);
         let Some(table) = all.table else {
@@ -1826,7 +1838,7 @@ impl<'a> Reader<'a> {
             let value = reader(&mut options);
             let section = options.section;
             self.finish(section);
-            read.insert(name.to_owned(), (kind, value));
+            read.insert(name.to_owned(), (kind, value, line));
         }
         read
     }
@@ -2908,6 +2920,10 @@ slug = \"main\"
 policies = [\"staff\", { policy = \"nobody\" }]
 stages = [\"identification\", { stage = \"deny\", policies = [\"office\"], colour = 1 }, \"profile\"]
 
+[stage.elsewhere]
+kind = \"redirect\"
+flow = \"nowhere\"
+
 [[route]]
 upstream = \"http://127.0.0.1:1\"
 policies = [\"scores\"]
@@ -2923,7 +2939,8 @@ policies = [\"scores\"]
                 (Some(20), "stage.profile.field[0].type"),
                 (Some(24), "flow[0].policies[1]"),
                 (Some(25), "flow[0].stages[1].colour"),
-                (Some(27), "route[0].policies"),
+                (Some(27), "stage.elsewhere.flow"),
+                (Some(31), "route[0].policies"),
             ],
             "{errors:#?}"
         );
@@ -2932,7 +2949,7 @@ policies = [\"scores\"]
             "{errors:#?}"
         );
         assert!(
-            errors[5].message.contains("bind it to a flow"),
+            errors[6].message.contains("bind it to a flow"),
             "{errors:#?}"
         );
     }

@@ -62,6 +62,9 @@ struct EngineState {
     /// After `Step::Done`: asked to stay signed in, the user said no.
     #[serde(default)]
     declined_remember: bool,
+    /// After `Step::Done`: the flow ran a user-logout stage.
+    #[serde(default)]
+    logged_out: bool,
 }
 
 impl EngineState {
@@ -70,7 +73,7 @@ impl EngineState {
     }
 
     fn write(&self, state: &mut FlowState) {
-        *state = if self.plan.is_none() && self.logged_in.is_none() {
+        *state = if self.plan.is_none() && self.logged_in.is_none() && !self.logged_out {
             FlowState::default()
         } else {
             FlowState(serde_json::to_value(self).unwrap_or(Value::Null))
@@ -88,6 +91,8 @@ pub struct Services {
     /// nobody.
     throttle: Throttle,
     metrics: Option<Arc<Metrics>>,
+    /// `server.prefix`: where flowgate's own pages are.
+    pub prefix: String,
 }
 
 impl Services {
@@ -274,6 +279,7 @@ impl Engine {
                 throttle: Throttle::new(state.clone()),
                 state,
                 metrics,
+                prefix: config.server.prefix.clone(),
             },
             redirects: RedirectPolicy::from_config(config),
             cancel_url: format!("{}/sign_out", config.server.prefix),
@@ -372,6 +378,7 @@ impl Engine {
         state: &mut EngineState,
     ) -> Option<Step> {
         state.logged_in = None;
+        state.logged_out = false;
         if state.plan.as_ref().is_some_and(|p| p.flow == flow.slug) {
             return None;
         }
@@ -419,7 +426,7 @@ impl Engine {
         };
         let Some(planned) = plan.stages.first().cloned() else {
             state.plan = Some(plan);
-            return self.finish(flow, request, state).await;
+            return self.finish(flow, request, state, None).await;
         };
         // Config reading makes every name a stage; were one missing, the
         // flow must stop rather than skip it.
@@ -467,7 +474,7 @@ impl Engine {
         };
         let shown = match &outcome {
             Outcome::Show | Outcome::Invalid(_) => Some(stage.challenge(&cx)),
-            Outcome::Pass | Outcome::Deny(_) => None,
+            Outcome::Pass | Outcome::Deny(_) | Outcome::Redirect(_) => None,
         };
         let info = Some(self.flow_info(flow));
         match (outcome, shown) {
@@ -496,6 +503,10 @@ impl Engine {
                 }
             }
             (Outcome::Deny(message), _) => self.denied(flow, Some(&plan), &message),
+            (Outcome::Redirect(to), _) => {
+                state.plan = Some(plan);
+                self.finish(flow, request, state, Some(to)).await
+            }
             _ => self.passed(flow, request, state, plan).await,
         }
     }
@@ -512,23 +523,26 @@ impl Engine {
         let done = plan.stages.is_empty();
         state.plan = Some(plan);
         if done {
-            self.finish(flow, request, state).await
+            self.finish(flow, request, state, None).await
         } else {
             Step::Next
         }
     }
 
-    /// The plan is empty: the flow is done (§1.6). `next` comes from this
-    /// request's `query`; one that may not be followed denies the flow, and
-    /// nobody is logged in.
+    /// The plan is empty, or a stage ended it early (`to`): the flow is
+    /// done (§1.6). `next` comes from this request's `query`; one that may
+    /// not be followed denies the flow, and nobody is logged in.
     async fn finish(
         &self,
         flow: &FlowConfig,
         request: &FlowRequest<'_>,
         state: &mut EngineState,
+        to: Option<String>,
     ) -> Step {
         let plan = state.plan.take().unwrap_or_default();
-        let next = request.next().unwrap_or_else(|| "/".to_owned());
+        let next = to
+            .or_else(|| request.next())
+            .unwrap_or_else(|| "/".to_owned());
         match self.redirects.check(&next) {
             Some(to) => {
                 let login = plan.context.get(&LOGIN);
@@ -547,6 +561,7 @@ impl Engine {
                     .await;
                 }
                 state.logged_in = logged_in.then_some(login.user);
+                state.logged_out = plan.context.get(&plan::LOGOUT) == Some(true);
                 Step::Done { to: to.to_owned() }
             }
             None => self.denied(flow, Some(&plan), INVALID_NEXT),
@@ -595,6 +610,10 @@ impl FlowExecutor for Engine {
         response: Value,
     ) -> Result<Step, FlowError> {
         self.run(request, state, Some(&response)).await
+    }
+
+    async fn signed_out(&self, state: &FlowState) -> bool {
+        EngineState::read(state).logged_out
     }
 
     async fn login(&self, state: &FlowState) -> Result<Option<Login>, FlowError> {
@@ -897,6 +916,7 @@ mod tests {
             "id-pw".to_owned(),
             StageConfig {
                 kind: "identification",
+                line: None,
                 stage: Arc::new(stages::identification::Identification {
                     user_fields: vec![UserField::Email],
                     password: true,
@@ -908,6 +928,7 @@ mod tests {
             "nope".to_owned(),
             StageConfig {
                 kind: "deny",
+                line: None,
                 stage: Arc::new(stages::deny::Deny {
                     message: "Closed.".into(),
                 }),

@@ -89,6 +89,8 @@ pub const PENDING_USER: Key<String> = Key::new("pending_user");
 pub const PASSWORD_OK: Key<bool> = Key::new("password_ok");
 /// A second factor of the pending user's was checked.
 pub const SECOND_FACTOR: Key<bool> = Key::new("second_factor");
+/// Set by the user-logout stage: the visitor's session ends with the plan.
+pub const LOGOUT: Key<bool> = Key::new("logout");
 /// Set by the user-login stage: who is logged in when the plan ends.
 pub const LOGIN: Key<LoginChoice> = Key::new("login");
 

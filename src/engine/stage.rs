@@ -29,6 +29,8 @@ pub enum Outcome {
     Invalid(ErrorMap),
     /// End the flow with `ak-stage-access-denied` and this message.
     Deny(String),
+    /// End the flow here, sending the visitor to this URL.
+    Redirect(String),
 }
 
 /// What a stage works with on one request.
@@ -82,6 +84,12 @@ pub trait Stage: fmt::Debug + Send + Sync {
 
     /// The visitor's answer to the challenge.
     async fn post(&self, cx: &mut Cx<'_>, body: &Value) -> Outcome;
+
+    /// The slug of another flow this stage leads to, for the config to
+    /// check that it exists.
+    fn flow_named(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// One stage kind: its name in `kind = "…"` and the reader of its options.
@@ -100,6 +108,8 @@ pub const KINDS: &[Kind] = &[
     stages::user_login::KIND,
     stages::deny::KIND,
     stages::prompt::KIND,
+    stages::redirect::KIND,
+    stages::user_logout::KIND,
 ];
 
 /// Stage names a flow may use without a `[stage.<name>]` table, and their
@@ -151,6 +161,8 @@ pub fn builtin_kind(name: &str) -> Option<&'static str> {
 pub struct StageConfig {
     pub kind: &'static str,
     pub stage: Arc<dyn Stage>,
+    /// Where its table starts (`None`: built in).
+    pub line: Option<usize>,
 }
 
 impl fmt::Debug for StageConfig {
@@ -166,6 +178,7 @@ impl StageConfig {
         Some(StageConfig {
             kind: kind.name,
             stage: crate::config::stage_defaults(kind),
+            line: None,
         })
     }
 }

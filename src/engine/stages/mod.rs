@@ -5,7 +5,9 @@ pub mod deny;
 pub mod identification;
 pub mod password;
 pub mod prompt;
+pub mod redirect;
 pub mod user_login;
+pub mod user_logout;
 
 use serde_json::Value;
 
