@@ -775,6 +775,83 @@ pub(super) mod tests {
         assert_eq!(one.count("t:alice", 0, window).await.unwrap(), 0);
     }
 
+    /// Documents swap on their exact bytes, once; are deleted or expire;
+    /// and are the same for every front on the backend.
+    pub async fn documents_swap_once(one: Arc<dyn Backend>, other: Arc<dyn Backend>) {
+        let get = |backend: &Arc<dyn Backend>, name: &'static str| {
+            let backend = backend.clone();
+            async move { backend.doc_get(name).await.unwrap() }
+        };
+        let swap = |backend: &Arc<dyn Backend>,
+                    name: &'static str,
+                    expected: Option<&'static [u8]>,
+                    new: Option<&'static [u8]>,
+                    ttl: Option<Duration>| {
+            let backend = backend.clone();
+            async move { backend.doc_swap(name, expected, new, ttl).await.unwrap() }
+        };
+        assert_eq!(get(&one, "alice").await, None);
+        assert!(swap(&one, "alice", None, Some(b"[1]"), None).await);
+        assert!(
+            !swap(&other, "alice", None, Some(b"[2]"), None).await,
+            "once from absent"
+        );
+        assert_eq!(get(&other, "alice").await.as_deref(), Some(&b"[1]"[..]));
+        // Anything but what it holds: refused, and the value stays.
+        assert!(!swap(&other, "alice", Some(b"[9]"), Some(b"[2]"), None).await);
+        assert!(
+            !swap(&other, "alice", Some(b"[1] "), None, None).await,
+            "bytes, not JSON"
+        );
+        assert_eq!(get(&one, "alice").await.as_deref(), Some(&b"[1]"[..]));
+        assert!(swap(&other, "alice", Some(b"[1]"), Some(b"[2]"), None).await);
+        assert!(
+            !swap(&one, "alice", Some(b"[1]"), Some(b"[3]"), None).await,
+            "the old value is used up"
+        );
+        // Deleted: absent, for everyone, and deleted once.
+        assert!(swap(&one, "alice", Some(b"[2]"), None, None).await);
+        assert_eq!(get(&other, "alice").await, None);
+        assert!(!swap(&other, "alice", Some(b"[2]"), None, None).await);
+        assert!(
+            swap(&other, "alice", None, None, None).await,
+            "absent, as expected"
+        );
+        // Empty and binary values are values, not absence.
+        assert!(swap(&one, "bob", None, Some(b""), None).await);
+        assert_eq!(get(&other, "bob").await, Some(Vec::new()));
+        assert!(!swap(&other, "bob", None, Some(b"x"), None).await);
+        assert!(swap(&other, "bob", Some(b""), Some(b"\xff\x00"), None).await);
+        assert_eq!(get(&one, "bob").await.as_deref(), Some(&b"\xff\x00"[..]));
+
+        // A ttl: gone when it passes, and absent then to a swap too. Every
+        // write sets it afresh: again, or none (kept for good).
+        let ttl = Some(Duration::from_secs(1));
+        assert!(swap(&one, "carol", None, Some(b"1"), ttl).await);
+        assert!(swap(&one, "dave", None, Some(b"1"), ttl).await);
+        assert!(swap(&one, "dave", Some(b"1"), Some(b"2"), None).await);
+        assert!(swap(&one, "erin", None, Some(b"1"), ttl).await);
+        assert!(
+            swap(&one, "zero", None, Some(b"1"), Some(Duration::ZERO)).await,
+            "written, dead"
+        );
+        assert_eq!(get(&other, "zero").await, None);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(swap(&other, "erin", Some(b"1"), Some(b"2"), ttl).await);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(get(&other, "carol").await, None);
+        assert!(!swap(&other, "carol", Some(b"1"), Some(b"2"), None).await);
+        assert_eq!(get(&other, "dave").await.as_deref(), Some(&b"2"[..]));
+        assert_eq!(get(&one, "erin").await.as_deref(), Some(&b"2"[..]));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(get(&one, "erin").await, None);
+        // The sweep keeps what lives.
+        one.purge_expired().await.unwrap();
+        assert_eq!(get(&other, "dave").await.as_deref(), Some(&b"2"[..]));
+        assert_eq!(get(&other, "bob").await.as_deref(), Some(&b"\xff\x00"[..]));
+        assert!(swap(&other, "carol", None, Some(b"3"), ttl).await);
+    }
+
     #[tokio::test]
     async fn memory_keeps_the_contract() {
         let memory = || Arc::new(super::super::MemoryBackend::new(2)) as Arc<dyn Backend>;
@@ -784,6 +861,8 @@ pub(super) mod tests {
         live_connections_hear_their_session_end(memory(), None).await;
         let one = memory();
         counters_and_marks_are_shared(one.clone(), one).await;
+        let one = memory();
+        documents_swap_once(one.clone(), one).await;
     }
 
     #[tokio::test]
@@ -798,6 +877,7 @@ pub(super) mod tests {
         the_backend_sees_keys_not_ids(open("c.state")).await;
         live_connections_hear_their_session_end(open("d.state"), Some(open("d.state"))).await;
         counters_and_marks_are_shared(open("e.state"), open("e.state")).await;
+        documents_swap_once(open("f.state"), open("f.state")).await;
     }
 
     /// A `redis-server` of this test's own on a free loopback port, stopped
@@ -949,6 +1029,7 @@ pub(super) mod tests {
         the_backend_sees_keys_not_ids(open("c:")).await;
         live_connections_hear_their_session_end(open("l:"), Some(open("l:"))).await;
         counters_and_marks_are_shared(open("t:"), open("t:")).await;
+        documents_swap_once(open("n:"), open("n:")).await;
         // Two processes' fronts on one Redis: a deletion through one is
         // heard by the other, which drops its cached copy.
         let one = Arc::new(store(open("d:")));
