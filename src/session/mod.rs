@@ -186,6 +186,9 @@ pub enum StoreError {
     /// The backing file or service failed.
     #[error("session store unavailable: {0}")]
     Unavailable(String),
+    /// Document `0` changed under every one of `Store::update_doc`'s tries.
+    #[error("document {0} kept changing: gave up after {1} tries")]
+    Contended(String, usize),
 }
 
 impl StoreError {
