@@ -12,7 +12,9 @@
 //! - `meta`: the pre-auth count and the kept secret;
 //! - `counters`: name → (value, when it dies in Unix ms), with
 //!   `counter_expiry` (when, name) for purging: throttle counters and
-//!   one-time marks.
+//!   one-time marks;
+//! - `docs`: name → (when it dies in Unix ms, `None` for never; the value),
+//!   with `doc_expiry` (when, name) for purging the mortal ones.
 //!
 //! Several processes may open the file at once (redb's multi-writer mode):
 //! `flowgate sessions` works beside a running server. Every call runs on
@@ -28,7 +30,7 @@ use redb::{
     TableDefinition, WriteTransaction,
 };
 
-use super::{now_secs, Backend, Key, Record, StoreError};
+use super::{doc_write, now_millis, now_secs, Backend, Key, Record, StoreError};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
@@ -37,6 +39,8 @@ const REVOKED: TableDefinition<u64, (u64, &str)> = TableDefinition::new("revoked
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
 const COUNTER_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("counter_expiry");
+const DOCS: TableDefinition<&str, (Option<u64>, &[u8])> = TableDefinition::new("docs");
+const DOC_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("doc_expiry");
 
 const PRE_AUTH: &str = "pre_auth";
 const SECRET: &str = "secret";
@@ -90,6 +94,8 @@ impl EmbeddedBackend {
             txn.open_table(META)?;
             txn.open_table(COUNTERS)?;
             txn.open_table(COUNTER_EXPIRY)?;
+            txn.open_table(DOCS)?;
+            txn.open_table(DOC_EXPIRY)?;
             Ok(())
         })?;
         Ok(backend)
@@ -104,6 +110,21 @@ impl EmbeddedBackend {
         let value = work(&txn).map_err(|f| f.into_store(&self.path))?;
         txn.commit().map_err(|e| failed(&self.path, e))?;
         Ok(value)
+    }
+
+    /// One write transaction, committed (durably) when `work` says so and
+    /// abandoned, costing no write to the disk, when it says not.
+    fn write_if(
+        &self,
+        work: impl FnOnce(&WriteTransaction) -> Result<bool, Failure>,
+    ) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| failed(&self.path, e))?;
+        if !work(&txn).map_err(|f| f.into_store(&self.path))? {
+            txn.abort().map_err(|e| failed(&self.path, e))?;
+            return Ok(false);
+        }
+        txn.commit().map_err(|e| failed(&self.path, e))?;
+        Ok(true)
     }
 
     /// Run blocking work on the blocking pool, with its own handle.
@@ -267,6 +288,51 @@ fn purge_counters_in(txn: &WriteTransaction, now: u64) -> Result<usize, Failure>
     Ok(dead.len())
 }
 
+/// Replace document `name` with `new` (value, when it dies) or remove it,
+/// keeping `doc_expiry` in step.
+fn set_doc_in(
+    txn: &WriteTransaction,
+    name: &str,
+    new: Option<(&[u8], Option<u64>)>,
+) -> Result<(), Failure> {
+    let mut docs = txn.open_table(DOCS)?;
+    let old = match new {
+        Some((value, dies)) => docs.insert(name, (dies, value))?,
+        None => docs.remove(name)?,
+    }
+    .and_then(|v| v.value().0);
+    drop(docs);
+    let mut expiry = txn.open_table(DOC_EXPIRY)?;
+    if let Some(old) = old {
+        expiry.remove((old, name))?;
+    }
+    if let Some((_, Some(dies))) = new {
+        expiry.insert((dies, name), ())?;
+    }
+    Ok(())
+}
+
+/// Remove every document that has died by `now` (Unix ms).
+fn purge_docs_in(txn: &WriteTransaction, now: u64) -> Result<usize, Failure> {
+    let dead: Vec<(u64, String)> = {
+        let expiry = txn.open_table(DOC_EXPIRY)?;
+        let mut dead = Vec::new();
+        for entry in expiry.range(..(now.saturating_add(1), ""))? {
+            let (at, _) = entry?;
+            let (when, name) = at.value();
+            dead.push((when, name.to_owned()));
+        }
+        dead
+    };
+    let mut docs = txn.open_table(DOCS)?;
+    let mut expiry = txn.open_table(DOC_EXPIRY)?;
+    for (when, name) in &dead {
+        docs.remove(name.as_str())?;
+        expiry.remove((*when, name.as_str()))?;
+    }
+    Ok(dead.len())
+}
+
 /// Remove every record that has died by `now`, reading only those.
 fn purge_in(txn: &WriteTransaction, now: u64) -> Result<usize, Failure> {
     let dead: Vec<String> = {
@@ -421,7 +487,8 @@ impl Backend for EmbeddedBackend {
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         self.blocking(|db| {
             db.write(|txn| {
-                purge_counters_in(txn, super::now_millis())?;
+                purge_counters_in(txn, now_millis())?;
+                purge_docs_in(txn, now_millis())?;
                 purge_in(txn, now_secs())
             })
         })
@@ -431,7 +498,7 @@ impl Backend for EmbeddedBackend {
     async fn count(&self, name: &str, by: u32, window: Duration) -> Result<u32, StoreError> {
         let name = name.to_owned();
         self.blocking(move |db| {
-            let now = super::now_millis();
+            let now = now_millis();
             if by == 0 {
                 let path = db.path.clone();
                 let txn = db.db.begin_read().map_err(|e| failed(&path, e))?;
@@ -456,11 +523,61 @@ impl Backend for EmbeddedBackend {
         let name = name.to_owned();
         self.blocking(move |db| {
             db.write(|txn| {
-                let now = super::now_millis();
+                let now = now_millis();
                 if mark_in(txn, &name, now)?.is_some_and(|v| v >= value) {
                     return Ok(false);
                 }
                 set_mark_in(txn, &name, value, now + ttl.as_millis() as u64)?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn doc_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let name = name.to_owned();
+        self.blocking(move |db| {
+            let now = now_millis();
+            let path = db.path.clone();
+            let txn = db.db.begin_read().map_err(|e| failed(&path, e))?;
+            let docs = txn.open_table(DOCS).map_err(|e| failed(&path, e))?;
+            let found = docs.get(name.as_str()).map_err(|e| failed(&path, e))?;
+            Ok(found.and_then(|v| {
+                let (dies, value) = v.value();
+                dies.is_none_or(|d| d > now).then(|| value.to_vec())
+            }))
+        })
+        .await
+    }
+
+    async fn doc_swap(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        let name = name.to_owned();
+        let expected = expected.map(<[u8]>::to_vec);
+        let new = new.map(<[u8]>::to_vec);
+        self.blocking(move |db| {
+            // A swap that fails is quick: the writer that won goes on.
+            db.write_if(|txn| {
+                let now = now_millis();
+                let stands = {
+                    let docs = txn.open_table(DOCS)?;
+                    let found = docs.get(name.as_str())?;
+                    found.and_then(|v| {
+                        let (dies, value) = v.value();
+                        dies.is_none_or(|d| d > now).then(|| value.to_vec())
+                    })
+                };
+                if stands != expected {
+                    return Ok(false);
+                }
+                let write = doc_write(new.as_deref(), ttl)
+                    .map(|(value, ms)| (value, ms.map(|ms| now.saturating_add(ms))));
+                set_doc_in(txn, &name, write)?;
                 Ok(true)
             })
         })
@@ -497,5 +614,78 @@ impl Backend for EmbeddedBackend {
             meta.insert(SECRET, fresh)?;
             Ok(Some(fresh.to_vec()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::ReadableTableMetadata as _;
+
+    fn count(
+        db: &EmbeddedBackend,
+        table: TableDefinition<'_, impl redb::Key + 'static, impl redb::Value + 'static>,
+    ) -> u64 {
+        let txn = db.db.begin_read().unwrap();
+        let table = txn.open_table(table).unwrap();
+        table.len().unwrap()
+    }
+
+    #[tokio::test]
+    async fn documents_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docs.state");
+        let db = EmbeddedBackend::open(&path, 2).unwrap();
+        let hour = Some(Duration::from_secs(3600));
+        assert!(db.doc_swap("kept", None, Some(b"[1]"), None).await.unwrap());
+        assert!(db.doc_swap("hour", None, Some(b"[2]"), hour).await.unwrap());
+        drop(db);
+        let db = EmbeddedBackend::open(&path, 2).unwrap();
+        assert_eq!(
+            db.doc_get("kept").await.unwrap().as_deref(),
+            Some(&b"[1]"[..])
+        );
+        assert_eq!(
+            db.doc_get("hour").await.unwrap().as_deref(),
+            Some(&b"[2]"[..])
+        );
+        assert!(!db.doc_swap("kept", None, Some(b"[3]"), None).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_purge_drops_dead_documents_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = EmbeddedBackend::open(&dir.path().join("docs.state"), 2).unwrap();
+        let short = Some(Duration::from_millis(100));
+        assert!(db.doc_swap("dies", None, Some(b"1"), short).await.unwrap());
+        assert!(db.doc_swap("lives", None, Some(b"1"), short).await.unwrap());
+        assert!(db
+            .doc_swap("lives", Some(b"1"), Some(b"2"), None)
+            .await
+            .unwrap());
+        assert!(db.doc_swap("later", None, Some(b"1"), short).await.unwrap());
+        let hour = Some(Duration::from_secs(3600));
+        assert!(db
+            .doc_swap("later", Some(b"1"), Some(b"2"), hour)
+            .await
+            .unwrap());
+        assert!(db.doc_swap("gone", None, Some(b"1"), short).await.unwrap());
+        assert!(db.doc_swap("gone", Some(b"1"), None, None).await.unwrap());
+        // One index entry per mortal document, the latest.
+        assert_eq!(count(&db, DOCS), 3);
+        assert_eq!(count(&db, DOC_EXPIRY), 2);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        db.purge_expired().await.unwrap();
+        assert_eq!(count(&db, DOCS), 2);
+        assert_eq!(count(&db, DOC_EXPIRY), 1);
+        assert_eq!(db.doc_get("dies").await.unwrap(), None);
+        assert_eq!(
+            db.doc_get("lives").await.unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
+        assert_eq!(
+            db.doc_get("later").await.unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
     }
 }

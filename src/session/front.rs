@@ -12,6 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rand::Rng as _;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use super::{now_secs, Backend, Key, Record, Session, StoreError};
 
 /// How the front treats its backend.
@@ -281,6 +285,61 @@ impl Store {
         self.backend.raise(name, value, ttl).await
     }
 
+    /// Document `name`, decoded. One that no longer decodes as a `T` (its
+    /// shape changed) is absent, and logged.
+    pub async fn doc<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        let bytes = self.backend.doc_get(name).await?;
+        Ok(bytes.and_then(|bytes| decode_doc(name, &bytes)))
+    }
+
+    /// Read, change and write back document `name`: a compare-and-swap,
+    /// tried again from what is there now when another process wrote in
+    /// between, after a random pause that grows each time; `DOC_TRIES`
+    /// times at most (some seconds of losing), then `Contended`. `change`
+    /// gets the value as it stands (`None`: absent, or not decodable, which
+    /// it then replaces) and gives the new one (`None`: delete it) and what
+    /// to answer; it runs once per try, and the winning run's answer is the
+    /// one given. The value written lives for `ttl` (`None`: for good) from
+    /// this write. An error may follow a write that took effect (a Redis
+    /// that answered too late): callers fail closed.
+    pub async fn update_doc<T, R>(
+        &self,
+        name: &str,
+        ttl: Option<Duration>,
+        mut change: impl FnMut(Option<T>) -> (Option<T>, R) + Send,
+    ) -> Result<R, StoreError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        for tries in 1..=DOC_TRIES {
+            let stands = self.backend.doc_get(name).await?;
+            let (new, answer) = {
+                let (new, answer) = change(stands.as_deref().and_then(|b| decode_doc(name, b)));
+                let new = new.map(|value| serde_json::to_vec(&value)).transpose();
+                let new = new.map_err(|e| {
+                    StoreError::unavailable(format!("document {name} does not encode: {e}"))
+                })?;
+                (new, answer)
+            };
+            if self
+                .backend
+                .doc_swap(name, stands.as_deref(), new.as_deref(), ttl)
+                .await?
+            {
+                return Ok(answer);
+            }
+            if tries < DOC_TRIES {
+                // Lost to another writer: wait a random while, up to twice
+                // as long each time, so that two in step fall out of it and
+                // one that keeps winning (a loop) is waited out.
+                let most = 1u64 << tries.min(10);
+                let pause = rand::thread_rng().gen_range(0..=most);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+        }
+        Err(StoreError::Contended(name.to_owned(), DOC_TRIES))
+    }
+
     /// The records of `user`'s sessions (the name as the directory
     /// matches it: whatever its case), or of everybody's.
     async fn records_of(&self, user: Option<&str>) -> Result<Vec<(Key, Record)>, StoreError> {
@@ -475,6 +534,20 @@ impl Store {
                 }
             }
         });
+    }
+}
+
+/// How many times `update_doc` reads and tries to swap before giving up.
+const DOC_TRIES: usize = 16;
+
+/// A document's value, or `None` (logged) when it does not decode as a `T`.
+fn decode_doc<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Option<T> {
+    match serde_json::from_slice(bytes) {
+        Ok(value) => Some(value),
+        Err(error) => {
+            tracing::warn!(document = name, %error, "a stored document does not decode: taken as absent");
+            None
+        }
     }
 }
 
@@ -775,6 +848,225 @@ pub(super) mod tests {
         assert_eq!(one.count("t:alice", 0, window).await.unwrap(), 0);
     }
 
+    /// Documents swap on their exact bytes, once; are deleted or expire;
+    /// and are the same for every front on the backend.
+    pub async fn documents_swap_once(one: Arc<dyn Backend>, other: Arc<dyn Backend>) {
+        let get = |backend: &Arc<dyn Backend>, name: &'static str| {
+            let backend = backend.clone();
+            async move { backend.doc_get(name).await.unwrap() }
+        };
+        let swap = |backend: &Arc<dyn Backend>,
+                    name: &'static str,
+                    expected: Option<&'static [u8]>,
+                    new: Option<&'static [u8]>,
+                    ttl: Option<Duration>| {
+            let backend = backend.clone();
+            async move { backend.doc_swap(name, expected, new, ttl).await.unwrap() }
+        };
+        assert_eq!(get(&one, "alice").await, None);
+        assert!(swap(&one, "alice", None, Some(b"[1]"), None).await);
+        assert!(
+            !swap(&other, "alice", None, Some(b"[2]"), None).await,
+            "once from absent"
+        );
+        assert_eq!(get(&other, "alice").await.as_deref(), Some(&b"[1]"[..]));
+        // Anything but what it holds: refused, and the value stays.
+        assert!(!swap(&other, "alice", Some(b"[9]"), Some(b"[2]"), None).await);
+        assert!(
+            !swap(&other, "alice", Some(b"[1] "), None, None).await,
+            "bytes, not JSON"
+        );
+        assert_eq!(get(&one, "alice").await.as_deref(), Some(&b"[1]"[..]));
+        assert!(swap(&other, "alice", Some(b"[1]"), Some(b"[2]"), None).await);
+        assert!(
+            !swap(&one, "alice", Some(b"[1]"), Some(b"[3]"), None).await,
+            "the old value is used up"
+        );
+        // Deleted: absent, for everyone, and deleted once.
+        assert!(swap(&one, "alice", Some(b"[2]"), None, None).await);
+        assert_eq!(get(&other, "alice").await, None);
+        assert!(!swap(&other, "alice", Some(b"[2]"), None, None).await);
+        assert!(
+            swap(&other, "alice", None, None, None).await,
+            "absent, as expected"
+        );
+        // Empty and binary values are values, not absence.
+        assert!(swap(&one, "bob", None, Some(b""), None).await);
+        assert_eq!(get(&other, "bob").await, Some(Vec::new()));
+        assert!(!swap(&other, "bob", None, Some(b"x"), None).await);
+        assert!(swap(&other, "bob", Some(b""), Some(b"\xff\x00"), None).await);
+        assert_eq!(get(&one, "bob").await.as_deref(), Some(&b"\xff\x00"[..]));
+
+        // A ttl: gone when it passes, and absent then to a swap too. Every
+        // write sets it afresh: again, or none (kept for good).
+        let ttl = Some(Duration::from_secs(1));
+        assert!(swap(&one, "carol", None, Some(b"1"), ttl).await);
+        assert!(swap(&one, "dave", None, Some(b"1"), ttl).await);
+        assert!(swap(&one, "dave", Some(b"1"), Some(b"2"), None).await);
+        assert!(swap(&one, "erin", None, Some(b"1"), ttl).await);
+        assert!(
+            swap(&one, "zero", None, Some(b"1"), Some(Duration::ZERO)).await,
+            "written, dead"
+        );
+        assert_eq!(get(&other, "zero").await, None);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(swap(&other, "erin", Some(b"1"), Some(b"2"), ttl).await);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(get(&other, "carol").await, None);
+        assert!(!swap(&other, "carol", Some(b"1"), Some(b"2"), None).await);
+        assert_eq!(get(&other, "dave").await.as_deref(), Some(&b"2"[..]));
+        assert_eq!(get(&one, "erin").await.as_deref(), Some(&b"2"[..]));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(get(&one, "erin").await, None);
+        // The sweep keeps what lives.
+        one.purge_expired().await.unwrap();
+        assert_eq!(get(&other, "dave").await.as_deref(), Some(&b"2"[..]));
+        assert_eq!(get(&other, "bob").await.as_deref(), Some(&b"\xff\x00"[..]));
+        assert!(swap(&other, "carol", None, Some(b"3"), ttl).await);
+    }
+
+    /// `update_doc` through two fronts at once (two processes) loses no
+    /// change and answers each once; a value that no longer decodes is
+    /// absent, and replaced.
+    pub async fn documents_update_without_losing_a_race(
+        one: Arc<dyn Backend>,
+        other: Arc<dyn Backend>,
+    ) {
+        let one = Arc::new(store(one));
+        let two = Arc::new(store(other));
+        let count = |store: Arc<Store>| {
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for _ in 0..50 {
+                    let bump = |n: Option<u32>| {
+                        let n = n.unwrap_or(0) + 1;
+                        (Some(n), n)
+                    };
+                    answers.push(store.update_doc("counter", None, bump).await.unwrap());
+                }
+                answers
+            })
+        };
+        let (a, b) = (count(one.clone()), count(two.clone()));
+        let mut answers = [a.await.unwrap(), b.await.unwrap()].concat();
+        answers.sort_unstable();
+        assert_eq!(answers, (1..=100).collect::<Vec<u32>>());
+        assert_eq!(two.doc::<u32>("counter").await.unwrap(), Some(100));
+
+        // A recovery code used by two at once: by one of them.
+        let codes = vec!["a".to_owned(), "b".to_owned()];
+        let ttl = Some(Duration::from_secs(600));
+        let set = one.update_doc("codes", ttl, |_: Option<Vec<String>>| {
+            (Some(codes.clone()), ())
+        });
+        set.await.unwrap();
+        let consume = |store: Arc<Store>| async move {
+            let used = |codes: Option<Vec<String>>| {
+                let mut codes = codes.unwrap_or_default();
+                let had = codes.iter().any(|c| c == "a");
+                codes.retain(|c| c != "a");
+                (Some(codes), had)
+            };
+            store.update_doc("codes", ttl, used).await.unwrap()
+        };
+        let (x, y) = tokio::join!(consume(one.clone()), consume(two.clone()));
+        assert!(x != y, "used once: {x} {y}");
+        let left = one.doc::<Vec<String>>("codes").await.unwrap();
+        assert_eq!(left, Some(vec!["b".to_owned()]));
+
+        // Another shape than the one asked for: absent, then replaced.
+        assert!(one
+            .backend()
+            .doc_swap("shape", None, Some(b"\"text\""), None)
+            .await
+            .unwrap());
+        assert_eq!(two.doc::<u32>("shape").await.unwrap(), None);
+        let was = two.update_doc("shape", None, |n: Option<u32>| (Some(7), n));
+        assert_eq!(was.await.unwrap(), None);
+        assert_eq!(one.doc::<u32>("shape").await.unwrap(), Some(7));
+        // `None` deletes.
+        let was = one.update_doc("shape", None, |n: Option<u32>| (None, n));
+        assert_eq!(was.await.unwrap(), Some(7));
+        assert_eq!(two.backend().doc_get("shape").await.unwrap(), None);
+    }
+
+    /// A backend on which every swap of a document loses a race: another
+    /// writer changes it first.
+    struct Raced(Arc<dyn Backend>);
+
+    #[async_trait::async_trait]
+    impl Backend for Raced {
+        fn kind(&self) -> &'static str {
+            self.0.kind()
+        }
+        async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+            self.0.get(key).await
+        }
+        async fn put(&self, key: &Key, record: Record) -> Result<(), StoreError> {
+            self.0.put(key, record).await
+        }
+        async fn touch(&self, key: &Key, deadline: u64) -> Result<(), StoreError> {
+            self.0.touch(key, deadline).await
+        }
+        async fn delete(&self, key: &Key) -> Result<bool, StoreError> {
+            self.0.delete(key).await
+        }
+        async fn list(&self, user: Option<&str>) -> Result<Vec<(Key, Record)>, StoreError> {
+            self.0.list(user).await
+        }
+        async fn purge_expired(&self) -> Result<usize, StoreError> {
+            self.0.purge_expired().await
+        }
+        async fn revoked_since(&self, cursor: Option<u64>) -> Result<(u64, Vec<Key>), StoreError> {
+            self.0.revoked_since(cursor).await
+        }
+        fn kept_secret(&self, fresh: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.kept_secret(fresh)
+        }
+        async fn count(&self, name: &str, by: u32, window: Duration) -> Result<u32, StoreError> {
+            self.0.count(name, by, window).await
+        }
+        async fn raise(&self, name: &str, value: u64, ttl: Duration) -> Result<bool, StoreError> {
+            self.0.raise(name, value, ttl).await
+        }
+        async fn doc_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.doc_get(name).await
+        }
+        async fn doc_swap(
+            &self,
+            name: &str,
+            expected: Option<&[u8]>,
+            new: Option<&[u8]>,
+            ttl: Option<Duration>,
+        ) -> Result<bool, StoreError> {
+            let stands = self.0.doc_get(name).await?;
+            let other = stands.map_or(1, |b| b.len() + 1);
+            let other = vec![b'0'; other];
+            assert!(self.0.doc_swap(name, expected, Some(&other), None).await?);
+            self.0.doc_swap(name, expected, new, ttl).await
+        }
+    }
+
+    #[tokio::test]
+    async fn update_doc_gives_up_on_a_document_that_keeps_changing() {
+        let memory = Arc::new(super::super::MemoryBackend::new(2)) as Arc<dyn Backend>;
+        let store = store(Arc::new(Raced(memory.clone())));
+        let mut runs = 0;
+        let failed = store
+            .update_doc("busy", None, |n: Option<u32>| {
+                runs += 1;
+                (Some(n.unwrap_or(0) + 1), ())
+            })
+            .await;
+        assert!(
+            matches!(&failed, Err(StoreError::Contended(name, 16)) if name == "busy"),
+            "{failed:?}"
+        );
+        assert_eq!(runs, 16);
+        // What the other writer wrote stands.
+        assert!(memory.doc_get("busy").await.unwrap().is_some());
+    }
+
     #[tokio::test]
     async fn memory_keeps_the_contract() {
         let memory = || Arc::new(super::super::MemoryBackend::new(2)) as Arc<dyn Backend>;
@@ -784,6 +1076,10 @@ pub(super) mod tests {
         live_connections_hear_their_session_end(memory(), None).await;
         let one = memory();
         counters_and_marks_are_shared(one.clone(), one).await;
+        let one = memory();
+        documents_swap_once(one.clone(), one).await;
+        let one = memory();
+        documents_update_without_losing_a_race(one.clone(), one).await;
     }
 
     #[tokio::test]
@@ -798,6 +1094,8 @@ pub(super) mod tests {
         the_backend_sees_keys_not_ids(open("c.state")).await;
         live_connections_hear_their_session_end(open("d.state"), Some(open("d.state"))).await;
         counters_and_marks_are_shared(open("e.state"), open("e.state")).await;
+        documents_swap_once(open("f.state"), open("f.state")).await;
+        documents_update_without_losing_a_race(open("g.state"), open("g.state")).await;
     }
 
     /// A `redis-server` of this test's own on a free loopback port, stopped
@@ -949,6 +1247,8 @@ pub(super) mod tests {
         the_backend_sees_keys_not_ids(open("c:")).await;
         live_connections_hear_their_session_end(open("l:"), Some(open("l:"))).await;
         counters_and_marks_are_shared(open("t:"), open("t:")).await;
+        documents_swap_once(open("n:"), open("n:")).await;
+        documents_update_without_losing_a_race(open("o:"), open("o:")).await;
         // Two processes' fronts on one Redis: a deletion through one is
         // heard by the other, which drops its cached copy.
         let one = Arc::new(store(open("d:")));

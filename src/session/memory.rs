@@ -1,5 +1,6 @@
 //! The in-process backend: a hash map behind a std `RwLock` (never held
-//! across an await: every method is synchronous inside). For tests and the
+//! across an await: every method is synchronous inside), the counters and
+//! documents each behind a std `Mutex`, likewise. For tests and the
 //! demo; everything ends with the process. Pre-auth records are bounded,
 //! since anyone can create them.
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{now_millis, now_secs, Backend, Key, Record, Session, StoreError};
+use super::{doc_write, now_millis, now_secs, Backend, Key, Record, Session, StoreError};
 
 struct Entry {
     session: Arc<Session>,
@@ -36,7 +37,11 @@ pub struct MemoryBackend {
     max_pre_auth: usize,
     /// Counters and marks: name → (value, when it dies, Unix milliseconds).
     counters: std::sync::Mutex<HashMap<String, (u64, u64)>>,
+    /// Documents: name → (value, when it dies in Unix ms; `None`: never).
+    docs: std::sync::Mutex<HashMap<String, Doc>>,
 }
+
+type Doc = (Vec<u8>, Option<u64>);
 
 /// Past this many counters and marks, the dead ones are swept.
 const COUNTERS_SWEPT_AT: usize = 10_000;
@@ -88,7 +93,12 @@ impl MemoryBackend {
             map: RwLock::new(Records::default()),
             max_pre_auth,
             counters: Default::default(),
+            docs: Default::default(),
         }
+    }
+
+    fn docs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Doc>> {
+        self.docs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The counters, the dead ones swept when there are many.
@@ -178,6 +188,9 @@ impl Backend for MemoryBackend {
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {
+        let now_ms = now_millis();
+        self.docs()
+            .retain(|_, (_, dies)| dies.is_none_or(|d| d > now_ms));
         let now = now_secs();
         Ok(self.write().retain(|e| e.live(now)))
     }
@@ -220,6 +233,45 @@ impl Backend for MemoryBackend {
         Ok(true)
     }
 
+    async fn doc_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let now = now_millis();
+        Ok(self
+            .docs()
+            .get(name)
+            .filter(|(_, dies)| dies.is_none_or(|d| d > now))
+            .map(|(value, _)| value.clone()))
+    }
+
+    async fn doc_swap(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        let now = now_millis();
+        let mut docs = self.docs();
+        let stands = docs
+            .get(name)
+            .filter(|(_, dies)| dies.is_none_or(|d| d > now))
+            .map(|(value, _)| value.as_slice());
+        if stands != expected {
+            return Ok(false);
+        }
+        match doc_write(new, ttl) {
+            Some((value, ms)) => {
+                docs.insert(
+                    name.to_owned(),
+                    (value.to_vec(), ms.map(|ms| now.saturating_add(ms))),
+                );
+            }
+            None => {
+                docs.remove(name);
+            }
+        }
+        Ok(true)
+    }
+
     fn authenticated_now(&self, key: &Key, idle: Duration) -> Option<Option<Arc<Session>>> {
         let now = now_secs();
         let map = self.read();
@@ -232,5 +284,28 @@ impl Backend for MemoryBackend {
         let deadline = (now + idle.as_secs()).min(entry.session.expires);
         entry.deadline.fetch_max(deadline, Ordering::Relaxed);
         Some(Some(entry.session.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_purge_drops_dead_documents() {
+        let memory = MemoryBackend::new(2);
+        let short = Some(Duration::from_millis(50));
+        assert!(memory
+            .doc_swap("dies", None, Some(b"1"), short)
+            .await
+            .unwrap());
+        assert!(memory
+            .doc_swap("lives", None, Some(b"1"), None)
+            .await
+            .unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        memory.purge_expired().await.unwrap();
+        let docs = memory.docs();
+        assert_eq!(docs.keys().collect::<Vec<_>>(), ["lives"]);
     }
 }

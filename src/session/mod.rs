@@ -186,12 +186,22 @@ pub enum StoreError {
     /// The backing file or service failed.
     #[error("session store unavailable: {0}")]
     Unavailable(String),
+    /// Document `0` changed under every one of `Store::update_doc`'s tries.
+    #[error("document {0} kept changing: gave up after {1} tries")]
+    Contended(String, usize),
 }
 
 impl StoreError {
     pub(crate) fn unavailable(what: impl std::fmt::Display) -> StoreError {
         StoreError::Unavailable(what.to_string())
     }
+}
+
+/// What `doc_swap` writes: `new` and, unless it is kept for good, its
+/// lifetime in milliseconds. A ttl under a millisecond writes nothing.
+fn doc_write(new: Option<&[u8]>, ttl: Option<Duration>) -> Option<(&[u8], Option<u64>)> {
+    let ms = ttl.map(|t| t.as_millis().min(u64::MAX as u128) as u64);
+    new.filter(|_| ms != Some(0)).map(|bytes| (bytes, ms))
 }
 
 /// What a store names a session by: the SHA-256 of its id, in hex. A dump
@@ -286,6 +296,22 @@ pub trait Backend: Send + Sync {
     /// it stands at `value` or past it already). A TOTP time step is
     /// accepted once, by whichever process sees it first.
     async fn raise(&self, name: &str, value: u64, ttl: Duration) -> Result<bool, StoreError>;
+    /// Document `name`: an opaque value (JSON bytes) kept until replaced or
+    /// until its `ttl` passes; `None` when absent or expired.
+    async fn doc_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Replace document `name` with `new` (`None`: delete it) only if it
+    /// holds `expected` now (`None`: absent, or expired); whether it did.
+    /// A compare-and-swap: two processes consuming one recovery code
+    /// cannot both succeed. `ttl` `None`: kept for good; under a
+    /// millisecond: gone at once, as if deleted. Every write sets the
+    /// document's ttl afresh.
+    async fn doc_swap(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool, StoreError>;
     /// The hot path without waiting, for backends in this process: a live
     /// authenticated session, its idle deadline pushed to `idle` from now.
     /// `None`: ask the cache.

@@ -13,6 +13,9 @@
 //! - `c:<name>`: counters (the throttle's), expiring a window after their
 //!   last rise; `m:<name>`: marks (TOTP steps used), raised by a script so
 //!   that two replicas cannot both accept one code;
+//! - `d:<name>`: documents (MFA devices, recovery codes, consents), the
+//!   bytes as given, swapped by a script that compares them first, so
+//!   that two replicas cannot both use one recovery code;
 //! - channel `revoked`: keys ended by any replica.
 //!
 //! The connection manager reconnects by itself, with backoff; while Redis
@@ -33,7 +36,7 @@ use redis::aio::ConnectionManager;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{AsyncCommands, IntoConnectionInfo};
 
-use super::{now_secs, Backend, Key, Record, StoreError};
+use super::{doc_write, now_secs, Backend, Key, Record, StoreError};
 
 /// Where the Redis is, as `[state]` names it.
 #[derive(Debug, Clone, Copy)]
@@ -734,7 +737,67 @@ end
 return 0
 ";
 
+/// Swap a document (`KEYS[1]`): if it holds `ARGV[2]` now (`ARGV[1]` 1),
+/// or nothing (0), set it to `ARGV[4]` (`ARGV[3]` 1) for `ARGV[5]` ms (empty:
+/// for good), or delete it (0); 1 when it did.
+const SWAP: &str = r"
+local stands = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if stands ~= ARGV[2] then
+    return 0
+  end
+elseif stands then
+  return 0
+end
+if ARGV[3] == '0' then
+  redis.call('DEL', KEYS[1])
+elseif ARGV[5] == '' then
+  redis.call('SET', KEYS[1], ARGV[4])
+else
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+end
+return 1
+";
+
 impl RedisBackend {
+    fn doc_key(&self, name: &str) -> String {
+        format!("{}d:{name}", self.prefix)
+    }
+
+    async fn doc_get_unbounded(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut con = self.connection().await?;
+        con.get(self.doc_key(name))
+            .await
+            .map_err(|e| self.failed(e))
+    }
+
+    async fn doc_swap_unbounded(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        let mut con = self.connection().await?;
+        let write = doc_write(new, ttl);
+        let flag = |given: bool| if given { "1" } else { "0" };
+        let swapped: i64 = redis::Script::new(SWAP)
+            .key(self.doc_key(name))
+            .arg(flag(expected.is_some()))
+            .arg(expected.unwrap_or_default())
+            .arg(flag(write.is_some()))
+            .arg(write.map_or(&[][..], |(value, _)| value))
+            .arg(
+                write
+                    .and_then(|(_, ms)| ms)
+                    .map_or(String::new(), |ms| ms.to_string()),
+            )
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(swapped == 1)
+    }
+
     async fn count_unbounded(
         &self,
         name: &str,
@@ -834,6 +897,21 @@ impl Backend for RedisBackend {
 
     async fn raise(&self, name: &str, value: u64, ttl: Duration) -> Result<bool, StoreError> {
         self.bounded(self.raise_unbounded(name, value, ttl)).await
+    }
+
+    async fn doc_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.bounded(self.doc_get_unbounded(name)).await
+    }
+
+    async fn doc_swap(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        self.bounded(self.doc_swap_unbounded(name, expected, new, ttl))
+            .await
     }
 
     async fn revoked_since(&self, cursor: Option<u64>) -> Result<(u64, Vec<Key>), StoreError> {
