@@ -218,8 +218,10 @@ async fn run(
         };
     }
     // Stored when answered or moved on by itself (a stage that passed);
-    // showing a challenge of a flow not stored yet stores nothing.
-    if answered || flow.is_stored() || matches!(step, Step::Next) {
+    // showing a challenge of a flow not stored yet stores nothing, but for
+    // a signed-in visitor (whose session is there anyway): what such a
+    // challenge shows may be made for it (new recovery codes, a secret).
+    if answered || flow.is_stored() || identity.is_some() || matches!(step, Step::Next) {
         if let Err(error) = flow.save(gateway, context, visitor).await {
             return unavailable(&error.to_string());
         }

@@ -1,4 +1,5 @@
-//! The command line: `serve`, `check`, `sessions`, `hash-password`, `demo`. The only
+//! The command line: `serve`, `check`, `sessions`, `totp`, `recovery-codes`,
+//! `hash-password`, `demo`. The only
 //! place (with `demo`) that uses `anyhow`; everything it calls has typed errors.
 
 use std::io::{BufRead, IsTerminal};
@@ -57,6 +58,32 @@ enum Command {
         #[command(subcommand)]
         action: SessionsAction,
     },
+    /// Enrol, list or remove a user's TOTP devices in the configured
+    /// state store.
+    Totp {
+        #[arg(
+            long,
+            short,
+            env = "FLOWGATE_CONFIG",
+            default_value = "config/flowgate.toml",
+            global = true
+        )]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: TotpAction,
+    },
+    /// Make a new set of recovery codes for a user (the old set stops
+    /// working) and print them, once.
+    RecoveryCodes {
+        #[arg(
+            long,
+            short,
+            env = "FLOWGATE_CONFIG",
+            default_value = "config/flowgate.toml"
+        )]
+        config: PathBuf,
+        user: String,
+    },
     /// Read a password from standard input and print its argon2id PHC hash.
     HashPassword,
     /// Protect a built-in echo app with one user, to see flowgate work.
@@ -89,12 +116,38 @@ enum SessionsAction {
     },
 }
 
+#[derive(Subcommand)]
+enum TotpAction {
+    /// A new device: prints the otpauth:// URI and its QR code.
+    Enroll {
+        user: String,
+        /// What `list` calls it.
+        #[arg(long, default_value = "Authenticator app")]
+        name: String,
+        /// The name the app shows the account under.
+        #[arg(long, default_value = "flowgate")]
+        issuer: String,
+    },
+    /// The user's devices: the users file's and the store's.
+    List { user: String },
+    /// Remove one of the store's devices (`--device` as `list` shows it), or all.
+    Remove {
+        user: String,
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        device: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => return check(&config),
         Command::Sessions { config, action } => sessions(&config, action),
+        Command::Totp { config, action } => totp(&config, action),
+        Command::RecoveryCodes { config, user } => recovery_codes(&config, &user),
         Command::HashPassword => hash_password(),
         Command::Demo { listen, password } => {
             init_logging(LogFormat::Text, "info");
@@ -204,7 +257,7 @@ fn check(path: &Path) -> ExitCode {
 /// file may be open in a running server at the same time; it hears of
 /// what is ended here within a quarter second).
 fn sessions(path: &Path, action: SessionsAction) -> anyhow::Result<()> {
-    use crate::session::{Key, Store, StoreOptions};
+    use crate::session::Key;
     let config = load(path)?;
     if config.state.store == crate::config::StoreKind::Memory {
         anyhow::bail!(
@@ -213,8 +266,7 @@ fn sessions(path: &Path, action: SessionsAction) -> anyhow::Result<()> {
     }
     let runtime = runtime(1)?;
     let _inside = runtime.enter();
-    let backend = crate::session::open_backend(&config)?;
-    let store = Store::new(backend, StoreOptions::for_idle(config.session.idle_timeout));
+    let store = open_store(&config, "the sessions")?;
     runtime.block_on(async {
         match action {
             SessionsAction::List { user, json } => {
@@ -262,6 +314,128 @@ fn sessions(path: &Path, action: SessionsAction) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The configured state store, opened for a command beside a running
+/// server; refused for the memory store, which lives inside the server.
+fn open_store(config: &Config, what: &str) -> anyhow::Result<crate::session::Store> {
+    use crate::session::{Store, StoreOptions};
+    if config.state.store == crate::config::StoreKind::Memory {
+        anyhow::bail!(
+            "state.store is \"memory\": {what} would be gone when this command ends; set [state] store = \"embedded\" or \"redis\""
+        );
+    }
+    let backend = crate::session::open_backend(config)?;
+    Ok(Store::new(
+        backend,
+        StoreOptions::for_idle(config.session.idle_timeout),
+    ))
+}
+
+/// A user the users file has, by any case of the name.
+fn known_user(
+    config: &Config,
+    name: &str,
+) -> anyhow::Result<std::sync::Arc<crate::directory::User>> {
+    let directory = crate::directory::FileDirectory::load(&config.directory.users_file)?;
+    use crate::directory::Directory;
+    directory
+        .find(name, &[crate::config::UserField::Username])
+        .ok_or_else(|| anyhow::anyhow!("no user {name:?} in the users file"))
+}
+
+/// `flowgate totp …`.
+fn totp(path: &Path, action: TotpAction) -> anyhow::Result<()> {
+    use crate::engine::mfa;
+    let config = load(path)?;
+    let runtime = runtime(1)?;
+    let _inside = runtime.enter();
+    let store = open_store(&config, "a device")?;
+    runtime.block_on(async {
+        match action {
+            TotpAction::Enroll { user, name, issuer } => {
+                let user = known_user(&config, &user)?;
+                let secret = mfa::new_secret();
+                let record = mfa::add_totp(&store, &user.username, &name, &secret).await?;
+                let uri = mfa::otpauth_uri(&issuer, &user.username, &secret);
+                println!("device s{} of {} ({name}) enrolled", record.id, user.username);
+                println!();
+                println!("{uri}");
+                println!();
+                if let Ok(code) = qrcode::QrCode::new(uri.as_bytes()) {
+                    let art = code
+                        .render::<qrcode::render::unicode::Dense1x2>()
+                        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+                        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+                        .build();
+                    println!("{art}");
+                }
+                Ok(())
+            }
+            TotpAction::List { user } => {
+                let user = known_user(&config, &user)?;
+                let stored = mfa::devices(&store, &user.username).await?;
+                if user.totp.is_empty() && stored.totp.is_empty() {
+                    println!("{} has no TOTP device", user.username);
+                }
+                for device in &user.totp {
+                    println!("{:<6}  users file", device.uid);
+                }
+                for record in &stored.totp {
+                    println!("s{:<5}  {}  (enrolled {})", record.id, record.name, when(record.created));
+                }
+                println!(
+                    "{} unused recovery code{}",
+                    stored.recovery.len(),
+                    plural(stored.recovery.len())
+                );
+                Ok(())
+            }
+            TotpAction::Remove { user, device, all } => {
+                let user = known_user(&config, &user)?;
+                let id = match (device, all) {
+                    (_, true) => None,
+                    (Some(device), false) => Some(
+                        device
+                            .strip_prefix('s')
+                            .and_then(|id| id.parse::<u32>().ok())
+                            .ok_or_else(|| {
+                                anyhow::anyhow!(
+                                    "{device:?} is not a device of the store (they are s1, s2, …; the users file's are edited there)"
+                                )
+                            })?,
+                    ),
+                    (None, false) => anyhow::bail!("say --device ID or --all"),
+                };
+                let removed = mfa::remove_totp(&store, &user.username, id).await?;
+                if removed == 0 {
+                    anyhow::bail!("{} has no such device in the store", user.username);
+                }
+                println!("{removed} device{} removed", plural(removed));
+                Ok(())
+            }
+        }
+    })
+}
+
+/// `flowgate recovery-codes USER`.
+fn recovery_codes(path: &Path, user: &str) -> anyhow::Result<()> {
+    use crate::engine::mfa;
+    let config = load(path)?;
+    let runtime = runtime(1)?;
+    let _inside = runtime.enter();
+    let store = open_store(&config, "the codes")?;
+    let user = known_user(&config, user)?;
+    let codes = mfa::new_recovery_codes();
+    runtime.block_on(mfa::set_recovery_codes(&store, &user.username, &codes))?;
+    println!(
+        "recovery codes of {} (each works once; any set before no longer does):",
+        user.username
+    );
+    for code in &codes {
+        println!("  {code}");
+    }
+    Ok(())
 }
 
 /// Unix seconds as UTC, to the second.

@@ -495,6 +495,9 @@ pub struct RouteConfig {
     pub upstream: http::Uri,
     /// `flow`: the login flow's slug, default the first authentication flow.
     pub flow: String,
+    /// `authorization_flow`: a flow (a consent, say) a signed-in user runs
+    /// once per session before the route lets them in.
+    pub authorization_flow: Option<String>,
     /// `skip_auth`: regexes over the canonical request path (never the
     /// query) that pass anonymously.
     pub skip_auth: Vec<Regex>,

@@ -45,6 +45,36 @@ pub struct TotpDevice {
     period: u64,
 }
 
+impl TotpDevice {
+    /// A device with the usual parameters (SHA-1, 6 digits, 30 s).
+    pub fn new(uid: String, secret: Vec<u8>) -> TotpDevice {
+        TotpDevice {
+            uid,
+            secret,
+            digits: 6,
+            period: 30,
+        }
+    }
+
+    /// The time step `code` is right for at `unix_time`, if any, within
+    /// one step of clock skew either way (authenticator apps drift).
+    pub fn step_for(&self, code: &str, unix_time: u64) -> Option<TotpStep> {
+        let code = code.trim();
+        if code.len() != self.digits || !code.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        [0i64, -1, 1].into_iter().find_map(|skew| {
+            let step = (unix_time / self.period).checked_add_signed(skew)?;
+            let right = totp_code(&self.secret, step, self.digits);
+            crate::session::tokens_equal(&right, code).then(|| TotpStep {
+                device: self.uid.clone(),
+                step,
+                period: self.period,
+            })
+        })
+    }
+}
+
 impl User {
     pub fn identity(&self) -> Identity {
         Identity {
@@ -136,15 +166,11 @@ pub trait Directory: Send + Sync {
     /// dummy hash and fails, so that unknown users cost the same time as
     /// wrong passwords. Disabled users always fail.
     async fn verify_password(&self, user: Option<&User>, password: &str) -> bool;
-
-    /// Which of the user's devices `code` is right for at `unix_time`, and
-    /// for which time step. Only the match: that a step is used once is the
-    /// caller's to keep (the state store's marks).
-    fn totp_step(&self, user: &User, code: &str, unix_time: u64) -> Option<TotpStep>;
 }
 
 /// A TOTP code that matched: the device (its uid), the time step, the
-/// device's period in seconds.
+/// device's period in seconds. Only the match: that a step is used once is
+/// the engine's to keep (the state store's marks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TotpStep {
     pub device: String,
@@ -343,12 +369,7 @@ fn read_users(reader: &mut Reader<'_>, root: &dyn toml_edit::TableLike) -> Vec<A
                     Some(bytes) if bytes.len() < 10 => {
                         reader.error_at(&place, "secret too short (at least 80 bits)")
                     }
-                    Some(bytes) => totp.push(TotpDevice {
-                        uid: (j + 1).to_string(),
-                        secret: bytes,
-                        digits: 6,
-                        period: 30,
-                    }),
+                    Some(bytes) => totp.push(TotpDevice::new((j + 1).to_string(), bytes)),
                 }
             }
         }
@@ -424,29 +445,6 @@ impl Directory for FileDirectory {
             .unwrap_or(false);
         matched && usable
     }
-
-    fn totp_step(&self, user: &User, code: &str, unix_time: u64) -> Option<TotpStep> {
-        let code = code.trim();
-        if user.disabled || code.is_empty() || !code.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        for device in &user.totp {
-            // One step of clock skew either way, as authenticator apps drift.
-            for skew in [0i64, -1, 1] {
-                let Some(step) = (unix_time / device.period).checked_add_signed(skew) else {
-                    continue;
-                };
-                if totp_code(&device.secret, step, device.digits).as_bytes() == code.as_bytes() {
-                    return Some(TotpStep {
-                        device: device.uid.clone(),
-                        step,
-                        period: device.period,
-                    });
-                }
-            }
-        }
-        None
-    }
 }
 
 /// RFC 6238 with HMAC-SHA1 (RFC 4226 dynamic truncation).
@@ -470,7 +468,7 @@ pub fn totp_code(secret: &[u8], step: u64, digits: usize) -> String {
 
 /// RFC 4648 base32 (the alphabet authenticator apps use), ignoring spaces,
 /// case and `=` padding.
-fn base32_decode(text: &str) -> Option<Vec<u8>> {
+pub fn base32_decode(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len() * 5 / 8);
     let (mut buffer, mut bits) = (0u32, 0u32);
     for c in text.chars().filter(|c| !c.is_whitespace() && *c != '=') {
@@ -490,9 +488,43 @@ fn base32_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// RFC 4648 base32 without padding: how authenticator apps take secrets.
+pub fn base32_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for byte in bytes {
+        buffer = (buffer << 8) | u32::from(*byte);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
+        }
+        buffer &= (1 << bits) - 1;
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base32_round_trips() {
+        assert_eq!(
+            base32_encode(b"12345678901234567890"),
+            "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
+        );
+        assert_eq!(base32_encode(b"f"), "MY");
+        assert_eq!(base32_encode(b"fooba"), "MZXW6YTB");
+        for len in 0..24 {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            assert_eq!(base32_decode(&base32_encode(&bytes)).unwrap(), bytes);
+        }
+    }
 
     #[test]
     fn totp_matches_rfc6238_vectors() {
@@ -551,22 +583,18 @@ disabled = true
     fn totp_codes_match_their_device_and_step_with_a_step_of_skew() {
         let dir = directory();
         let alice = dir.find("alice", &[UserField::Username]).unwrap();
+        let device = &alice.totp[0];
         let now = 1_800_000_000;
         let code = totp_code(b"12345678901234567890", now / 30, 6);
-        assert_eq!(dir.totp_step(&alice, "000000x", now), None);
-        let matched = dir.totp_step(&alice, &code, now).unwrap();
+        assert_eq!(device.step_for("000000x", now), None);
+        assert_eq!(device.step_for(&code[..5], now), None, "too short");
+        let matched = device.step_for(&code, now).unwrap();
         assert_eq!((matched.step, matched.period), (now / 30, 30));
-        assert_eq!(matched.device, alice.totp[0].uid);
+        assert_eq!(matched.device, device.uid);
         // A step late or early still matches, as the same step.
-        assert_eq!(
-            dir.totp_step(&alice, &code, now + 30).unwrap().step,
-            now / 30
-        );
-        assert_eq!(
-            dir.totp_step(&alice, &code, now - 30).unwrap().step,
-            now / 30
-        );
-        assert_eq!(dir.totp_step(&alice, &code, now + 60), None);
+        assert_eq!(device.step_for(&code, now + 30).unwrap().step, now / 30);
+        assert_eq!(device.step_for(&code, now - 30).unwrap().step, now / 30);
+        assert_eq!(device.step_for(&code, now + 60), None);
     }
 
     #[test]

@@ -142,6 +142,24 @@ pub struct FlowErrorBody {
     pub error: Option<String>,
 }
 
+/// `ak-stage-authenticator-totp`: set up a TOTP device from `config_url`
+/// (an `otpauth://` URI), answered with a `code` from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthenticatorTotp {
+    #[serde(flatten)]
+    pub user: PendingUser,
+    pub config_url: String,
+}
+
+/// `ak-stage-authenticator-static`: recovery codes, shown once; any
+/// answer goes on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthenticatorStatic {
+    #[serde(flatten)]
+    pub user: PendingUser,
+    pub codes: Vec<String>,
+}
+
 /// `ak-stage-consent`: what an application asks to be allowed, answered
 /// with the `token` it carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,6 +227,8 @@ pub enum Component {
     Identification(Identification),
     Password(Password),
     AuthenticatorValidate(AuthenticatorValidate),
+    AuthenticatorTotp(AuthenticatorTotp),
+    AuthenticatorStatic(AuthenticatorStatic),
     UserLogin(PendingUser),
     Consent(Consent),
     Prompt(Prompt),
@@ -227,6 +247,8 @@ impl Component {
             Component::Identification(_) => "ak-stage-identification",
             Component::Password(_) => "ak-stage-password",
             Component::AuthenticatorValidate(_) => "ak-stage-authenticator-validate",
+            Component::AuthenticatorTotp(_) => "ak-stage-authenticator-totp",
+            Component::AuthenticatorStatic(_) => "ak-stage-authenticator-static",
             Component::UserLogin(_) => "ak-stage-user-login",
             Component::Consent(_) => "ak-stage-consent",
             Component::Prompt(_) => "ak-stage-prompt",
@@ -242,6 +264,8 @@ impl Component {
             Component::Identification(c) => serde_json::to_value(c),
             Component::Password(c) => serde_json::to_value(c),
             Component::AuthenticatorValidate(c) => serde_json::to_value(c),
+            Component::AuthenticatorTotp(c) => serde_json::to_value(c),
+            Component::AuthenticatorStatic(c) => serde_json::to_value(c),
             Component::UserLogin(c) => serde_json::to_value(c),
             Component::Consent(c) => serde_json::to_value(c),
             Component::Prompt(c) => serde_json::to_value(c),
@@ -266,6 +290,8 @@ impl Component {
             "ak-stage-authenticator-validate" => {
                 typed(&fields).map(Component::AuthenticatorValidate)
             }
+            "ak-stage-authenticator-totp" => typed(&fields).map(Component::AuthenticatorTotp),
+            "ak-stage-authenticator-static" => typed(&fields).map(Component::AuthenticatorStatic),
             "ak-stage-user-login" => typed(&fields).map(Component::UserLogin),
             "ak-stage-consent" => typed(&fields).map(Component::Consent),
             "ak-stage-prompt" => typed(&fields).map(Component::Prompt),

@@ -307,7 +307,10 @@ async fn conclude(
                 challenge.component,
                 Component::AccessDenied(_) | Component::FlowError(_)
             );
-            let saved = match (finished, answered || flow.is_stored()) {
+            // A signed-in visitor's flow is kept from its first page: what
+            // the page shows may be made for it (recovery codes, a secret).
+            let keep = answered || flow.is_stored() || visitor.session.identity.is_some();
+            let saved = match (finished, keep) {
                 (true, _) => flow.end(gateway, context, visitor).await,
                 (false, true) => flow.save(gateway, context, visitor).await,
                 (false, false) => Ok(()),

@@ -233,6 +233,11 @@ struct ChallengeView<'a> {
     denied_message: &'a str,
     flow_error: Option<FlowErrorView<'a>>,
     consent: Option<ConsentView<'a>>,
+    /// TOTP setup: the QR code (an SVG `data:` URI) and the secret to
+    /// type in instead.
+    totp_setup: Option<TotpSetupView>,
+    /// Recovery codes to write down.
+    recovery_codes: Vec<&'a str>,
     prompt: Vec<PromptFieldView<'a>>,
     links: Vec<Link<'a>>,
 }
@@ -272,6 +277,12 @@ struct ConsentView<'a> {
     /// Asked for the first time since the user last consented.
     additional: Vec<&'a str>,
     token: &'a str,
+}
+
+#[derive(Serialize)]
+struct TotpSetupView {
+    qr: String,
+    secret: String,
 }
 
 #[derive(Serialize)]
@@ -339,6 +350,8 @@ impl<'a> ChallengeView<'a> {
             flow_error: None,
             consent: None,
             prompt: Vec::new(),
+            totp_setup: None,
+            recovery_codes: Vec::new(),
             links: Vec::new(),
         };
         let mut inputs: &[&str] = &[];
@@ -393,6 +406,30 @@ impl<'a> ChallengeView<'a> {
                     (false, true) => "Enter one of your recovery codes.",
                     (false, false) => "Enter your verification code.",
                 };
+            }
+            Component::AuthenticatorTotp(c) => {
+                view.stage = "authenticator_totp";
+                view.form = true;
+                inputs = &["code"];
+                view.user = user(&c.user);
+                view.code_numeric = true;
+                view.totp_setup = Some(TotpSetupView {
+                    qr: qr_data_uri(&c.config_url),
+                    secret: url::Url::parse(&c.config_url)
+                        .ok()
+                        .and_then(|u| {
+                            u.query_pairs()
+                                .find(|(k, _)| k == "secret")
+                                .map(|(_, v)| v.into_owned())
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+            Component::AuthenticatorStatic(c) => {
+                view.stage = "authenticator_static";
+                view.form = true;
+                view.user = user(&c.user);
+                view.recovery_codes = c.codes.iter().map(String::as_str).collect();
             }
             Component::UserLogin(u) => {
                 view.stage = "user_login";
@@ -491,6 +528,23 @@ impl<'a> ChallengeView<'a> {
             slot.extend(messages(field));
         }
     }
+}
+
+/// `text` as a QR code: an SVG image in a `data:` URI (what the page's CSP
+/// allows for images).
+fn qr_data_uri(text: &str) -> String {
+    use base64::Engine;
+    let svg = match qrcode::QrCode::new(text.as_bytes()) {
+        Ok(code) => code
+            .render::<qrcode::render::svg::Color<'_>>()
+            .min_dimensions(200, 200)
+            .build(),
+        Err(_) => return String::new(),
+    };
+    format!(
+        "data:image/svg+xml;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(svg)
+    )
 }
 
 /// The fields of a prompt stage in their order, or `None` when one of them

@@ -388,3 +388,120 @@ stages = ["bye"]
         "the logout stage ended the session"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_s_authorization_flow_asks_consent_once_and_again_after_it_expires() {
+    let upstream = Upstream::start().await;
+    let extra = format!(
+        r#"
+[stage.agree]
+kind = "consent"
+mode = "expiring"
+expire_after = "3s"
+header = "The wiki will see your name and email."
+permissions = ["Your username", "Your email address"]
+
+[[flow]]
+slug = "wiki-consent"
+designation = "authorization"
+authentication = "require_authenticated"
+stages = ["agree"]
+
+[[route]]
+host = "*"
+path_prefix = "/wiki"
+upstream = "{}"
+flow = "{FLOW}"
+authorization_flow = "wiki-consent"
+"#,
+        upstream.url()
+    );
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), &extra),
+        &users_file(&[&ALICE]),
+    );
+    let (alice, cookie) = signed_in(&gate, &ALICE).await;
+    assert_eq!(api_status(&alice, gate.url("/elsewhere")).await, 200);
+    assert_eq!(
+        api_status(&alice, gate.url("/wiki/page")).await,
+        401,
+        "signed in, but not through the route's authorization flow"
+    );
+    let consent = JsonFlow::signed_in(
+        alice.clone(),
+        &cookie,
+        &gate.url(""),
+        "wiki-consent",
+        "/wiki/page",
+    );
+    let asked = consent.get().await;
+    assert_eq!(asked["component"], "ak-stage-consent", "{asked}");
+    assert_eq!(
+        asked["header_text"],
+        "The wiki will see your name and email."
+    );
+    assert_eq!(asked["permissions"][1]["name"], "Your email address");
+    let token = asked["token"].as_str().unwrap().to_owned();
+    let stale = consent.post(json!({"token": "not-the-token"})).await;
+    assert_eq!(
+        error(&stale, "token"),
+        "Invalid consent token, re-showing prompt"
+    );
+    assert_ne!(
+        stale["token"],
+        token.as_str(),
+        "a new token with the prompt shown again"
+    );
+    let token = stale["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        consent.post(json!({"token": token})).await,
+        json!({"component": "xak-flow-redirect", "to": "/wiki/page"})
+    );
+    assert_eq!(
+        upstream_user(&alice, gate.url("/wiki/page"))
+            .await
+            .as_deref(),
+        Some("alice")
+    );
+
+    // A new session runs the flow again, but the consent is remembered.
+    let (again, cookie) = signed_in(&gate, &ALICE).await;
+    assert_eq!(api_status(&again, gate.url("/wiki/page")).await, 401);
+    let remembered = JsonFlow::signed_in(
+        again.clone(),
+        &cookie,
+        &gate.url(""),
+        "wiki-consent",
+        "/wiki/page",
+    );
+    assert_eq!(remembered.get().await["component"], "xak-flow-redirect");
+    assert_eq!(api_status(&again, gate.url("/wiki/page")).await, 200);
+
+    // Once it has expired, it is asked for again.
+    tokio::time::sleep(std::time::Duration::from_millis(3200)).await;
+    let (later, cookie) = signed_in(&gate, &ALICE).await;
+    let expired = JsonFlow::signed_in(later, &cookie, &gate.url(""), "wiki-consent", "/wiki/page");
+    assert_eq!(expired.get().await["component"], "ak-stage-consent");
+}
+
+/// Every TOML example of docs/flows.md is a config `flowgate check` takes
+/// (each after a base with one route), so the docs cannot drift from it.
+#[test]
+fn every_example_in_the_flows_guide_is_a_valid_config() {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/flows.md"))
+        .expect("docs/flows.md");
+    let mut examples = 0;
+    for block in guide.split("```toml\n").skip(1) {
+        let example = block.split("```").next().unwrap();
+        let base = "[session]\nallowed_redirect_hosts = [\"wiki.example.com\"]\n\n\
+                    [[route]]\nhost = \"*\"\nupstream = \"http://127.0.0.1:9\"\n\n";
+        let src = format!("{base}{example}");
+        if let Err(errors) =
+            flowgate::config::from_str(&src, "/etc/flowgate/flowgate.toml".as_ref(), &|_| None)
+        {
+            panic!("docs/flows.md example:\n{example}\n{errors}");
+        }
+        examples += 1;
+    }
+    assert!(examples >= 5, "only {examples} examples found");
+}

@@ -847,8 +847,18 @@ impl<'a> Reader<'a> {
             false => {
                 let stages = self.stages(root);
                 let flows = self.flows(root, &stages, &policies);
-                // A stage that leads to another flow names one there is.
+                // A stage that leads to another flow names one there is;
+                // one that puts stages in the plan names stages there are.
                 for (name, stage) in &stages {
+                    for other in stage.stage.stages_named() {
+                        if !stages.contains_key(other) {
+                            self.error(
+                                stage.line,
+                                &format!("stage.{name}"),
+                                format!("no stage \"{other}\": define `[stage.{other}]`"),
+                            );
+                        }
+                    }
                     if let Some(slug) = stage.stage.flow_named() {
                         if !flows.iter().any(|f| f.slug == slug) {
                             self.error(
@@ -1950,6 +1960,26 @@ impl<'a> Reader<'a> {
                         .map(StageBinding::plain)
                         .to_vec(),
                 },
+                // A signed-in user sets up a second factor, as at
+                // authentik's slugs of the same names.
+                FlowConfig {
+                    slug: "default-authenticator-totp-setup".to_owned(),
+                    title: "Set up an authenticator app".to_owned(),
+                    designation: Designation::StageConfiguration,
+                    authentication: FlowAuthentication::RequireAuthenticated,
+                    policies: Bindings::default(),
+                    denied_action: DeniedAction::Message,
+                    stages: vec![StageBinding::plain("totp-setup")],
+                },
+                FlowConfig {
+                    slug: "default-authenticator-static-setup".to_owned(),
+                    title: "Make recovery codes".to_owned(),
+                    designation: Designation::StageConfiguration,
+                    authentication: FlowAuthentication::RequireAuthenticated,
+                    policies: Bindings::default(),
+                    denied_action: DeniedAction::Message,
+                    stages: vec![StageBinding::plain("recovery-codes")],
+                },
                 // Run to its end, it signs the visitor out: what remote
                 // flowgates (and authentik's clients) call at sign-out.
                 FlowConfig {
@@ -2245,21 +2275,28 @@ impl<'a> Reader<'a> {
                     None
                 }
             };
+            let known_flow = |reader: &mut Self, slug: &str, place: &Place| match flows {
+                Flows::Embedded(flows) if !flows.iter().any(|f| f.slug == slug) => {
+                    let known: Vec<&str> = flows.iter().map(|f| f.slug.as_str()).collect();
+                    reader.error_at(
+                        place,
+                        format!("no flow \"{slug}\"; declared: {}", known.join(", ")),
+                    );
+                }
+                Flows::Remote if !is_slug(slug) => {
+                    reader.error_at(place, "expected the slug of one of the remote's flows")
+                }
+                _ => {}
+            };
+            let authorization_flow =
+                self.string(&mut s, "authorization_flow")
+                    .map(|(slug, place)| {
+                        known_flow(self, &slug, &place);
+                        slug
+                    });
             let flow = match self.string(&mut s, "flow") {
                 Some((slug, place)) => {
-                    match flows {
-                        Flows::Embedded(flows) if !flows.iter().any(|f| f.slug == slug) => {
-                            let known: Vec<&str> = flows.iter().map(|f| f.slug.as_str()).collect();
-                            self.error_at(
-                                &place,
-                                format!("no flow \"{slug}\"; declared: {}", known.join(", ")),
-                            );
-                        }
-                        Flows::Remote if !is_slug(&slug) => {
-                            self.error_at(&place, "expected the slug of one of the remote's flows")
-                        }
-                        _ => {}
-                    }
+                    known_flow(self, &slug, &place);
                     slug
                 }
                 None => match &default_flow {
@@ -2342,6 +2379,7 @@ impl<'a> Reader<'a> {
                     skip_auth,
                     allow,
                     policies: route_policies,
+                    authorization_flow,
                     headers,
                     preserve_host,
                     case_insensitive,
@@ -2726,9 +2764,16 @@ mod tests {
             config.directory.users_file,
             PathBuf::from("/etc/flowgate/users.toml")
         );
-        assert_eq!(config.flows.len(), 2);
-        assert_eq!(config.flows[0].slug, DEFAULT_FLOW);
-        assert_eq!(config.flows[1].slug, DEFAULT_INVALIDATION_FLOW);
+        let slugs: Vec<&str> = config.flows.iter().map(|f| f.slug.as_str()).collect();
+        assert_eq!(
+            slugs,
+            [
+                DEFAULT_FLOW,
+                "default-authenticator-totp-setup",
+                "default-authenticator-static-setup",
+                DEFAULT_INVALIDATION_FLOW
+            ]
+        );
         assert_eq!(config.routes[0].flow, DEFAULT_FLOW);
         assert_eq!(config.routes[0].host, HostPattern::Any);
         assert_eq!(config.routes[0].path_prefix, "/");

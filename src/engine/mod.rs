@@ -11,6 +11,7 @@
 //! The plan lives in `FlowState` (the visitor's pre-auth session), never
 //! here: the engine itself holds only config and services.
 
+pub mod mfa;
 pub mod plan;
 pub mod policy;
 pub mod stage;
@@ -26,10 +27,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::{
-    Bindings, Config, DeniedAction, FlowAuthentication, FlowConfig, InvalidResponseAction,
-    StageBinding, UserField,
+    Bindings, Config, DeniedAction, Designation, FlowAuthentication, FlowConfig,
+    InvalidResponseAction, StageBinding, UserField,
 };
-use crate::directory::{Directory, User};
+use crate::directory::{Directory, TotpStep, User};
 use crate::flow::{
     AccessDenied, Challenge, Component, FlowError, FlowExecutor, FlowInfo, FlowRequest, FlowState,
     FlowSummary, Login, Step,
@@ -38,7 +39,7 @@ use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::redirect::RedirectPolicy;
 use crate::session::{now_secs, Store};
-use plan::{Plan, Planned, LOGIN, PENDING_USER_IDENTIFIER, SECOND_FACTOR};
+use plan::{LoginChoice, Plan, Planned, LOGIN, PENDING_USER_IDENTIFIER, SECOND_FACTOR};
 use policy::{Facts, RequestFacts};
 use stage::{Cx, Outcome, StageConfig};
 pub use throttle::{Attempt, Throttle};
@@ -139,19 +140,38 @@ impl Services {
         }
     }
 
-    /// Whether `code` is good for one of `user`'s devices now, and not
-    /// used before: its time step is marked in the state store, so no
-    /// process on it takes the same code twice (RFC 6238 §5.2), across
-    /// reloads and restarts too.
+    /// Whether `code` is good for one of `user`'s TOTP devices (the users
+    /// file's and the store's) now, and not used before.
     pub async fn accept_totp(&self, user: &User, code: &str) -> bool {
-        let Some(matched) = self.directory.totp_step(user, code, now_secs()) else {
+        if user.disabled {
             return false;
+        }
+        let devices = match mfa::totp_devices(&self.state, user).await {
+            Ok(devices) => devices,
+            Err(error) => {
+                tracing::warn!(%error, "TOTP devices cannot be read: the code is refused");
+                return false;
+            }
         };
-        let mark = format!("totp:{}:{}", user.username, matched.device);
+        let now = now_secs();
+        match devices.iter().find_map(|d| d.step_for(code, now)) {
+            Some(matched) => {
+                self.spend_totp(&user.username, &matched.device, &matched)
+                    .await
+            }
+            None => false,
+        }
+    }
+
+    /// Mark `device`'s time step used: whether it was not before. The mark
+    /// is in the state store, so no process on it takes the same code
+    /// twice (RFC 6238 §5.2), across reloads and restarts too.
+    pub async fn spend_totp(&self, username: &str, device: &str, step: &TotpStep) -> bool {
+        let mark = format!("totp:{username}:{device}");
         // A step is good for a period either side of its own (clock skew):
         // the mark must outlive that.
-        let ttl = Duration::from_secs(matched.period.saturating_mul(3));
-        match self.state.raise(&mark, matched.step, ttl).await {
+        let ttl = Duration::from_secs(step.period.saturating_mul(3));
+        match self.state.raise(&mark, step.step, ttl).await {
             Ok(fresh) => fresh,
             Err(error) => {
                 tracing::warn!(%error, "used TOTP codes cannot be checked: the code is refused");
@@ -545,7 +565,15 @@ impl Engine {
             .unwrap_or_else(|| "/".to_owned());
         match self.redirects.check(&next) {
             Some(to) => {
-                let login = plan.context.get(&LOGIN);
+                // An authorization flow run by a signed-in user ends with
+                // them still signed in, and the flow done.
+                let login = plan.context.get(&LOGIN).or_else(|| {
+                    let user = request.user?;
+                    (flow.designation == Designation::Authorization).then(|| LoginChoice {
+                        user: user.username.clone(),
+                        ..LoginChoice::default()
+                    })
+                });
                 let logged_in = login.is_some();
                 state.second_factor = logged_in && plan.context.get(&SECOND_FACTOR) == Some(true);
                 let login = login.unwrap_or_default();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::plan::{Plan, PENDING_USER, PENDING_USER_IDENTIFIER};
+use super::plan::{Plan, PASSWORD_OK, PENDING_USER, PENDING_USER_IDENTIFIER};
 use super::stages;
 use super::Services;
 use crate::config::{FlowConfig, Options, UserField};
@@ -46,6 +46,23 @@ impl Cx<'_> {
     pub fn user(&self) -> Option<Arc<User>> {
         let name = self.plan.context.get(&PENDING_USER)?;
         self.services.directory.find(&name, &[UserField::Username])
+    }
+
+    /// Whom a stage that changes a user's second factors acts for: the
+    /// pending user once their password was checked in this plan, else
+    /// the signed-in visitor (a setup flow run after login).
+    pub fn subject(&self) -> Option<Arc<User>> {
+        let pending = self
+            .user()
+            .filter(|_| self.plan.context.get(&PASSWORD_OK) == Some(true));
+        pending
+            .or_else(|| {
+                let signed_in = self.request.user?;
+                self.services
+                    .directory
+                    .find(&signed_in.username, &[UserField::Username])
+            })
+            .filter(|u| !u.disabled)
     }
 
     /// The pending user as challenges show them: the name as typed.
@@ -90,6 +107,12 @@ pub trait Stage: fmt::Debug + Send + Sync {
     fn flow_named(&self) -> Option<&str> {
         None
     }
+
+    /// Other stages this one may put in the plan, for the config to check
+    /// that they exist.
+    fn stages_named(&self) -> Vec<&str> {
+        Vec::new()
+    }
 }
 
 /// One stage kind: its name in `kind = "…"` and the reader of its options.
@@ -110,6 +133,9 @@ pub const KINDS: &[Kind] = &[
     stages::prompt::KIND,
     stages::redirect::KIND,
     stages::user_logout::KIND,
+    stages::authenticator_totp::KIND,
+    stages::authenticator_static::KIND,
+    stages::consent::KIND,
 ];
 
 /// Stage names a flow may use without a `[stage.<name>]` table, and their
@@ -120,6 +146,9 @@ pub const BUILTINS: &[(&str, &str)] = &[
     ("mfa", "authenticator_validate"),
     ("login", "user_login"),
     ("deny", "deny"),
+    ("totp-setup", "authenticator_totp"),
+    ("recovery-codes", "authenticator_static"),
+    ("logout", "user_logout"),
 ];
 
 /// Other spellings of the built-in stage names.

@@ -136,7 +136,14 @@ pub fn decide<'r>(
     }
     let public = (request.preflight && route.skip_auth_preflight)
         || route.skip_auth.iter().any(|re| re.is_match(&path));
-    let flow = route.flow.as_str();
+    // Signed in through the route's flow, a user still has to go through
+    // its authorization flow, once per session.
+    let flow = match (session, &route.authorization_flow) {
+        (Some(signed), Some(authorization)) if signed.completed(&route.flow) => {
+            authorization.as_str()
+        }
+        _ => route.flow.as_str(),
+    };
     // Decided once per request: a route's policies are not free.
     let permitted = session.map(|signed| permitted(route, signed, request, &path));
     match session {
@@ -333,6 +340,7 @@ mod tests {
             path_parameters: PathRule::Refuse,
             authentik_application: None,
             policies: Default::default(),
+            authorization_flow: None,
         }
     }
 

@@ -292,6 +292,7 @@ mod tests {
             path_parameters: PathRule::Refuse,
             authentik_application: None,
             policies: Default::default(),
+            authorization_flow: None,
         }];
         let path = Canonical::of("/").unwrap();
         let request = Request {

@@ -600,6 +600,9 @@ pub struct JsonFlow {
     pub url: String,
     /// Sent as `X-Forwarded-For` (for a gate that trusts loopback).
     pub forwarded_for: Option<String>,
+    /// A signed-in client's CSRF token, sent with each POST (as authentik's
+    /// clients send `X-authentik-CSRF`).
+    pub csrf: Option<String>,
 }
 
 impl JsonFlow {
@@ -618,7 +621,25 @@ impl JsonFlow {
                 url::form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>()
             ),
             forwarded_for: None,
+            csrf: None,
         }
+    }
+
+    /// For a client `signed_in` gave, with the `cookie` it gave.
+    pub fn signed_in(
+        client: reqwest::Client,
+        cookie: &str,
+        base: &str,
+        slug: &str,
+        next: &str,
+    ) -> JsonFlow {
+        let mut flow = JsonFlow::with_client(client, base, slug, next);
+        flow.csrf = cookie
+            .split("; ")
+            .find_map(|c| c.strip_prefix("flowgate_session_csrf="))
+            .map(str::to_owned);
+        assert!(flow.csrf.is_some(), "no CSRF cookie in {cookie}");
+        flow
     }
 
     fn send(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -645,11 +666,11 @@ impl JsonFlow {
     /// Answer the challenge: what comes after (the same challenge with
     /// errors, the next one, or the end).
     pub async fn post(&self, body: Value) -> Value {
-        let response = self
-            .send(self.client.post(&self.url).json(&body))
-            .send()
-            .await
-            .unwrap();
+        let mut request = self.send(self.client.post(&self.url).json(&body));
+        if let Some(csrf) = &self.csrf {
+            request = request.header("x-authentik-csrf", csrf);
+        }
+        let response = request.send().await.unwrap();
         match response.status().as_u16() {
             302 => self.get().await,
             200 => response.json().await.unwrap(),

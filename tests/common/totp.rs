@@ -59,3 +59,30 @@ pub fn base32(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// The key an `otpauth://` URI carries (its base32 `secret`), decoded.
+pub fn key_of_uri(uri: &str) -> Vec<u8> {
+    let url = url::Url::parse(uri).unwrap();
+    assert_eq!(url.scheme(), "otpauth", "{uri}");
+    let secret = url
+        .query_pairs()
+        .find(|(k, _)| k == "secret")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| panic!("no secret in {uri}"));
+    let (mut out, mut buffer, mut bits) = (Vec::new(), 0u32, 0u32);
+    for c in secret.chars() {
+        let value = match c {
+            'A'..='Z' => c as u32 - 'A' as u32,
+            '2'..='7' => c as u32 - '2' as u32 + 26,
+            _ => panic!("not base32: {secret}"),
+        };
+        buffer = (buffer << 5) | value;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+            buffer &= (1 << bits) - 1;
+        }
+    }
+    out
+}

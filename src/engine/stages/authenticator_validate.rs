@@ -1,14 +1,20 @@
 //! `authenticator_validate` (`ak-stage-authenticator-validate`): a second
-//! factor of the pending user's, once their password is known good.
+//! factor of the pending user's, once their password is known good: a
+//! TOTP code (from the users file's devices or the store's), or a
+//! recovery code, each good once.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{FAILED_TO_AUTHENTICATE, THROTTLED};
 use crate::directory::User;
-use crate::engine::plan::{PASSWORD_OK, PENDING_USER, PENDING_USER_IDENTIFIER, SECOND_FACTOR};
+use crate::engine::mfa;
+use crate::engine::plan::{
+    Key, Planned, PASSWORD_OK, PENDING_USER, PENDING_USER_IDENTIFIER, SECOND_FACTOR,
+};
 use crate::engine::stage::{Cx, Kind, Outcome, Stage};
 use crate::flow::{field_error, AuthenticatorValidate as Challenge, Component, DeviceChallenge};
 use crate::login::FAILED_TOTP;
@@ -23,28 +29,78 @@ pub enum NotConfiguredAction {
     Skip,
     /// Users without a second factor are refused.
     Deny,
+    /// Users without a second factor set one up: the stages named in
+    /// `configuration_stages` run next.
+    Configure,
 }
+
+/// The device classes this stage checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceClass {
+    Totp,
+    Static,
+}
+
+/// What the GET found the user has, for the challenge to show.
+const OFFERED: Key<Vec<(DeviceClass, String)>> = Key::new("mfa_offered");
 
 pub const KIND: Kind = Kind {
     name: "authenticator_validate",
     read: |options| {
+        let mut device_classes = vec![DeviceClass::Totp, DeviceClass::Static];
+        if let Some((items, place)) = options.strings("device_classes") {
+            device_classes.clear();
+            for (class, at) in items {
+                match class.as_str() {
+                    "totp" => device_classes.push(DeviceClass::Totp),
+                    "static" => device_classes.push(DeviceClass::Static),
+                    other => options.error_at(
+                        &at,
+                        format!("\"{other}\" is not a device class flowgate checks; use \"totp\" or \"static\""),
+                    ),
+                }
+            }
+            if device_classes.is_empty() {
+                options.error_at(&place, "name at least one of \"totp\", \"static\"");
+            }
+        }
+        let not_configured_action = options.choice(
+            "not_configured_action",
+            &[
+                ("skip", NotConfiguredAction::Skip),
+                ("deny", NotConfiguredAction::Deny),
+                ("configure", NotConfiguredAction::Configure),
+            ],
+            NotConfiguredAction::Skip,
+        );
+        // Without a list, `configure` sets up an authenticator app.
+        let configuration_stages: Vec<String> = match options.strings("configuration_stages") {
+            Some((items, place)) => {
+                if items.is_empty() {
+                    options.error_at(&place, "name at least one stage, e.g. \"totp-setup\"");
+                }
+                items.into_iter().map(|(s, _)| s).collect()
+            }
+            None => vec!["totp-setup".to_owned()],
+        };
         Arc::new(AuthenticatorValidate {
-            not_configured_action: options.choice(
-                "not_configured_action",
-                &[
-                    ("skip", NotConfiguredAction::Skip),
-                    ("deny", NotConfiguredAction::Deny),
-                ],
-                NotConfiguredAction::Skip,
-            ),
+            device_classes,
+            not_configured_action,
+            configuration_stages,
         })
     },
 };
 
 #[derive(Debug)]
 pub struct AuthenticatorValidate {
-    /// `not_configured_action`: `skip` (default) | `deny`.
+    /// `device_classes`, default `["totp", "static"]`.
+    pub device_classes: Vec<DeviceClass>,
+    /// `not_configured_action`: `skip` (default) | `deny` | `configure`.
     pub not_configured_action: NotConfiguredAction,
+    /// `configuration_stages`: the setup stages `configure` runs, default
+    /// `["totp-setup"]`.
+    pub configuration_stages: Vec<String>,
 }
 
 impl AuthenticatorValidate {
@@ -53,24 +109,31 @@ impl AuthenticatorValidate {
         cx.user()
             .filter(|_| cx.plan.context.get(&PASSWORD_OK) == Some(true))
     }
+
+    fn checks(&self, class: DeviceClass) -> bool {
+        self.device_classes.contains(&class)
+    }
 }
 
 #[async_trait]
 impl Stage for AuthenticatorValidate {
     fn challenge(&self, cx: &Cx<'_>) -> Component {
-        let devices = cx.user().map(|u| u.totp.clone()).unwrap_or_default();
+        let offered = cx.plan.context.get(&OFFERED).unwrap_or_default();
         Component::AuthenticatorValidate(Challenge {
             user: cx.pending_user(),
             // One entry per device class (§2.2), not per device.
-            device_challenges: devices
-                .first()
-                .map(|d| DeviceChallenge {
-                    device_class: "totp".into(),
-                    device_uid: d.uid.clone(),
+            device_challenges: offered
+                .into_iter()
+                .map(|(class, uid)| DeviceChallenge {
+                    device_class: match class {
+                        DeviceClass::Totp => "totp",
+                        DeviceClass::Static => "static",
+                    }
+                    .into(),
+                    device_uid: uid,
                     challenge: Value::Object(Default::default()),
                     last_used: None,
                 })
-                .into_iter()
                 .collect(),
             configuration_stages: Vec::new(),
         })
@@ -80,12 +143,48 @@ impl Stage for AuthenticatorValidate {
         let Some(user) = Self::user(cx) else {
             return Outcome::Deny(FAILED_TO_AUTHENTICATE.into());
         };
-        match (user.totp.is_empty(), self.not_configured_action) {
-            (true, NotConfiguredAction::Skip) => Outcome::Pass,
-            (true, NotConfiguredAction::Deny) => {
+        let state = &cx.services.state;
+        let (totp, stored) = match (
+            mfa::totp_devices(state, &user).await,
+            mfa::devices(state, &user.username).await,
+        ) {
+            (Ok(totp), Ok(stored)) => (totp, stored),
+            (Err(error), _) | (_, Err(error)) => {
+                // Unknown is not "none": skipping would let a user with a
+                // device in without it.
+                tracing::warn!(%error, "second factors cannot be read: the stage is refused");
+                return Outcome::Deny(FAILED_TO_AUTHENTICATE.into());
+            }
+        };
+        let mut offered = Vec::new();
+        if let Some(first) = totp.first().filter(|_| self.checks(DeviceClass::Totp)) {
+            offered.push((DeviceClass::Totp, first.uid.clone()));
+        }
+        if !stored.recovery.is_empty() && self.checks(DeviceClass::Static) {
+            offered.push((DeviceClass::Static, "recovery".to_owned()));
+        }
+        if !offered.is_empty() {
+            cx.plan.context.set(&OFFERED, offered);
+            return Outcome::Show;
+        }
+        match self.not_configured_action {
+            NotConfiguredAction::Skip => Outcome::Pass,
+            NotConfiguredAction::Deny => {
                 Outcome::Deny("No authenticator configured for this account.".into())
             }
-            (false, _) => Outcome::Show,
+            NotConfiguredAction::Configure => {
+                // Right after this stage, in their order.
+                for (i, stage) in self.configuration_stages.iter().enumerate() {
+                    cx.plan.stages.insert(
+                        1 + i,
+                        Planned {
+                            stage: stage.clone(),
+                            binding: None,
+                        },
+                    );
+                }
+                Outcome::Pass
+            }
         }
     }
 
@@ -118,7 +217,23 @@ impl Stage for AuthenticatorValidate {
         else {
             return Outcome::Invalid(field_error("code", THROTTLED, "throttled"));
         };
-        if services.accept_totp(&user, &code).await {
+        let offered = cx.plan.context.get(&OFFERED).unwrap_or_default();
+        let offers = |class| offered.iter().any(|(c, _)| *c == class);
+        let accepted = (offers(DeviceClass::Totp) && services.accept_totp(&user, &code).await)
+            || (offers(DeviceClass::Static)
+                && match mfa::use_recovery_code(&services.state, &user.username, &code).await {
+                    Ok(used) => {
+                        if used {
+                            tracing::info!(user = %user.username, "a recovery code was used");
+                        }
+                        used
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "recovery codes cannot be checked: the code is refused");
+                        false
+                    }
+                });
+        if accepted {
             cx.plan.context.set(&SECOND_FACTOR, true);
             Outcome::Pass
         } else {
@@ -127,5 +242,12 @@ impl Stage for AuthenticatorValidate {
                 .await;
             Outcome::Invalid(field_error("code", INVALID_TOKEN, "invalid"))
         }
+    }
+
+    fn stages_named(&self) -> Vec<&str> {
+        self.configuration_stages
+            .iter()
+            .map(String::as_str)
+            .collect()
     }
 }

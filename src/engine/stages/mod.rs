@@ -1,6 +1,9 @@
 //! The stage kinds, one file each (`engine::stage` registers them).
 
+pub mod authenticator_static;
+pub mod authenticator_totp;
 pub mod authenticator_validate;
+pub mod consent;
 pub mod deny;
 pub mod identification;
 pub mod password;

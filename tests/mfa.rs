@@ -1,0 +1,235 @@
+//! Second factors kept in the state store: a TOTP device enrolled in the
+//! login flow and used at the next login, recovery codes good once, codes
+//! never good twice, and the operator's `flowgate totp` and
+//! `flowgate recovery-codes` beside a running server.
+
+mod common;
+
+use std::process::Command;
+
+use common::totp::{key_of_uri, step_now, totp_at};
+use common::*;
+use serde_json::{json, Value};
+
+/// The default flow with its MFA stage set to enrol users who have none,
+/// and a flow in which a signed-in user makes recovery codes.
+fn config(upstream: &str) -> String {
+    basic_config(
+        upstream,
+        r#"
+[stage.mfa]
+not_configured_action = "configure"
+
+[[flow]]
+slug = "recovery-setup"
+designation = "stage_configuration"
+authentication = "require_authenticated"
+stages = ["recovery-codes"]
+"#,
+    )
+}
+
+/// Identification and password for alice: the challenge after.
+async fn past_password(flow: &JsonFlow) -> Value {
+    assert_eq!(flow.get().await["component"], "ak-stage-identification");
+    flow.post(json!({"uid_field": "alice"})).await;
+    flow.post(json!({"password": ALICE.password})).await
+}
+
+/// A client signed in as alice with a code from `key` (a jar kept, for the
+/// CSRF cookie), and its cookie header.
+async fn signed_in_with_code(gate: &Flowgate, key: &[u8]) -> (reqwest::Client, String) {
+    use reqwest::cookie::CookieStore;
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let client = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let flow = JsonFlow::with_client(client.clone(), &gate.url(""), FLOW, "/");
+    assert_eq!(
+        past_password(&flow).await["component"],
+        "ak-stage-authenticator-validate"
+    );
+    let done = flow
+        .post(json!({"code": totp_at(key, step_now() + 1)}))
+        .await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    let cookie = jar.cookies(&gate.url("/").parse().unwrap()).unwrap();
+    (client, cookie.to_str().unwrap().to_owned())
+}
+
+fn cli(gate: &Flowgate, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(args)
+        .arg("--config")
+        .arg(gate.path().join("flowgate.toml"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{args:?}: {output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_enrolled_at_login_is_asked_for_at_the_next_and_a_code_is_good_once() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&config(&upstream.url()), &users_file(&[&ALICE]));
+
+    // First login: no device yet, so the flow sets one up.
+    let first = JsonFlow::new(&gate.url(""), FLOW, "/");
+    let setup = past_password(&first).await;
+    assert_eq!(setup["component"], "ak-stage-authenticator-totp", "{setup}");
+    let uri = setup["config_url"].as_str().unwrap();
+    assert!(
+        uri.starts_with("otpauth://totp/flowgate%3Aalice?secret="),
+        "{uri}"
+    );
+    let key = key_of_uri(uri);
+    let wrong = first.post(json!({"code": "000000"})).await;
+    assert_eq!(
+        wrong["response_errors"]["code"][0]["string"],
+        "Code does not match"
+    );
+    let step = step_now();
+    let done = first.post(json!({"code": totp_at(&key, step)})).await;
+    assert_eq!(done, json!({"component": "xak-flow-redirect", "to": "/"}));
+
+    // The next login asks for a code from that device.
+    let second = JsonFlow::new(&gate.url(""), FLOW, "/");
+    let validate = past_password(&second).await;
+    assert_eq!(
+        validate["component"], "ak-stage-authenticator-validate",
+        "{validate}"
+    );
+    assert_eq!(validate["device_challenges"][0]["device_class"], "totp");
+    let bad = second.post(json!({"code": "123456"})).await;
+    assert_eq!(bad["component"], "ak-stage-authenticator-validate");
+    assert!(bad["response_errors"]["code"].is_array(), "{bad}");
+    // The code that proved the setup is spent already.
+    let replayed = second.post(json!({"code": totp_at(&key, step)})).await;
+    assert!(replayed["response_errors"]["code"].is_array(), "{replayed}");
+    // The next step's code (within the skew allowed) is good, once.
+    let code = totp_at(&key, step + 1);
+    let done = second.post(json!({"code": code.clone()})).await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    let third = JsonFlow::new(&gate.url(""), FLOW, "/");
+    past_password(&third).await;
+    let again = third.post(json!({"code": code})).await;
+    assert!(
+        again["response_errors"]["code"].is_array(),
+        "replayed: {again}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recovery_codes_from_a_setup_flow_and_from_the_cli_each_work_once() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&config(&upstream.url()), &users_file(&[&ALICE]));
+    {
+        let first = JsonFlow::new(&gate.url(""), FLOW, "/");
+        let setup = past_password(&first).await;
+        let key = key_of_uri(setup["config_url"].as_str().unwrap());
+        first.post(json!({"code": totp_at(&key, step_now())})).await;
+        // Signed in, alice makes recovery codes in the setup flow.
+        let (client, cookie) = signed_in_with_code(&gate, &key).await;
+        let codes_flow = JsonFlow::signed_in(client, &cookie, &gate.url(""), "recovery-setup", "/");
+        let shown = codes_flow.get().await;
+        assert_eq!(
+            shown["component"], "ak-stage-authenticator-static",
+            "{shown}"
+        );
+        let codes: Vec<String> = shown["codes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(codes.len(), 8);
+        assert_eq!(
+            codes_flow.post(json!({})).await["component"],
+            "xak-flow-redirect"
+        );
+        let login = JsonFlow::new(&gate.url(""), FLOW, "/");
+        let validate = past_password(&login).await;
+        let classes: Vec<&str> = validate["device_challenges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["device_class"].as_str().unwrap())
+            .collect();
+        assert_eq!(classes, ["totp", "static"]);
+        assert_eq!(
+            login.post(json!({"code": codes[0].clone()})).await["component"],
+            "xak-flow-redirect"
+        );
+        let login = JsonFlow::new(&gate.url(""), FLOW, "/");
+        past_password(&login).await;
+        let reused = login.post(json!({"code": codes[0].clone()})).await;
+        assert!(
+            reused["response_errors"]["code"].is_array(),
+            "used twice: {reused}"
+        );
+        assert_eq!(
+            login.post(json!({"code": codes[1].clone()})).await["component"],
+            "xak-flow-redirect",
+            "another of the set"
+        );
+    }
+
+    // The operator makes a new set: the old one stops working.
+    let printed = cli(&gate, &["recovery-codes", "alice"]);
+    let fresh: Vec<&str> = printed
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(fresh.len(), 8, "{printed}");
+    let login = JsonFlow::new(&gate.url(""), FLOW, "/");
+    past_password(&login).await;
+    assert_eq!(
+        login.post(json!({"code": fresh[3]})).await["component"],
+        "xak-flow-redirect",
+        "{printed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_enrols_lists_and_removes_devices_beside_a_running_server() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(&basic_config(&upstream.url(), ""), &users_file(&[&ALICE]));
+    let printed = cli(&gate, &["totp", "enroll", "alice", "--name", "phone"]);
+    let uri = printed
+        .lines()
+        .find(|l| l.starts_with("otpauth://"))
+        .unwrap_or_else(|| panic!("no URI: {printed}"));
+    assert!(
+        printed.contains('█'),
+        "a QR code in the terminal: {printed}"
+    );
+    let key = key_of_uri(uri);
+    let listed = cli(&gate, &["totp", "list", "alice"]);
+    assert!(
+        listed.contains("s1") && listed.contains("phone"),
+        "{listed}"
+    );
+
+    let login = JsonFlow::new(&gate.url(""), FLOW, "/");
+    let validate = past_password(&login).await;
+    assert_eq!(
+        validate["component"], "ak-stage-authenticator-validate",
+        "{validate}"
+    );
+    assert_eq!(
+        login.post(json!({"code": totp_at(&key, step_now())})).await["component"],
+        "xak-flow-redirect"
+    );
+
+    cli(&gate, &["totp", "remove", "alice", "--device", "s1"]);
+    let login = JsonFlow::new(&gate.url(""), FLOW, "/");
+    assert_eq!(
+        past_password(&login).await["component"],
+        "xak-flow-redirect",
+        "no device left: the default MFA stage lets her through"
+    );
+}
