@@ -17,6 +17,7 @@ pub mod demo;
 pub mod directory;
 pub mod engine;
 pub mod executor_api;
+pub mod expression;
 pub mod flow;
 pub mod gate;
 pub mod gateway;
