@@ -106,6 +106,7 @@ impl Gateway {
             ),
             client_ip: context.client_ip,
             https: context.https,
+            headers: Some(headers),
         };
         let prefix = self.config.server.prefix.as_str();
         let verdict = crate::gate::decide(&self.config.routes, prefix, &facts, signed_in.as_ref());

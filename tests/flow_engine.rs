@@ -505,3 +505,72 @@ fn every_example_in_the_flows_guide_is_a_valid_config() {
     }
     assert!(examples >= 5, "only {examples} examples found");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expression_policy_decides_on_group_path_and_headers() {
+    let upstream = Upstream::start().await;
+    let extra = format!(
+        r#"
+[policy.admin-area]
+kind = "expression"
+expression = '''
+"admins" in user.groups
+  || !request.path.startsWith("/ops/admin")
+'''
+
+[policy.prod-header]
+kind = "expression"
+expression = '!("x-env" in request.headers) || request.headers["x-env"] != "prod" || "admins" in user.groups'
+
+[[route]]
+host = "*"
+path_prefix = "/ops"
+upstream = "{0}"
+flow = "{FLOW}"
+policies = ["admin-area", "prod-header"]
+policy_engine_mode = "all"
+"#,
+        upstream.url()
+    );
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), &extra),
+        &users_file(&[&ALICE, &BOB]),
+    );
+    let bob = client();
+    json_login(&bob, &gate.url(""), "bob", BOB.password, "/").await;
+    assert_eq!(
+        upstream_user(&bob, gate.url("/ops/status"))
+            .await
+            .as_deref(),
+        Some("bob")
+    );
+    assert_eq!(api_status(&bob, gate.url("/ops/admin")).await, 403);
+    assert_eq!(api_status(&bob, gate.url("/ops/admin/users")).await, 403);
+    assert_eq!(
+        api_status(&bob, gate.url("/ops/%61dmin")).await,
+        403,
+        "the canonical path"
+    );
+    assert_eq!(
+        api_status(&bob, gate.url("/ops/status/../admin")).await,
+        403
+    );
+    let with_header = |client: &reqwest::Client, value: &str| {
+        client
+            .get(gate.url("/ops/status"))
+            .header("accept", "application/json")
+            .header("x-env", value)
+            .send()
+    };
+    assert_eq!(with_header(&bob, "prod").await.unwrap().status(), 403);
+    assert_eq!(with_header(&bob, "staging").await.unwrap().status(), 200);
+    let alice = client();
+    json_login(&alice, &gate.url(""), "alice", ALICE.password, "/").await;
+    assert_eq!(
+        upstream_user(&alice, gate.url("/ops/admin"))
+            .await
+            .as_deref(),
+        Some("alice")
+    );
+    assert_eq!(with_header(&alice, "prod").await.unwrap().status(), 200);
+}

@@ -253,6 +253,31 @@ impl Options<'_, '_, '_> {
         })
     }
 
+    /// A string that is a program (an expression): its text, where it is,
+    /// and the file line its first line is on (a multi-line string starts
+    /// below its key), for errors inside it.
+    pub(crate) fn source(&mut self, key: &'static str) -> Option<(String, Place, Option<usize>)> {
+        let (raw, place) = self.reader.get(&mut self.section, key)?;
+        match raw {
+            Raw::Env(text) => Some((text, place, None)),
+            Raw::Toml(item) => {
+                let Some(text) = item.as_str() else {
+                    let message = format!("expected a string, found {}", type_name(item));
+                    self.reader.error_at(&place, message);
+                    return None;
+                };
+                // Counted back from the closing quote, which is on the
+                // last line of the text (or just below it).
+                let first = item.span().map(|span| {
+                    let start = self.reader.line_at(span.start);
+                    let end = self.reader.line_at(span.end.saturating_sub(1));
+                    end.saturating_sub(text.matches('\n').count()).max(start)
+                });
+                Some((text.to_owned(), place, first))
+            }
+        }
+    }
+
     /// Each table of the `[[key]]` list (or inline list of tables), read
     /// by `each` with its own unknown keys reported.
     pub(crate) fn tables(
@@ -2997,6 +3022,38 @@ policies = [\"scores\"]
             errors[6].message.contains("bind it to a flow"),
             "{errors:#?}"
         );
+    }
+
+    #[test]
+    fn an_expression_with_a_mistake_is_reported_at_its_own_line() {
+        let src = "\
+[policy.odd]
+kind = \"expression\"
+expression = '''
+\"admins\" in user.groups
+  && request.path.startsWith(\"/x\"))
+'''
+
+[policy.unknown-name]
+kind = \"expression\"
+expression = 'usr.username == \"alice\"'
+
+[[route]]
+upstream = \"http://127.0.0.1:1\"
+policies = [\"odd\", \"unknown-name\"]
+";
+        let errors = errors(src);
+        let found: Vec<(Option<usize>, &str)> =
+            errors.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (Some(5), "policy.odd.expression"),
+                (Some(10), "policy.unknown-name.expression"),
+            ],
+            "{errors:#?}"
+        );
+        assert!(errors[1].message.contains("usr"), "{errors:#?}");
     }
 
     #[test]

@@ -206,10 +206,17 @@ impl Services {
             ),
             false => None,
         };
+        let (host, path) = where_to(request);
         let facts = Facts {
             user,
             identifier,
-            request: &request_facts(request),
+            request: RequestFacts {
+                ip: request.client_ip,
+                host: &host,
+                path: &path,
+                method: "GET",
+                headers: policy::no_headers(),
+            },
             context,
             reputation,
         };
@@ -217,12 +224,12 @@ impl Services {
     }
 }
 
-/// What policies see of a flow's request: the client's address, and the
-/// host and path of where the flow leads (`next`). A flow is not the
-/// request it was started for; a route's own policies see that one.
-fn request_facts(request: &FlowRequest<'_>) -> RequestFacts {
+/// The host and path of where a flow leads (`next`): what its policies see
+/// as the request's, with the client's address. A flow is not the request
+/// it was started for; a route's own policies see that one.
+fn where_to(request: &FlowRequest<'_>) -> (String, String) {
     let next = request.next().unwrap_or_default();
-    let (host, path) = match url::Url::parse(&next) {
+    match url::Url::parse(&next) {
         Ok(url) => (
             url.host_str().unwrap_or("").to_owned(),
             url.path().to_owned(),
@@ -231,13 +238,6 @@ fn request_facts(request: &FlowRequest<'_>) -> RequestFacts {
             String::new(),
             next.split(['?', '#']).next().unwrap_or("").to_owned(),
         ),
-    };
-    RequestFacts {
-        ip: request.client_ip,
-        host,
-        path,
-        method: "GET".to_owned(),
-        headers: Vec::new(),
     }
 }
 

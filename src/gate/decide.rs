@@ -28,6 +28,9 @@ pub struct Request<'a> {
     pub preflight: bool,
     pub client_ip: IpAddr,
     pub https: bool,
+    /// The request's headers, for a route's policies; `None` on the fast
+    /// lane, which leaves routes with policies to the general path.
+    pub headers: Option<&'a http::HeaderMap>,
 }
 
 /// An authenticated session, with its user as the directory has them now.
@@ -267,19 +270,23 @@ fn policies_pass(
     if route.policies.is_empty() {
         return true;
     }
+    let headers: &http::HeaderMap = match request.headers {
+        Some(headers) => headers,
+        None => crate::engine::policy::no_headers(),
+    };
     let facts = RequestFacts {
         ip: Some(request.client_ip),
-        host: request.host.to_owned(),
-        path: path.to_owned(),
-        method: request.method.to_owned(),
-        headers: Vec::new(),
+        host: request.host,
+        path,
+        method: request.method,
+        headers,
     };
     route
         .policies
         .evaluate(&Facts {
             user: Some(identity),
             identifier: None,
-            request: &facts,
+            request: facts,
             context: &serde_json::Map::new(),
             reputation: None,
         })
@@ -379,6 +386,7 @@ mod tests {
             preflight: false,
             client_ip: "127.0.0.1".parse().unwrap(),
             https: false,
+            headers: None,
         };
         decide(routes, "/_flowgate", &request, session)
     }
@@ -591,6 +599,7 @@ mod tests {
             preflight: true,
             client_ip: "127.0.0.1".parse().unwrap(),
             https: false,
+            headers: None,
         };
         assert!(matches!(
             decide(&routes, "/_flowgate", &preflight, None),

@@ -303,6 +303,7 @@ mod tests {
             preflight: false,
             client_ip: "127.0.0.1".parse().unwrap(),
             https: false,
+            headers: None,
         };
         let verdict = |session: Arc<Session>| {
             let signed = resolve(&directory, &"id".into(), session);

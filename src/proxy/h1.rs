@@ -907,6 +907,7 @@ fn prepare(
         preflight: crate::gate::is_preflight(method, origin, request_method),
         client_ip,
         https,
+        headers: None,
     };
     let verdict = crate::gate::decide(
         &gateway.config.routes,
@@ -914,6 +915,14 @@ fn prepare(
         &facts,
         signed_in.as_ref(),
     );
+    // A route's policies may read any header: the general path has them
+    // all, parsed.
+    if verdict
+        .route()
+        .is_some_and(|i| !gateway.config.routes[i].policies.is_empty())
+    {
+        return Prepared::General("route policies");
+    }
     let (index, identity) = match verdict {
         Verdict::Forward { route, identity } => (route, identity),
         Verdict::Reserved => return Prepared::Once("flowgate's own path"),

@@ -11,11 +11,11 @@
 //! gate's decision stays a pure function and its time is bounded by the
 //! policies' own size (expressions are size-limited and loop-free).
 
+pub mod expression;
 mod kinds;
 pub mod reputation;
 
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -23,16 +23,16 @@ use serde_json::{Map, Value};
 use crate::config::Options;
 use crate::identity::Identity;
 
-/// The request a decision is about, as the gate canonicalised it.
-#[derive(Debug, Clone, Default)]
-pub struct RequestFacts {
-    pub ip: Option<IpAddr>,
-    pub host: String,
-    /// The canonical path, without the query.
-    pub path: String,
-    pub method: String,
-    /// Lower-case names; a repeated header once, its values joined by `, `.
-    pub headers: Vec<(String, String)>,
+/// The request a decision is about (the expression language's view of
+/// it, shared by every policy kind).
+pub use crate::expression::RequestFacts;
+
+/// No headers: what a flow's policies see (a flow is not the request it
+/// was started for).
+pub fn no_headers() -> &'static http::HeaderMap {
+    static EMPTY: std::sync::LazyLock<http::HeaderMap> =
+        std::sync::LazyLock::new(http::HeaderMap::new);
+    &EMPTY
 }
 
 /// Everything a policy may look at.
@@ -41,7 +41,7 @@ pub struct Facts<'a> {
     pub user: Option<&'a Identity>,
     /// The name being tried at a login, matched or not (reputation).
     pub identifier: Option<&'a str>,
-    pub request: &'a RequestFacts,
+    pub request: RequestFacts<'a>,
     /// The flow's plan context (empty outside flows).
     pub context: &'a Map<String, Value>,
     /// The reputation scores of the client address and of the user (or
@@ -102,6 +102,7 @@ pub const KINDS: &[Kind] = &[
     kinds::TIME,
     kinds::PASSWORD,
     reputation::KIND,
+    expression::KIND,
 ];
 
 pub fn kind(name: &str) -> Option<&'static Kind> {
