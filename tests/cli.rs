@@ -35,7 +35,7 @@ fn check_accepts_the_shipped_example_config() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("OK (1 route, 2 flows, 0 users)"),
+        stdout.contains("OK (1 route, 4 flows, 0 users)"),
         "{stdout}"
     );
 }

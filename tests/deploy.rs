@@ -312,10 +312,10 @@ fn the_image_config_passes_check_laid_out_as_in_the_image() {
 #[test]
 fn the_example_config_passes_check() {
     let config = repo().join("config/flowgate.toml");
-    assert_ok(&check(&config, &[]), "OK (1 route, 2 flows, 0 users)");
+    assert_ok(&check(&config, &[]), "OK (1 route, 4 flows, 0 users)");
     assert_ok(
         &check(&config, &[("FLOWGATE_SESSION_SECRET", SECRET)]),
-        "OK (1 route, 2 flows, 0 users)",
+        "OK (1 route, 4 flows, 0 users)",
     );
 }
 

@@ -186,6 +186,8 @@ fn authentiks_examples_parse() {
                 "ak-stage-identification",
                 "ak-stage-password",
                 "ak-stage-authenticator-validate",
+                "ak-stage-authenticator-totp",
+                "ak-stage-authenticator-static",
                 "ak-stage-user-login",
                 "ak-stage-consent",
                 "ak-stage-prompt",
