@@ -452,6 +452,10 @@ pub struct FlowRequest<'a> {
     /// The visitor's current authenticated identity, if any.
     pub user: Option<&'a Identity>,
     pub client_ip: Option<IpAddr>,
+    /// What this executor asked the browser to keep at an earlier login
+    /// (`Login::memo`), as the gateway sealed it: only the gateway's own
+    /// memos, unaltered, come back here.
+    pub memo: Option<&'a Value>,
 }
 
 impl FlowRequest<'_> {
@@ -614,4 +618,18 @@ pub struct Login {
     /// `Max-Age` and ends with the browser session (the session itself
     /// keeps `session.lifetime` and the idle timeout).
     pub browser_session: bool,
+    /// What the browser is to keep from now on for the executor's later
+    /// flows on it (a second factor checked here, the identifier to fill
+    /// in), handed back in `FlowRequest::memo`; `None` leaves what it has.
+    pub memo: Option<Memo>,
+}
+
+/// A memo for the browser: sealed by the gateway into a long-lived cookie
+/// of its own, which outlives sessions and sign-out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Memo {
+    /// `Value::Null` forgets the memo (the cookie is cleared).
+    pub value: Value,
+    /// When the browser may drop it (unix seconds).
+    pub until: u64,
 }

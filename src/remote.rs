@@ -742,6 +742,8 @@ impl FlowExecutor for RemoteExecutor {
             // `session.lifetime`.
             remember: None,
             browser_session: false,
+            // The remote keeps its own cookies on its side of the flow.
+            memo: None,
             executor_session: Some(FlowState(
                 serde_json::to_value(RemoteState {
                     jar: remote.jar,
@@ -761,6 +763,7 @@ impl FlowExecutor for RemoteExecutor {
             query: "",
             user: None,
             client_ip: Some(remote.client.unwrap_or(client_ip)),
+            memo: None,
         };
         match self.drive(&request, &mut remote, None).await?.0 {
             Step::Done { .. } => Ok(()),

@@ -75,6 +75,7 @@ impl Flow {
             query: &self.query,
             user: visitor.session.identity.as_deref(),
             client_ip: Some(context.client_ip),
+            memo: visitor.memo.as_ref(),
         };
         (request, &mut self.state)
     }

@@ -574,3 +574,183 @@ policy_engine_mode = "all"
     );
     assert_eq!(with_header(&alice, "prod").await.unwrap().status(), 200);
 }
+
+/// A client with a cookie jar of its own, starting with `cookies`.
+fn jar_client(
+    gate: &Flowgate,
+    cookies: &[&str],
+) -> (reqwest::Client, std::sync::Arc<reqwest::cookie::Jar>) {
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let url: reqwest::Url = gate.url("/").parse().unwrap();
+    for cookie in cookies {
+        jar.add_cookie_str(&format!("{cookie}; Path=/"), &url);
+    }
+    let client = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    (client, jar)
+}
+
+fn memo_of(gate: &Flowgate, jar: &reqwest::cookie::Jar) -> Option<String> {
+    use reqwest::cookie::CookieStore;
+    let header = jar.cookies(&gate.url("/").parse().unwrap())?;
+    header
+        .to_str()
+        .unwrap()
+        .split("; ")
+        .find(|c| c.starts_with("flowgate_session_memo="))
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remembered_identifier_is_filled_in_on_that_browser_until_unticked() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(
+        &basic_config(
+            &upstream.url(),
+            "[stage.identification]\nenable_remember_me = true\n",
+        ),
+        &users_file(&[&ALICE]),
+    );
+    let (client, jar) = jar_client(&gate, &[]);
+    let flow = JsonFlow::with_client(client, &gate.url(""), FLOW, "/");
+    let first = flow.get().await;
+    assert_eq!(first["enable_remember_me"], true, "{first}");
+    assert!(
+        first
+            .get("pending_user_identifier")
+            .is_none_or(Value::is_null),
+        "{first}"
+    );
+    // Ticked, but the login fails: nothing is kept.
+    flow.post(json!({"uid_field": "alice", "remember_me": true}))
+        .await;
+    let wrong = flow.post(json!({"password": "not it"})).await;
+    assert_eq!(wrong["component"], "ak-stage-password");
+    assert_eq!(memo_of(&gate, &jar), None, "remembered before a login");
+    let done = flow.post(json!({"password": ALICE.password})).await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    let memo = memo_of(&gate, &jar).expect("the identifier is remembered");
+
+    // The browser, signed out: its name is filled in, on the JSON API and
+    // on the login page (the box still ticked).
+    let (client, _) = jar_client(&gate, &[&memo]);
+    let flow = JsonFlow::with_client(client.clone(), &gate.url(""), FLOW, "/");
+    let next = flow.get().await;
+    assert_eq!(next["pending_user_identifier"], "alice", "{next}");
+    let page = client
+        .get(gate.url(&format!("/_flowgate/flow/{FLOW}/?next=%2F")))
+        .send()
+        .await
+        .unwrap();
+    let page = match page.status().as_u16() {
+        302 | 303 => {
+            let to = page.headers()["location"].to_str().unwrap().to_owned();
+            client.get(gate.url(&to)).send().await.unwrap()
+        }
+        _ => page,
+    };
+    let html = page.text().await.unwrap();
+    assert!(html.contains("value=\"alice\""), "{html}");
+    assert!(html.contains("type=\"checkbox\" checked"), "{html}");
+    // A client that says nothing (authentik's own) leaves the memo.
+    let (client, jar) = jar_client(&gate, &[&memo]);
+    let flow = JsonFlow::with_client(client, &gate.url(""), FLOW, "/");
+    flow.get().await;
+    flow.post(json!({"uid_field": "alice"})).await;
+    flow.post(json!({"password": ALICE.password})).await;
+    assert_eq!(memo_of(&gate, &jar).as_deref(), Some(memo.as_str()));
+    // Unticked at a login: forgotten.
+    let (client, jar) = jar_client(&gate, &[&memo]);
+    let flow = JsonFlow::with_client(client, &gate.url(""), FLOW, "/");
+    flow.get().await;
+    flow.post(json!({"uid_field": "alice", "remember_me": false}))
+        .await;
+    let done = flow.post(json!({"password": ALICE.password})).await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    assert_eq!(memo_of(&gate, &jar), None, "forgotten");
+    // A memo made up by the client is no memo.
+    let forged = format!(
+        "flowgate_session_memo={}.{}",
+        base64url(br#"{"identifier":"admin"}"#),
+        "A".repeat(43)
+    );
+    let (client, _) = jar_client(&gate, &[&forged]);
+    let flow = JsonFlow::with_client(client, &gate.url(""), FLOW, "/");
+    let next = flow.get().await;
+    assert!(
+        next.get("pending_user_identifier")
+            .is_none_or(Value::is_null),
+        "{next}"
+    );
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_s_validation_policies_refuse_a_weak_password_with_their_message() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(
+        &basic_config(
+            &upstream.url(),
+            r#"
+[policy.strong-password]
+kind = "password"
+length_min = 12
+amount_digits = 1
+error_message = "Use at least 12 characters, one of them a digit."
+
+[policy.not-the-name]
+kind = "expression"
+expression = "!(context.prompt_data.password.contains('alice'))"
+message = "Do not use your name."
+
+[stage.new-password]
+kind = "prompt"
+validation_policies = ["strong-password", "not-the-name"]
+
+[[stage.new-password.field]]
+key = "password"
+type = "password"
+
+[[stage.new-password.field]]
+key = "password_repeat"
+type = "password"
+
+[[flow]]
+slug = "change-password"
+stages = ["identification", "password", "new-password", "login"]
+"#,
+        ),
+        &users_file(&[&ALICE]),
+    );
+    let flow = JsonFlow::new(&gate.url(""), "change-password", "/");
+    let prompt = past_password(&flow, &ALICE).await;
+    assert_eq!(prompt["component"], "ak-stage-prompt", "{prompt}");
+    let weak = flow
+        .post(json!({"password": "short1", "password_repeat": "short1"}))
+        .await;
+    assert_eq!(weak["component"], "ak-stage-prompt");
+    assert_eq!(
+        error(&weak, "non_field_errors"),
+        "Use at least 12 characters, one of them a digit."
+    );
+    let named = flow
+        .post(json!({"password": "alice-is-42-years", "password_repeat": "alice-is-42-years"}))
+        .await;
+    assert_eq!(error(&named, "non_field_errors"), "Do not use your name.");
+    // Mismatched passwords are told before any policy runs.
+    let differ = flow
+        .post(json!({"password": "a-good-one-42", "password_repeat": "another-42-x"}))
+        .await;
+    assert_eq!(error(&differ, "non_field_errors"), "Passwords don't match.");
+    let done = flow
+        .post(json!({"password": "a-good-one-42", "password_repeat": "a-good-one-42"}))
+        .await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+}

@@ -233,3 +233,174 @@ async fn the_operator_enrols_lists_and_removes_devices_beside_a_running_server()
         "no device left: the default MFA stage lets her through"
     );
 }
+
+/// The secret of `GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ`, RFC 6238's test key.
+const FILE_KEY: &[u8] = b"12345678901234567890";
+
+/// `name` with a TOTP device in the users file.
+fn with_totp(name: &'static str) -> TestUser {
+    TestUser {
+        username: name,
+        password: "a long test password",
+        email: "",
+        groups: &[],
+        extra: "totp = [\"GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ\"]",
+    }
+}
+
+/// A client with its own cookie jar, which may start with `cookies`.
+fn browser(
+    gate: &Flowgate,
+    cookies: &[&str],
+) -> (reqwest::Client, std::sync::Arc<reqwest::cookie::Jar>) {
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let url: reqwest::Url = gate.url("/").parse().unwrap();
+    for cookie in cookies {
+        jar.add_cookie_str(&format!("{cookie}; Path=/"), &url);
+    }
+    let client = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    (client, jar)
+}
+
+/// The memo cookie (`name=value`) in `jar`, if there is one.
+fn memo_in(gate: &Flowgate, jar: &reqwest::cookie::Jar) -> Option<String> {
+    use reqwest::cookie::CookieStore;
+    let header = jar.cookies(&gate.url("/").parse().unwrap())?;
+    header
+        .to_str()
+        .unwrap()
+        .split("; ")
+        .find(|c| c.starts_with("flowgate_session_memo="))
+        .map(str::to_owned)
+}
+
+/// Identification and password of `user` in a flow on `client`.
+async fn password_of(
+    gate: &Flowgate,
+    client: reqwest::Client,
+    user: &TestUser,
+) -> (JsonFlow, Value) {
+    let flow = JsonFlow::with_client(client, &gate.url(""), FLOW, "/");
+    assert_eq!(flow.get().await["component"], "ak-stage-identification");
+    flow.post(json!({"uid_field": user.username})).await;
+    let after = flow.post(json!({"password": user.password})).await;
+    (flow, after)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_factor_is_not_asked_again_on_the_same_browser_within_last_auth_threshold() {
+    let upstream = Upstream::start().await;
+    let (tina, tom) = (with_totp("tina"), with_totp("tom"));
+    let gate = Flowgate::start(
+        &basic_config(
+            &upstream.url(),
+            "[stage.mfa]\nlast_auth_threshold = \"6s\"\n",
+        ),
+        &users_file(&[&tina, &tom]),
+    );
+
+    // A login with a code leaves a memo on the browser.
+    let (client, jar) = browser(&gate, &[]);
+    let (flow, validate) = password_of(&gate, client, &tina).await;
+    assert_eq!(validate["component"], "ak-stage-authenticator-validate");
+    let step = step_now();
+    let done = flow.post(json!({"code": totp_at(FILE_KEY, step)})).await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    let memo = memo_in(&gate, &jar).expect("a memo cookie after the code");
+    let started = std::time::Instant::now();
+
+    // The same browser signed out (its session cookie gone, the memo
+    // kept): the password alone signs tina in, with a second factor.
+    let (client, jar) = browser(&gate, &[&memo]);
+    let (_, done) = password_of(&gate, client.clone(), &tina).await;
+    assert_eq!(done["component"], "xak-flow-redirect", "not asked: {done}");
+    let seen: Value = client
+        .get(gate.url("/whoami"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["headers"]["x-forwarded-user"], "tina", "{seen}");
+    use reqwest::cookie::CookieStore;
+    let cookies = jar.cookies(&gate.url("/").parse().unwrap()).unwrap();
+    assert!(cookies.to_str().unwrap().contains("flowgate_session="));
+
+    // Another user on that browser, another browser, a memo altered by a
+    // byte, and the password still wrong: asked (or refused) as ever.
+    let (client, _) = browser(&gate, &[&memo]);
+    let (_, asked) = password_of(&gate, client, &tom).await;
+    assert_eq!(
+        asked["component"], "ak-stage-authenticator-validate",
+        "tom: {asked}"
+    );
+    let (client, _) = browser(&gate, &[]);
+    let (_, asked) = password_of(&gate, client, &tina).await;
+    assert_eq!(
+        asked["component"], "ak-stage-authenticator-validate",
+        "a fresh browser: {asked}"
+    );
+    let (name, value) = memo.split_once('=').unwrap();
+    let mut bytes = value.as_bytes().to_vec();
+    bytes[3] = if bytes[3] == b'A' { b'B' } else { b'A' };
+    let altered = format!("{name}={}", String::from_utf8(bytes).unwrap());
+    let (client, _) = browser(&gate, &[&altered]);
+    let (_, asked) = password_of(&gate, client, &tina).await;
+    assert_eq!(
+        asked["component"], "ak-stage-authenticator-validate",
+        "altered: {asked}"
+    );
+    let (client, _) = browser(&gate, &[&memo]);
+    let flow = JsonFlow::with_client(client, &gate.url(""), FLOW, "/");
+    flow.get().await;
+    flow.post(json!({"uid_field": "tina"})).await;
+    let wrong = flow.post(json!({"password": "not it"})).await;
+    assert_eq!(wrong["component"], "ak-stage-password", "{wrong}");
+
+    // Past the threshold the memo is worth nothing.
+    let left = std::time::Duration::from_secs(7).saturating_sub(started.elapsed());
+    tokio::time::sleep(left).await;
+    let (client, _) = browser(&gate, &[&memo]);
+    let (_, asked) = password_of(&gate, client, &tina).await;
+    assert_eq!(
+        asked["component"], "ak-stage-authenticator-validate",
+        "expired: {asked}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remembered_second_factor_is_asked_again_once_the_devices_change() {
+    let upstream = Upstream::start().await;
+    let tina = with_totp("tina");
+    let gate = Flowgate::start(
+        &basic_config(
+            &upstream.url(),
+            "[stage.mfa]\nlast_auth_threshold = \"1h\"\n",
+        ),
+        &users_file(&[&tina]),
+    );
+    let (client, jar) = browser(&gate, &[]);
+    let (flow, _) = password_of(&gate, client, &tina).await;
+    let done = flow
+        .post(json!({"code": totp_at(FILE_KEY, step_now())}))
+        .await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    let memo = memo_in(&gate, &jar).unwrap();
+    let (client, _) = browser(&gate, &[&memo]);
+    let (_, done) = password_of(&gate, client, &tina).await;
+    assert_eq!(done["component"], "xak-flow-redirect", "remembered: {done}");
+
+    // The operator enrols another device (a lost phone replaced, say).
+    cli(&gate, &["totp", "enroll", "tina"]);
+    let (client, _) = browser(&gate, &[&memo]);
+    let (_, asked) = password_of(&gate, client, &tina).await;
+    assert_eq!(
+        asked["component"], "ak-stage-authenticator-validate",
+        "{asked}"
+    );
+}

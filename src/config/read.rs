@@ -122,6 +122,7 @@ fn run<T>(
         files,
         asked: HashSet::new(),
         errors: Vec::new(),
+        policies: BTreeMap::new(),
     };
     let doc = match ImDocument::parse(src) {
         Ok(doc) => doc,
@@ -192,6 +193,9 @@ pub(crate) struct Reader<'a> {
     /// Every `FLOWGATE_<SECTION>_<KEY>` variable a key was looked up under.
     asked: HashSet<String>,
     errors: Vec<ConfigError>,
+    /// The `[policy.<name>]` tables, once read: what stages' options may
+    /// bind (`Options::policies`).
+    policies: BTreeMap<String, PolicyConfig>,
 }
 
 /// A stage's options, as its kind reads them (`engine::stage::Kind`):
@@ -296,6 +300,13 @@ impl Options<'_, '_, '_> {
         }
     }
 
+    /// A list of `[policy.<name>]` names (each optionally
+    /// `{ policy = …, negate = … }`), as `policies` of a binding is.
+    pub(crate) fn policies(&mut self, key: &'static str) -> Vec<Binding> {
+        let policies = self.reader.policies.clone();
+        self.reader.policy_list(&mut self.section, key, &policies)
+    }
+
     pub(crate) fn error_at(&mut self, place: &Place, message: impl Into<String>) {
         self.reader.error_at(place, message);
     }
@@ -323,6 +334,7 @@ pub(crate) fn stage_defaults(kind: &Kind) -> std::sync::Arc<dyn Stage> {
         files: Files::TextOnly,
         asked: HashSet::new(),
         errors: Vec::new(),
+        policies: BTreeMap::new(),
     };
     let section = Section {
         table: None,
@@ -867,6 +879,7 @@ impl<'a> Reader<'a> {
         let executor_api = self.executor_api(root, remote);
         self.listeners_apart(&server, &admin, executor_api.as_ref());
         let policies = self.policies(root);
+        self.policies = policies.clone();
         let (stages, flows) = match remote {
             true => (BTreeMap::new(), Vec::new()),
             false => {
@@ -1891,9 +1904,21 @@ impl<'a> Reader<'a> {
             &[("any", PolicyMode::Any), ("all", PolicyMode::All)],
             PolicyMode::Any,
         );
+        let list = self.policy_list(section, "policies", policies);
+        Bindings { mode, list }
+    }
+
+    /// The policies named under `key`, each a name or `{ policy = "…",
+    /// negate = true }`; a name without a `[policy.<name>]` is an error.
+    fn policy_list(
+        &mut self,
+        section: &mut Section<'_>,
+        key: &'static str,
+        policies: &BTreeMap<String, PolicyConfig>,
+    ) -> Vec<Binding> {
         let mut list = Vec::new();
-        let Some((raw, place)) = self.get(section, "policies") else {
-            return Bindings { mode, list };
+        let Some((raw, place)) = self.get(section, key) else {
+            return list;
         };
         let entries: Vec<(Option<String>, bool, Place)> = match raw {
             Raw::Env(text) => text
@@ -1908,7 +1933,7 @@ impl<'a> Reader<'a> {
                         &place,
                         format!("expected a list of policy names, found {}", type_name(item)),
                     );
-                    return Bindings { mode, list };
+                    return list;
                 };
                 let mut entries = Vec::new();
                 for (i, value) in array.iter().enumerate() {
@@ -1962,7 +1987,7 @@ impl<'a> Reader<'a> {
                 }
             }
         }
-        Bindings { mode, list }
+        list
     }
 
     fn flows(
@@ -3077,7 +3102,7 @@ upstream = \"http://127.0.0.1:1/base\"
         let config = read(src).unwrap();
         assert_eq!(
             format!("{:?}", config.stages["identification"]),
-            "Identification { user_fields: [Email], password: true, pretend_user_exists: true }"
+            "Identification { user_fields: [Email], password: true, pretend_user_exists: true, enable_remember_me: false }"
         );
         assert_eq!(config.stages["remember"].kind, "user_login");
         assert_eq!(

@@ -11,6 +11,7 @@
 //! The plan lives in `FlowState` (the visitor's pre-auth session), never
 //! here: the engine itself holds only config and services.
 
+pub mod memo;
 pub mod mfa;
 pub mod plan;
 pub mod policy;
@@ -66,6 +67,9 @@ struct EngineState {
     /// After `Step::Done`: the flow ran a user-logout stage.
     #[serde(default)]
     logged_out: bool,
+    /// After `Step::Done`: what the browser is to keep from now on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    memo: Option<memo::BrowserMemo>,
 }
 
 impl EngineState {
@@ -587,6 +591,7 @@ impl Engine {
                         true,
                     )
                     .await;
+                    state.memo = Self::memo_after(request, &plan);
                 }
                 state.logged_in = logged_in.then_some(login.user);
                 state.logged_out = plan.context.get(&plan::LOGOUT) == Some(true);
@@ -594,6 +599,25 @@ impl Engine {
             }
             None => self.denied(flow, Some(&plan), INVALID_NEXT),
         }
+    }
+
+    /// The browser's memo after this login, if the plan changed it.
+    fn memo_after(request: &FlowRequest<'_>, plan: &Plan) -> Option<memo::BrowserMemo> {
+        let factor = plan.context.get(&plan::REMEMBER_SECOND_FACTOR);
+        let identifier = plan.context.get(&plan::REMEMBER_IDENTIFIER);
+        if factor.is_none() && identifier.is_none() {
+            return None;
+        }
+        let now = now_secs();
+        let mut memo = memo::BrowserMemo::of(request);
+        if let Some(factor) = factor {
+            memo.remember(factor, now);
+        }
+        if let Some(remember) = identifier {
+            let typed = plan.context.get(&PENDING_USER_IDENTIFIER);
+            memo.remember_identifier(typed.filter(|_| remember), now);
+        }
+        Some(memo)
     }
 
     async fn run(
@@ -661,6 +685,7 @@ impl FlowExecutor for Engine {
                 remember: (state.remember_secs > 0)
                     .then(|| Duration::from_secs(state.remember_secs)),
                 browser_session: state.declined_remember,
+                memo: state.memo.as_ref().map(|memo| memo.sealable(now_secs())),
             }))
     }
 }
@@ -712,6 +737,7 @@ mod tests {
             query,
             user: None,
             client_ip: None,
+            memo: None,
         }
     }
 
@@ -865,6 +891,7 @@ mod tests {
             query: "",
             user: None,
             client_ip: ip,
+            memo: None,
         };
         engine.challenge(req, &mut state).await.unwrap();
         engine
@@ -927,6 +954,7 @@ mod tests {
             query: "",
             user: Some(&identity),
             client_ip: None,
+            memo: None,
         };
         let Step::Challenge(c) = engine.challenge(req, &mut state).await.unwrap() else {
             panic!()
@@ -949,6 +977,7 @@ mod tests {
                     user_fields: vec![UserField::Email],
                     password: true,
                     pretend_user_exists: true,
+                    enable_remember_me: false,
                 }),
             },
         );

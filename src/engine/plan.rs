@@ -89,6 +89,13 @@ pub const PENDING_USER: Key<String> = Key::new("pending_user");
 pub const PASSWORD_OK: Key<bool> = Key::new("password_ok");
 /// A second factor of the pending user's was checked.
 pub const SECOND_FACTOR: Key<bool> = Key::new("second_factor");
+/// A second factor to remember on the browser when the login finishes
+/// (an authenticator-validate stage with `last_auth_threshold`).
+pub const REMEMBER_SECOND_FACTOR: Key<crate::engine::memo::SecondFactor> =
+    Key::new("remember_second_factor");
+/// The identification stage's remember-me: keep the identifier on the
+/// browser (`true`) or forget it (`false`) when the login finishes.
+pub const REMEMBER_IDENTIFIER: Key<bool> = Key::new("remember_identifier");
 /// Set by the user-logout stage: the visitor's session ends with the plan.
 pub const LOGOUT: Key<bool> = Key::new("logout");
 /// Set by the user-login stage: who is logged in when the plan ends.

@@ -9,7 +9,7 @@ use http::header::{HeaderValue, COOKIE, SET_COOKIE};
 use http::{HeaderMap, Response};
 
 use crate::context::Context;
-use crate::flow::Login;
+use crate::flow::{Login, Memo};
 use crate::gateway::Gateway;
 use crate::session::{now_secs, Session, StoreError};
 use crate::Body;
@@ -61,6 +61,7 @@ pub async fn mint(
     response: &mut Response<Body>,
 ) -> Result<Session, StoreError> {
     gateway.metrics.logins_succeeded.inc();
+    let memo = login.memo.clone();
     let lifetime = gateway.config.session.lifetime + login.remember.unwrap_or_default();
     // Staying signed in means no idle timeout: the record lives as long as
     // the session.
@@ -80,6 +81,9 @@ pub async fn mint(
     }
     let max_age = (!login.browser_session).then_some(lifetime);
     set_cookie(gateway, context, &id, max_age, response);
+    if let Some(memo) = &memo {
+        set_memo(gateway, context, memo, response);
+    }
     Ok(session)
 }
 
@@ -182,6 +186,57 @@ pub fn set_csrf_cookie(
         .path("/")
         .same_site(SameSite::Lax)
         .secure(gateway.secure_cookies(context));
+    if let Some(domain) = cookie_domain(gateway, context) {
+        cookie = cookie.domain(domain.to_owned());
+    }
+    append_cookie(response, cookie);
+}
+
+/// The browser memo's cookie: the session cookie's name + `_memo`.
+pub fn memo_cookie_name(gateway: &Gateway) -> String {
+    format!("{}_memo", gateway.config.session.cookie_name)
+}
+
+/// What a memo cookie is sealed for, and the longest one read.
+const MEMO_PURPOSE: &str = "browser memo";
+const MEMO_LIMIT: usize = 3072;
+
+/// The executor's memo in the request (`FlowRequest::memo`): the first
+/// `_memo` cookie that opens under our secret and holds JSON. Anything
+/// else is no memo at all.
+pub fn read_memo(gateway: &Gateway, headers: &HeaderMap) -> Option<serde_json::Value> {
+    let name = memo_cookie_name(gateway);
+    let memo = cookie_values(headers, &name).find_map(|value| {
+        let raw = gateway.signer.open(MEMO_PURPOSE, value, MEMO_LIMIT)?;
+        serde_json::from_slice(&raw).ok()
+    });
+    memo
+}
+
+/// Keep `memo` on the browser until it runs out, or forget it (a null).
+/// Unlike the session cookie, sign-out leaves it.
+fn set_memo(gateway: &Gateway, context: &Context, memo: &Memo, response: &mut Response<Body>) {
+    let left = memo.until.saturating_sub(now_secs());
+    let value = match &memo.value {
+        serde_json::Value::Null => String::new(),
+        value => gateway
+            .signer
+            .seal(MEMO_PURPOSE, value.to_string().as_bytes()),
+    };
+    if value.len() > MEMO_LIMIT {
+        tracing::warn!(
+            bytes = value.len(),
+            "the browser memo is too long to keep: left as it was"
+        );
+        return;
+    }
+    let age = if value.is_empty() { 0 } else { left as i64 };
+    let mut cookie = Cookie::build((memo_cookie_name(gateway), value))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .secure(gateway.secure_cookies(context))
+        .max_age(cookie::time::Duration::seconds(age));
     if let Some(domain) = cookie_domain(gateway, context) {
         cookie = cookie.domain(domain.to_owned());
     }

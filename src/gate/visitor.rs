@@ -25,6 +25,8 @@ pub struct Visitor {
     pub stored: bool,
     /// The cookie a new visitor is given with the answer (`give_cookie`).
     cookie: Option<HeaderValue>,
+    /// The executor's memo on this browser (`FlowRequest::memo`).
+    pub memo: Option<serde_json::Value>,
 }
 
 /// Why a visitor's login could not be stored.
@@ -43,12 +45,14 @@ pub enum PreAuthError {
 /// under a new id, whose cookie `give_cookie` sets.
 pub async fn visitor(gateway: &Gateway, context: &Context, headers: &HeaderMap) -> Visitor {
     let found = super::lookup(gateway, headers).await;
+    let memo = super::cookie::read_memo(gateway, headers);
     if let Some((id, session)) = found.stored {
         return Visitor {
             id,
             session,
             stored: true,
             cookie: None,
+            memo,
         };
     }
     let (id, cookie) = match found.unstored {
@@ -66,6 +70,7 @@ pub async fn visitor(gateway: &Gateway, context: &Context, headers: &HeaderMap) 
         session,
         stored: false,
         cookie,
+        memo,
     }
 }
 

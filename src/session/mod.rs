@@ -423,6 +423,33 @@ impl CookieSigner {
         URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
     }
 
+    /// `payload` sealed for one `purpose`: `<payload, base64url>.<MAC>`,
+    /// readable by anyone, made or altered by nobody without the secret.
+    pub fn seal(&self, purpose: &str, payload: &[u8]) -> String {
+        let body = URL_SAFE_NO_PAD.encode(payload);
+        let tag = self.derive(purpose, &body);
+        format!("{body}.{tag}")
+    }
+
+    /// What `seal` sealed for `purpose`, if the MAC holds (compared in
+    /// constant time) and the value is no longer than `limit`.
+    pub fn open(&self, purpose: &str, value: &str, limit: usize) -> Option<Vec<u8>> {
+        if value.len() > limit {
+            return None;
+        }
+        let (body, tag) = value.rsplit_once('.')?;
+        let mut raw = [0u8; 32];
+        if tag.len() != 43 || URL_SAFE_NO_PAD.decode_slice(tag, &mut raw) != Ok(32) {
+            return None;
+        }
+        let mut mac = self.mac();
+        mac.update(purpose.as_bytes());
+        mac.update(b"\0");
+        mac.update(body.as_bytes());
+        mac.verify_slice(&raw).ok()?;
+        URL_SAFE_NO_PAD.decode(body).ok()
+    }
+
     /// The session id inside a cookie value, if the signature holds
     /// (compared in constant time).
     pub fn verify<'v>(&self, value: &'v str) -> Option<&'v str> {
@@ -444,6 +471,32 @@ impl CookieSigner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sealed_values_open_only_unaltered_and_for_their_purpose() {
+        let signer = CookieSigner::new(b"a secret of reasonable length here");
+        let sealed = signer.seal("browser memo", br#"{"identifier":"alice"}"#);
+        assert_eq!(
+            signer.open("browser memo", &sealed, 4096).as_deref(),
+            Some(&br#"{"identifier":"alice"}"#[..])
+        );
+        assert!(signer.open("flow id", &sealed, 4096).is_none());
+        assert!(
+            signer.open("browser memo", &sealed, 10).is_none(),
+            "too long"
+        );
+        let other = CookieSigner::new(b"another secret of reasonable length");
+        assert!(other.open("browser memo", &sealed, 4096).is_none());
+        let (body, tag) = sealed.rsplit_once('.').unwrap();
+        let forged = URL_SAFE_NO_PAD.encode(br#"{"identifier":"admin"}"#);
+        assert!(signer
+            .open("browser memo", &format!("{forged}.{tag}"), 4096)
+            .is_none());
+        assert!(signer.open("browser memo", body, 4096).is_none());
+        // A session cookie is no memo, nor the other way round.
+        assert!(signer.verify(&sealed).is_none());
+        assert!(signer.open("", &signer.sign("abc"), 4096).is_none());
+    }
 
     #[test]
     fn derived_values_are_bound_to_purpose_and_id_and_are_no_signatures() {

@@ -4,6 +4,7 @@
 //! recovery code, each good once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -11,13 +12,16 @@ use serde_json::Value;
 
 use super::{FAILED_TO_AUTHENTICATE, THROTTLED};
 use crate::directory::User;
+use crate::engine::memo::{self, BrowserMemo, SecondFactor};
 use crate::engine::mfa;
 use crate::engine::plan::{
-    Key, Planned, PASSWORD_OK, PENDING_USER, PENDING_USER_IDENTIFIER, SECOND_FACTOR,
+    Key, Planned, PASSWORD_OK, PENDING_USER, PENDING_USER_IDENTIFIER, REMEMBER_SECOND_FACTOR,
+    SECOND_FACTOR,
 };
 use crate::engine::stage::{Cx, Kind, Outcome, Stage};
 use crate::flow::{field_error, AuthenticatorValidate as Challenge, Component, DeviceChallenge};
 use crate::login::FAILED_TOTP;
+use crate::session::now_secs;
 
 /// authentik's message, word for word.
 const INVALID_TOKEN: &str =
@@ -44,6 +48,8 @@ pub enum DeviceClass {
 
 /// What the GET found the user has, for the challenge to show.
 const OFFERED: Key<Vec<(DeviceClass, String)>> = Key::new("mfa_offered");
+/// The user's devices as the GET found them (`memo::devices_fingerprint`).
+const DEVICES: Key<String> = Key::new("mfa_devices");
 
 pub const KIND: Kind = Kind {
     name: "authenticator_validate",
@@ -84,10 +90,12 @@ pub const KIND: Kind = Kind {
             }
             None => vec!["totp-setup".to_owned()],
         };
+        let last_auth_threshold = options.duration("last_auth_threshold", Duration::ZERO, true);
         Arc::new(AuthenticatorValidate {
             device_classes,
             not_configured_action,
             configuration_stages,
+            last_auth_threshold,
         })
     },
 };
@@ -101,6 +109,10 @@ pub struct AuthenticatorValidate {
     /// `configuration_stages`: the setup stages `configure` runs, default
     /// `["totp-setup"]`.
     pub configuration_stages: Vec<String>,
+    /// `last_auth_threshold`: a second factor given at this stage on the
+    /// same browser less than this long ago is not asked for again (a
+    /// sealed memo cookie remembers it). Default zero: asked every time.
+    pub last_auth_threshold: Duration,
 }
 
 impl AuthenticatorValidate {
@@ -112,6 +124,15 @@ impl AuthenticatorValidate {
 
     fn checks(&self, class: DeviceClass) -> bool {
         self.device_classes.contains(&class)
+    }
+
+    /// The name this stage runs under in the plan.
+    fn name(cx: &Cx<'_>) -> String {
+        cx.plan
+            .stages
+            .first()
+            .map(|p| p.stage.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -164,7 +185,23 @@ impl Stage for AuthenticatorValidate {
             offered.push((DeviceClass::Static, "recovery".to_owned()));
         }
         if !offered.is_empty() {
+            let devices = memo::devices_fingerprint(&totp, !stored.recovery.is_empty());
+            let threshold = self.last_auth_threshold.as_secs();
+            if threshold > 0
+                && BrowserMemo::of(cx.request).second_factor_within(
+                    &user.username,
+                    &Self::name(cx),
+                    &devices,
+                    threshold,
+                    now_secs(),
+                )
+            {
+                tracing::info!(user = %user.username, "a second factor given on this browser within last_auth_threshold: not asked again");
+                cx.plan.context.set(&SECOND_FACTOR, true);
+                return Outcome::Pass;
+            }
             cx.plan.context.set(&OFFERED, offered);
+            cx.plan.context.set(&DEVICES, devices);
             return Outcome::Show;
         }
         match self.not_configured_action {
@@ -235,6 +272,18 @@ impl Stage for AuthenticatorValidate {
                 });
         if accepted {
             cx.plan.context.set(&SECOND_FACTOR, true);
+            let threshold = self.last_auth_threshold.as_secs();
+            if let (true, Some(devices)) = (threshold > 0, cx.plan.context.get(&DEVICES)) {
+                let now = now_secs();
+                let factor = SecondFactor {
+                    user: user.username.clone(),
+                    stage: Self::name(cx),
+                    devices,
+                    at: now,
+                    until: now + threshold,
+                };
+                cx.plan.context.set(&REMEMBER_SECOND_FACTOR, factor);
+            }
             Outcome::Pass
         } else {
             services

@@ -8,7 +8,10 @@ use serde_json::Value;
 
 use super::{required_string, FAILED_TO_AUTHENTICATE, THROTTLED};
 use crate::config::{Designation, UserField};
-use crate::engine::plan::{PASSWORD_OK, PENDING_USER, PENDING_USER_IDENTIFIER};
+use crate::engine::memo::BrowserMemo;
+use crate::engine::plan::{
+    PASSWORD_OK, PENDING_USER, PENDING_USER_IDENTIFIER, REMEMBER_IDENTIFIER,
+};
 use crate::engine::stage::{Cx, Kind, Outcome, Stage};
 use crate::flow::{field_error, Component, Identification as Challenge};
 use crate::login::FAILED_PASSWORD;
@@ -39,6 +42,7 @@ pub const KIND: Kind = Kind {
             user_fields,
             password: options.bool("password", false),
             pretend_user_exists: options.bool("pretend_user_exists", true),
+            enable_remember_me: options.bool("enable_remember_me", false),
         })
     },
 };
@@ -52,6 +56,10 @@ pub struct Identification {
     /// `pretend_user_exists`, default true: an unknown name goes on to the
     /// password stage, which then fails like a wrong password.
     pub pretend_user_exists: bool,
+    /// `enable_remember_me`: offer to remember the identifier on this
+    /// browser, filled in on the next visit (a sealed memo cookie keeps
+    /// it, set when the login succeeds).
+    pub enable_remember_me: bool,
 }
 
 #[async_trait]
@@ -72,10 +80,15 @@ impl Stage for Identification {
             primary_action: if authentication { "Log in" } else { "Continue" }.to_owned(),
             sources: Vec::new(),
             show_source_labels: false,
-            enable_remember_me: false,
+            enable_remember_me: self.enable_remember_me,
             // What was typed before, when the flow started again with its
-            // context (`restart_with_context`).
-            pending_user_identifier: cx.plan.context.get(&PENDING_USER_IDENTIFIER),
+            // context (`restart_with_context`); else what this browser was
+            // asked to remember.
+            pending_user_identifier: cx.plan.context.get(&PENDING_USER_IDENTIFIER).or_else(|| {
+                self.enable_remember_me
+                    .then(|| BrowserMemo::of(cx.request).identifier)
+                    .flatten()
+            }),
             enroll_url: None,
             recovery_url: None,
         })
@@ -118,6 +131,14 @@ impl Stage for Identification {
         }
         let context = &mut cx.plan.context;
         context.set(&PENDING_USER_IDENTIFIER, identifier.to_owned());
+        // authentik's own client remembers in the browser and sends no
+        // choice: then what the browser has stays as it is.
+        if let (true, Some(remember)) = (
+            self.enable_remember_me,
+            body.get("remember_me").and_then(Value::as_bool),
+        ) {
+            context.set(&REMEMBER_IDENTIFIER, remember);
+        }
         match user {
             Some(user) => context.set(&PENDING_USER, user.username.clone()),
             None => context.remove(&PENDING_USER),

@@ -7,16 +7,19 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use crate::config::{Options, UserField};
-use crate::engine::plan::Key;
+use crate::engine::plan::{Key, PENDING_USER_IDENTIFIER};
+use crate::engine::policy::{Bindings, Mode};
 use crate::engine::stage::{Cx, Kind, Outcome, Stage};
 use crate::flow::{
-    field_error, Component, ErrorMap, Prompt as Challenge, PromptChoice, PromptField,
+    field_error, Component, ErrorDetail, ErrorMap, Prompt as Challenge, PromptChoice, PromptField,
 };
 
 /// The answers of every prompt stage so far, by field key.
 pub const PROMPT_DATA: Key<Map<String, Value>> = Key::new("prompt_data");
 
 const REQUIRED: &str = "This field is required.";
+/// A validation policy failed without saying why.
+const REFUSED: &str = "These answers are not accepted.";
 /// authentik's message, word for word.
 const PASSWORDS_DIFFER: &str = "Passwords don't match.";
 
@@ -60,7 +63,14 @@ pub const KIND: Kind = Kind {
             options.error("a prompt stage needs at least one `[[stage.<name>.field]]`");
         }
         fields.sort_by_key(|f| f.order);
-        Arc::new(Prompt { fields })
+        let validation_policies = Bindings {
+            mode: Mode::All,
+            list: options.policies("validation_policies"),
+        };
+        Arc::new(Prompt {
+            fields,
+            validation_policies,
+        })
     },
 };
 
@@ -133,6 +143,9 @@ fn read_field(options: &mut Options<'_, '_, '_>) -> Option<Field> {
 #[derive(Debug)]
 pub struct Prompt {
     pub fields: Vec<Field>,
+    /// `validation_policies`: checked on the answers (in `prompt_data`),
+    /// all of them; what the failing ones say is shown on the form.
+    pub validation_policies: Bindings,
 }
 
 /// `[[stage.<name>.field]]`.
@@ -302,9 +315,40 @@ impl Stage for Prompt {
         if !errors.is_empty() {
             return Outcome::Invalid(errors);
         }
-        let mut data = cx.plan.context.get(&PROMPT_DATA).unwrap_or_default();
+        // The policies see the context as it will be with these answers.
+        let mut context = cx.plan.context.clone();
+        let mut data = context.get(&PROMPT_DATA).unwrap_or_default();
         data.extend(answers);
-        cx.plan.context.set(&PROMPT_DATA, data);
+        context.set(&PROMPT_DATA, data);
+        if !self.validation_policies.is_empty() {
+            let user = cx.user().map(|u| u.identity());
+            let identifier = context.get(&PENDING_USER_IDENTIFIER);
+            let verdict = cx
+                .services
+                .evaluate(
+                    &self.validation_policies,
+                    cx.request,
+                    user.as_ref().or(cx.request.user),
+                    identifier.as_deref(),
+                    context.as_map(),
+                )
+                .await;
+            if !verdict.passing {
+                let mut messages = verdict.messages;
+                if messages.is_empty() {
+                    messages.push(REFUSED.to_owned());
+                }
+                let details = messages
+                    .iter()
+                    .map(|m| ErrorDetail::new(m, "invalid"))
+                    .collect();
+                return Outcome::Invalid(ErrorMap::from([(
+                    "non_field_errors".to_owned(),
+                    details,
+                )]));
+            }
+        }
+        cx.plan.context = context;
         Outcome::Pass
     }
 }
