@@ -932,3 +932,137 @@ async fn https_upstream_not_signed_by_ca_file_is_a_502_and_the_log_says_why() {
         "{line}"
     );
 }
+
+/// Route policies over TLS, on HTTP/1.1 and HTTP/2 alike: the decision is
+/// made on the canonical path and on the address the connection comes
+/// from; an `X-Forwarded-For` from a peer nobody trusts changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_route_policies_decide_on_the_canonical_path_and_the_real_address() {
+    let upstream = Upstream::start().await;
+    let ca = Ca::new("flowgate test CA");
+    let a = ca.issue(&["a.test"], 1);
+    let dir = tempfile::tempdir().unwrap();
+    a.write(dir.path(), "a");
+    let extra = format!(
+        r#"
+[policy.admins]
+kind = "group"
+groups = ["admins"]
+
+[policy.office]
+kind = "network"
+cidrs = ["10.0.0.0/8"]
+
+[policy.office-by-expression]
+kind = "expression"
+expression = "ip_in(request.ip, '10.0.0.0/8')"
+
+[[route]]
+host = "*"
+path_prefix = "/admin"
+upstream = "{up}"
+flow = "{FLOW}"
+policies = ["admins"]
+
+[[route]]
+host = "*"
+path_prefix = "/office"
+upstream = "{up}"
+flow = "{FLOW}"
+policies = ["office"]
+
+[[route]]
+host = "*"
+path_prefix = "/cel-office"
+upstream = "{up}"
+flow = "{FLOW}"
+policies = ["office-by-expression"]
+"#,
+        up = upstream.url()
+    );
+    let config = basic_config(&upstream.url(), &extra).replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\ntls = [{ cert = \"a.pem\", key = \"a.key\" }]\n",
+    );
+    std::fs::write(dir.path().join("flowgate.toml"), config).unwrap();
+    std::fs::write(dir.path().join("users.toml"), users_file(&[&ALICE, &BOB])).unwrap();
+    let gate = Flowgate::start_in(dir);
+    let base = https_url(&gate, "a.test", "");
+
+    for (lane, version) in [
+        ("http/1.1", http::Version::HTTP_11),
+        ("h2", http::Version::HTTP_2),
+    ] {
+        let build = |builder: reqwest::ClientBuilder| match version {
+            http::Version::HTTP_11 => builder.http1_only(),
+            _ => builder,
+        };
+        let bob = build(https_client(&ca, &gate).cookie_store(true))
+            .build()
+            .unwrap();
+        let alice = build(https_client(&ca, &gate).cookie_store(true))
+            .build()
+            .unwrap();
+        json_login(&bob, &base, "bob", BOB.password, "/").await;
+        json_login(&alice, &base, "alice", ALICE.password, "/").await;
+        let status = |client: &reqwest::Client, path: &str, forwarded: Option<&str>| {
+            let mut request = client
+                .get(format!("{base}{path}"))
+                .header("accept", "application/json");
+            if let Some(forwarded) = forwarded {
+                request = request
+                    .header("x-forwarded-for", forwarded)
+                    .header("x-real-ip", forwarded)
+                    .header("forwarded", format!("for={forwarded}"));
+            }
+            async move {
+                let response = request.send().await.unwrap();
+                assert_eq!(response.version(), version, "{lane}");
+                response.status().as_u16()
+            }
+        };
+        for path in [
+            "/admin/x",
+            "/%61dmin/x",
+            "/x/../admin/x",
+            "/admin/./x",
+            "/ADMIN/../admin/x",
+        ] {
+            assert_eq!(status(&bob, path, None).await, 403, "{lane} {path}");
+            assert_eq!(status(&alice, path, None).await, 200, "{lane} {path}");
+        }
+        assert_eq!(status(&bob, "/elsewhere", None).await, 200, "{lane}");
+        // Nobody is at 10/8 here, whatever a client says of itself.
+        for path in ["/office/x", "/cel-office/x"] {
+            assert_eq!(status(&alice, path, None).await, 403, "{lane} {path}");
+            assert_eq!(
+                status(&alice, path, Some("10.1.2.3")).await,
+                403,
+                "{lane} {path}: a spoofed address was believed"
+            );
+        }
+    }
+
+    // The same policies pass for an office address that a trusted proxy
+    // reports: the 403s above are the address's, not a broken policy's.
+    let trusting = Flowgate::start(
+        &basic_config(&upstream.url(), &extra).replace(
+            "listen = \"127.0.0.1:0\"\n",
+            "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        ),
+        &users_file(&[&ALICE]),
+    );
+    let alice = client();
+    json_login(&alice, &trusting.url(""), "alice", ALICE.password, "/").await;
+    for path in ["/office/x", "/cel-office/x"] {
+        let from = |forwarded: &'static str| {
+            alice
+                .get(trusting.url(path))
+                .header("accept", "application/json")
+                .header("x-forwarded-for", forwarded)
+                .send()
+        };
+        assert_eq!(from("10.1.2.3").await.unwrap().status(), 200, "{path}");
+        assert_eq!(from("192.0.2.9").await.unwrap().status(), 403, "{path}");
+    }
+}
