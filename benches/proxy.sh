@@ -7,6 +7,9 @@
 #   benches/proxy.sh --store memory       the session store: memory, embedded
 #                                         (default, as `serve`) or redis (a
 #                                         redis-server started here); also STORE=
+#   benches/proxy.sh --policies           the route has policies (a group and a
+#                                         CEL expression on a header): the
+#                                         general path; also POLICIES=1
 #   FLOWGATE_BIN=path benches/proxy.sh    measure that binary instead of building
 #
 # Builds flowgate (release), starts the harness upstream, runs flowgate with
@@ -22,11 +25,13 @@ trap 'echo "proxy.sh: failed at line $LINENO" >&2' ERR
 
 SHORT=${SHORT:-0}
 STORE=${STORE:-embedded}
+POLICIES=${POLICIES:-0}
 while [ $# -gt 0 ]; do
   case "$1" in
     --short) SHORT=1 ;;
     --store) STORE=${2:-}; shift ;;
-    *) sed -n '2,17p' "$0"; exit 2 ;;
+    --policies) POLICIES=1 ;;
+    *) sed -n '2,20p' "$0"; exit 2 ;;
   esac
   shift
 done
@@ -95,6 +100,7 @@ cat >"$WORK/users.toml" <<EOF
 [[user]]
 username = "bench"
 password = "$HASH"
+groups = ["staff"]
 EOF
 REDIS_LINE=
 if [ "$STORE" = redis ]; then
@@ -134,9 +140,23 @@ enabled = false
 [[route]]
 upstream = "$UPSTREAM_URL"
 EOF
+if [ "$POLICIES" = 1 ]; then
+  cat >>"$WORK/flowgate.toml" <<'EOF'
+policies = ["staff", "no-blocked-client"]
+policy_engine_mode = "all"
+
+[policy.staff]
+kind = "group"
+groups = ["staff"]
+
+[policy.no-blocked-client]
+kind = "expression"
+expression = "!('x-blocked' in request.headers) && request.path.startsWith('/')"
+EOF
+fi
 "$BIN" check --config "$WORK/flowgate.toml" >/dev/null || die "flowgate check rejected the bench config"
 
-echo "== flowgate on $BASE (1 worker, access log off, $STORE store)"
+echo "== flowgate on $BASE (1 worker, access log off, $STORE store, route policies: $POLICIES)"
 # On its own core, as the anchors are (bench.sh: BENCH_PIN).
 if [ "${BENCH_PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
   taskset -c 1 "$BIN" serve --config "$WORK/flowgate.toml" 2>"$WORK/flowgate.log" &

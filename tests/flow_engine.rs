@@ -575,35 +575,6 @@ policy_engine_mode = "all"
     assert_eq!(with_header(&alice, "prod").await.unwrap().status(), 200);
 }
 
-/// A client with a cookie jar of its own, starting with `cookies`.
-fn jar_client(
-    gate: &Flowgate,
-    cookies: &[&str],
-) -> (reqwest::Client, std::sync::Arc<reqwest::cookie::Jar>) {
-    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
-    let url: reqwest::Url = gate.url("/").parse().unwrap();
-    for cookie in cookies {
-        jar.add_cookie_str(&format!("{cookie}; Path=/"), &url);
-    }
-    let client = reqwest::Client::builder()
-        .cookie_provider(jar.clone())
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    (client, jar)
-}
-
-fn memo_of(gate: &Flowgate, jar: &reqwest::cookie::Jar) -> Option<String> {
-    use reqwest::cookie::CookieStore;
-    let header = jar.cookies(&gate.url("/").parse().unwrap())?;
-    header
-        .to_str()
-        .unwrap()
-        .split("; ")
-        .find(|c| c.starts_with("flowgate_session_memo="))
-        .map(str::to_owned)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_remembered_identifier_is_filled_in_on_that_browser_until_unticked() {
     let upstream = Upstream::start().await;
@@ -629,10 +600,10 @@ async fn a_remembered_identifier_is_filled_in_on_that_browser_until_unticked() {
         .await;
     let wrong = flow.post(json!({"password": "not it"})).await;
     assert_eq!(wrong["component"], "ak-stage-password");
-    assert_eq!(memo_of(&gate, &jar), None, "remembered before a login");
+    assert_eq!(memo_cookie(&gate, &jar), None, "remembered before a login");
     let done = flow.post(json!({"password": ALICE.password})).await;
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
-    let memo = memo_of(&gate, &jar).expect("the identifier is remembered");
+    let memo = memo_cookie(&gate, &jar).expect("the identifier is remembered");
 
     // The browser, signed out: its name is filled in, on the JSON API and
     // on the login page (the box still ticked).
@@ -661,7 +632,7 @@ async fn a_remembered_identifier_is_filled_in_on_that_browser_until_unticked() {
     flow.get().await;
     flow.post(json!({"uid_field": "alice"})).await;
     flow.post(json!({"password": ALICE.password})).await;
-    assert_eq!(memo_of(&gate, &jar).as_deref(), Some(memo.as_str()));
+    assert_eq!(memo_cookie(&gate, &jar).as_deref(), Some(memo.as_str()));
     // Unticked at a login: forgotten.
     let (client, jar) = jar_client(&gate, &[&memo]);
     let flow = JsonFlow::with_client(client, &gate.url(""), FLOW, "/");
@@ -670,7 +641,7 @@ async fn a_remembered_identifier_is_filled_in_on_that_browser_until_unticked() {
         .await;
     let done = flow.post(json!({"password": ALICE.password})).await;
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
-    assert_eq!(memo_of(&gate, &jar), None, "forgotten");
+    assert_eq!(memo_cookie(&gate, &jar), None, "forgotten");
     // A memo made up by the client is no memo.
     let forged = format!(
         "flowgate_session_memo={}.{}",

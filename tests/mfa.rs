@@ -248,36 +248,6 @@ fn with_totp(name: &'static str) -> TestUser {
     }
 }
 
-/// A client with its own cookie jar, which may start with `cookies`.
-fn browser(
-    gate: &Flowgate,
-    cookies: &[&str],
-) -> (reqwest::Client, std::sync::Arc<reqwest::cookie::Jar>) {
-    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
-    let url: reqwest::Url = gate.url("/").parse().unwrap();
-    for cookie in cookies {
-        jar.add_cookie_str(&format!("{cookie}; Path=/"), &url);
-    }
-    let client = reqwest::Client::builder()
-        .cookie_provider(jar.clone())
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    (client, jar)
-}
-
-/// The memo cookie (`name=value`) in `jar`, if there is one.
-fn memo_in(gate: &Flowgate, jar: &reqwest::cookie::Jar) -> Option<String> {
-    use reqwest::cookie::CookieStore;
-    let header = jar.cookies(&gate.url("/").parse().unwrap())?;
-    header
-        .to_str()
-        .unwrap()
-        .split("; ")
-        .find(|c| c.starts_with("flowgate_session_memo="))
-        .map(str::to_owned)
-}
-
 /// Identification and password of `user` in a flow on `client`.
 async fn password_of(
     gate: &Flowgate,
@@ -304,18 +274,18 @@ async fn a_second_factor_is_not_asked_again_on_the_same_browser_within_last_auth
     );
 
     // A login with a code leaves a memo on the browser.
-    let (client, jar) = browser(&gate, &[]);
+    let (client, jar) = jar_client(&gate, &[]);
     let (flow, validate) = password_of(&gate, client, &tina).await;
     assert_eq!(validate["component"], "ak-stage-authenticator-validate");
     let step = step_now();
     let done = flow.post(json!({"code": totp_at(FILE_KEY, step)})).await;
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
-    let memo = memo_in(&gate, &jar).expect("a memo cookie after the code");
+    let memo = memo_cookie(&gate, &jar).expect("a memo cookie after the code");
     let started = std::time::Instant::now();
 
     // The same browser signed out (its session cookie gone, the memo
     // kept): the password alone signs tina in, with a second factor.
-    let (client, jar) = browser(&gate, &[&memo]);
+    let (client, jar) = jar_client(&gate, &[&memo]);
     let (_, done) = password_of(&gate, client.clone(), &tina).await;
     assert_eq!(done["component"], "xak-flow-redirect", "not asked: {done}");
     let seen: Value = client
@@ -333,13 +303,13 @@ async fn a_second_factor_is_not_asked_again_on_the_same_browser_within_last_auth
 
     // Another user on that browser, another browser, a memo altered by a
     // byte, and the password still wrong: asked (or refused) as ever.
-    let (client, _) = browser(&gate, &[&memo]);
+    let (client, _) = jar_client(&gate, &[&memo]);
     let (_, asked) = password_of(&gate, client, &tom).await;
     assert_eq!(
         asked["component"], "ak-stage-authenticator-validate",
         "tom: {asked}"
     );
-    let (client, _) = browser(&gate, &[]);
+    let (client, _) = jar_client(&gate, &[]);
     let (_, asked) = password_of(&gate, client, &tina).await;
     assert_eq!(
         asked["component"], "ak-stage-authenticator-validate",
@@ -349,13 +319,13 @@ async fn a_second_factor_is_not_asked_again_on_the_same_browser_within_last_auth
     let mut bytes = value.as_bytes().to_vec();
     bytes[3] = if bytes[3] == b'A' { b'B' } else { b'A' };
     let altered = format!("{name}={}", String::from_utf8(bytes).unwrap());
-    let (client, _) = browser(&gate, &[&altered]);
+    let (client, _) = jar_client(&gate, &[&altered]);
     let (_, asked) = password_of(&gate, client, &tina).await;
     assert_eq!(
         asked["component"], "ak-stage-authenticator-validate",
         "altered: {asked}"
     );
-    let (client, _) = browser(&gate, &[&memo]);
+    let (client, _) = jar_client(&gate, &[&memo]);
     let flow = JsonFlow::with_client(client, &gate.url(""), FLOW, "/");
     flow.get().await;
     flow.post(json!({"uid_field": "tina"})).await;
@@ -365,7 +335,7 @@ async fn a_second_factor_is_not_asked_again_on_the_same_browser_within_last_auth
     // Past the threshold the memo is worth nothing.
     let left = std::time::Duration::from_secs(7).saturating_sub(started.elapsed());
     tokio::time::sleep(left).await;
-    let (client, _) = browser(&gate, &[&memo]);
+    let (client, _) = jar_client(&gate, &[&memo]);
     let (_, asked) = password_of(&gate, client, &tina).await;
     assert_eq!(
         asked["component"], "ak-stage-authenticator-validate",
@@ -384,20 +354,20 @@ async fn a_remembered_second_factor_is_asked_again_once_the_devices_change() {
         ),
         &users_file(&[&tina]),
     );
-    let (client, jar) = browser(&gate, &[]);
+    let (client, jar) = jar_client(&gate, &[]);
     let (flow, _) = password_of(&gate, client, &tina).await;
     let done = flow
         .post(json!({"code": totp_at(FILE_KEY, step_now())}))
         .await;
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
-    let memo = memo_in(&gate, &jar).unwrap();
-    let (client, _) = browser(&gate, &[&memo]);
+    let memo = memo_cookie(&gate, &jar).unwrap();
+    let (client, _) = jar_client(&gate, &[&memo]);
     let (_, done) = password_of(&gate, client, &tina).await;
     assert_eq!(done["component"], "xak-flow-redirect", "remembered: {done}");
 
     // The operator enrols another device (a lost phone replaced, say).
     cli(&gate, &["totp", "enroll", "tina"]);
-    let (client, _) = browser(&gate, &[&memo]);
+    let (client, _) = jar_client(&gate, &[&memo]);
     let (_, asked) = password_of(&gate, client, &tina).await;
     assert_eq!(
         asked["component"], "ak-stage-authenticator-validate",

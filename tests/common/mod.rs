@@ -678,3 +678,35 @@ impl JsonFlow {
         }
     }
 }
+
+/// A client with a cookie jar of its own (a browser), which starts with
+/// `cookies` (`name=value` each), and the jar.
+pub fn jar_client(
+    gate: &Flowgate,
+    cookies: &[&str],
+) -> (reqwest::Client, std::sync::Arc<reqwest::cookie::Jar>) {
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let url: reqwest::Url = gate.url("/").parse().unwrap();
+    for cookie in cookies {
+        jar.add_cookie_str(&format!("{cookie}; Path=/"), &url);
+    }
+    let client = reqwest::Client::builder()
+        .cookie_provider(jar.clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    (client, jar)
+}
+
+/// The browser memo cookie (`name=value`) in `jar`, if there is one.
+pub fn memo_cookie(gate: &Flowgate, jar: &reqwest::cookie::Jar) -> Option<String> {
+    use reqwest::cookie::CookieStore;
+    let header = jar.cookies(&gate.url("/").parse().unwrap())?;
+    header
+        .to_str()
+        .unwrap()
+        .split("; ")
+        .find(|c| c.starts_with("flowgate_session_memo="))
+        .map(str::to_owned)
+}
