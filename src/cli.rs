@@ -22,66 +22,54 @@ struct Cli {
     command: Command,
 }
 
+/// `--config`: the config file every command but `demo` reads.
+#[derive(clap::Args)]
+struct ConfigFile {
+    /// The config file.
+    #[arg(
+        long = "config",
+        value_name = "FILE",
+        short = 'c',
+        env = "FLOWGATE_CONFIG",
+        default_value = "config/flowgate.toml",
+        global = true
+    )]
+    path: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
     Serve {
-        #[arg(
-            long,
-            short,
-            env = "FLOWGATE_CONFIG",
-            default_value = "config/flowgate.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Validate a configuration (and its users file); print every problem.
     Check {
-        #[arg(
-            long,
-            short,
-            env = "FLOWGATE_CONFIG",
-            default_value = "config/flowgate.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// List or end sessions in the configured state store (beside a
     /// running server too).
     Sessions {
-        #[arg(
-            long,
-            short,
-            env = "FLOWGATE_CONFIG",
-            default_value = "config/flowgate.toml",
-            global = true
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         #[command(subcommand)]
         action: SessionsAction,
     },
     /// Enrol, list or remove a user's TOTP devices in the configured
     /// state store.
     Totp {
-        #[arg(
-            long,
-            short,
-            env = "FLOWGATE_CONFIG",
-            default_value = "config/flowgate.toml",
-            global = true
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         #[command(subcommand)]
         action: TotpAction,
     },
     /// Make a new set of recovery codes for a user (the old set stops
     /// working) and print them, once.
     RecoveryCodes {
-        #[arg(
-            long,
-            short,
-            env = "FLOWGATE_CONFIG",
-            default_value = "config/flowgate.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         user: String,
     },
     /// Read a password from standard input and print its argon2id PHC hash.
@@ -143,11 +131,11 @@ enum TotpAction {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config } => serve(&config),
-        Command::Check { config } => return check(&config),
-        Command::Sessions { config, action } => sessions(&config, action),
-        Command::Totp { config, action } => totp(&config, action),
-        Command::RecoveryCodes { config, user } => recovery_codes(&config, &user),
+        Command::Serve { config } => serve(&config.path),
+        Command::Check { config } => return check(&config.path),
+        Command::Sessions { config, action } => sessions(&config.path, action),
+        Command::Totp { config, action } => totp(&config.path, action),
+        Command::RecoveryCodes { config, user } => recovery_codes(&config.path, &user),
         Command::HashPassword => hash_password(),
         Command::Demo { listen, password } => {
             init_logging(LogFormat::Text, "info");

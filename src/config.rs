@@ -591,3 +591,12 @@ pub(crate) fn resolve_against(config_path: &Path, p: &Path) -> PathBuf {
             .unwrap_or_else(|| p.to_path_buf())
     }
 }
+
+/// Names for a message: `a`, `a or b`, `a, b or c`.
+pub fn alternatives(names: &[&str]) -> String {
+    match names.split_last() {
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}

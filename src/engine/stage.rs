@@ -166,11 +166,7 @@ pub fn kind(name: &str) -> Option<&'static Kind> {
 /// The kind names, for messages: `a, b or c`.
 pub fn kind_names() -> String {
     let names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
-    match names.split_last() {
-        Some((last, [])) => (*last).to_owned(),
-        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
-        None => String::new(),
-    }
+    crate::config::alternatives(&names)
 }
 
 /// The kind of a built-in stage name (aliases included).
