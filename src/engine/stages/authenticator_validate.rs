@@ -47,6 +47,7 @@ const OFFERED: Key<Vec<(DeviceClass, String)>> = Key::new("mfa_offered");
 
 pub const KIND: Kind = Kind {
     name: "authenticator_validate",
+    shows: &["ak-stage-authenticator-validate"],
     read: |options| {
         let mut device_classes = vec![DeviceClass::Totp, DeviceClass::Static];
         if let Some((items, place)) = options.strings("device_classes") {

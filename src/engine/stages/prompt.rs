@@ -20,8 +20,8 @@ const REQUIRED: &str = "This field is required.";
 /// authentik's message, word for word.
 const PASSWORDS_DIFFER: &str = "Passwords don't match.";
 
-/// The field types, as authentik names them.
-const TYPES: &[&str] = &[
+/// The field types, as authentik names them (`PromptTypeEnum`).
+pub const TYPES: &[&str] = &[
     "text",
     "text_area",
     "text_read_only",
@@ -42,6 +42,7 @@ const TYPES: &[&str] = &[
 
 pub const KIND: Kind = Kind {
     name: "prompt",
+    shows: &["ak-stage-prompt"],
     read: |options| {
         let mut fields: Vec<Field> = Vec::new();
         options.tables("field", |field| {
