@@ -454,7 +454,11 @@ impl Engine {
         };
         // Config reading makes every name a stage; were one missing, the
         // flow must stop rather than skip it.
-        let Some(stage) = self.stages.get(&planned.stage).map(|s| s.stage.clone()) else {
+        let Some((stage, kind)) = self
+            .stages
+            .get(&planned.stage)
+            .map(|s| (s.stage.clone(), s.kind))
+        else {
             tracing::error!(stage = %planned.stage, flow = %flow.slug, "a planned stage is not configured");
             return Step::Challenge(Challenge::flow_error(crate::session::random_token()));
         };
@@ -497,7 +501,18 @@ impl Engine {
             Some(body) => stage.post(&mut cx, body).await,
         };
         let shown = match &outcome {
-            Outcome::Show | Outcome::Invalid(_) => Some(stage.challenge(&cx)),
+            Outcome::Show | Outcome::Invalid(_) => {
+                let component = stage.challenge(&cx);
+                // The registry's list is what the conformance test drives
+                // out of the binary; a component missing from it would
+                // never be checked against authentik's schemas.
+                debug_assert!(
+                    stage::kind(kind).is_some_and(|k| k.shows.contains(&component.name())),
+                    "stage kind {kind} shows {}, not in its Kind::shows",
+                    component.name()
+                );
+                Some(component)
+            }
             Outcome::Pass | Outcome::Deny(_) | Outcome::Redirect(_) => None,
         };
         let info = Some(self.flow_info(flow));

@@ -118,6 +118,12 @@ pub trait Stage: fmt::Debug + Send + Sync {
 /// One stage kind: its name in `kind = "…"` and the reader of its options.
 pub struct Kind {
     pub name: &'static str,
+    /// The components a stage of this kind shows as its own challenge
+    /// (with or without `response_errors`). Kinds that only end the flow
+    /// show nothing of their own: the driver answers for them with one of
+    /// [`DRIVER_SHOWS`]. Kept here so that a test can drive every one out
+    /// of the binary (`tests/schema_fidelity.rs`).
+    pub shows: &'static [&'static str],
     /// Reads the options of a `[stage.<name>]` table of this kind (every
     /// option has a default); problems are reported through `options`.
     pub(crate) read: fn(&mut Options<'_, '_, '_>) -> Arc<dyn Stage>,
@@ -136,6 +142,15 @@ pub const KINDS: &[Kind] = &[
     stages::authenticator_totp::KIND,
     stages::authenticator_static::KIND,
     stages::consent::KIND,
+];
+
+/// The components the driver answers with itself, whatever the stage:
+/// the end of a flow (`xak-flow-redirect`), a refusal
+/// (`ak-stage-access-denied`) and a failure (`ak-stage-flow-error`).
+pub const DRIVER_SHOWS: &[&str] = &[
+    "xak-flow-redirect",
+    "ak-stage-access-denied",
+    "ak-stage-flow-error",
 ];
 
 /// Stage names a flow may use without a `[stage.<name>]` table, and their

@@ -16,6 +16,7 @@ const CODES: Key<Vec<String>> = Key::new("recovery_codes_shown");
 
 pub const KIND: Kind = Kind {
     name: "authenticator_static",
+    shows: &["ak-stage-authenticator-static"],
     read: |_| Arc::new(AuthenticatorStatic),
 };
 

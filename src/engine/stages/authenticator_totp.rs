@@ -21,6 +21,7 @@ const SECRET: Key<String> = Key::new("totp_setup_secret");
 
 pub const KIND: Kind = Kind {
     name: "authenticator_totp",
+    shows: &["ak-stage-authenticator-totp"],
     read: |options| {
         Arc::new(AuthenticatorTotp {
             issuer: options

@@ -53,6 +53,7 @@ const DEVICES: Key<String> = Key::new("mfa_devices");
 
 pub const KIND: Kind = Kind {
     name: "authenticator_validate",
+    shows: &["ak-stage-authenticator-validate"],
     read: |options| {
         let mut device_classes = vec![DeviceClass::Totp, DeviceClass::Static];
         if let Some((items, place)) = options.strings("device_classes") {

@@ -29,6 +29,7 @@ pub enum Mode {
 
 pub const KIND: Kind = Kind {
     name: "consent",
+    shows: &["ak-stage-consent"],
     read: |options| {
         let mode = options.choice(
             "mode",

@@ -10,6 +10,7 @@ use crate::flow::{AccessDenied, Component};
 
 pub const KIND: Kind = Kind {
     name: "deny",
+    shows: &[],
     read: |options| {
         Arc::new(Deny {
             message: options

@@ -18,6 +18,7 @@ use crate::login::FAILED_PASSWORD;
 
 pub const KIND: Kind = Kind {
     name: "identification",
+    shows: &["ak-stage-identification"],
     read: |options| {
         let mut user_fields = Vec::new();
         match options.strings("user_fields") {

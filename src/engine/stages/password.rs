@@ -20,6 +20,7 @@ const FAILED_ATTEMPTS: Key<u32> = Key::new("password_failed_attempts");
 
 pub const KIND: Kind = Kind {
     name: "password",
+    shows: &["ak-stage-password"],
     read: |options| {
         let failed = options.integer("failed_attempts_before_cancel", 5, 1);
         Arc::new(Password {

@@ -23,8 +23,8 @@ const REFUSED: &str = "These answers are not accepted.";
 /// authentik's message, word for word.
 const PASSWORDS_DIFFER: &str = "Passwords don't match.";
 
-/// The field types, as authentik names them.
-const TYPES: &[&str] = &[
+/// The field types, as authentik names them (`PromptTypeEnum`).
+pub const TYPES: &[&str] = &[
     "text",
     "text_area",
     "text_read_only",
@@ -45,6 +45,7 @@ const TYPES: &[&str] = &[
 
 pub const KIND: Kind = Kind {
     name: "prompt",
+    shows: &["ak-stage-prompt"],
     read: |options| {
         let mut fields: Vec<Field> = Vec::new();
         options.tables("field", |field| {

@@ -12,6 +12,7 @@ use crate::flow::{Component, Redirect as Challenge};
 
 pub const KIND: Kind = Kind {
     name: "redirect",
+    shows: &[],
     read: |options| {
         let to = options.string("to");
         let flow = options.string("flow");

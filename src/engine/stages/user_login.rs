@@ -17,6 +17,7 @@ const NO_PENDING_USER: &str = "No Pending user to login.";
 
 pub const KIND: Kind = Kind {
     name: "user_login",
+    shows: &["ak-stage-user-login"],
     read: |options| {
         Arc::new(UserLogin {
             remember_me_offset: options.duration("remember_me_offset", Duration::ZERO, true),

@@ -12,6 +12,7 @@ use crate::flow::{AccessDenied, Component};
 
 pub const KIND: Kind = Kind {
     name: "user_logout",
+    shows: &[],
     read: |_| Arc::new(UserLogout),
 };
 
