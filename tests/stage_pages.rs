@@ -138,6 +138,11 @@ type = "text"
 label = "Nickname"
 
 [[stage.profile.field]]
+key = "email"
+type = "email"
+label = "Email"
+
+[[stage.profile.field]]
 key = "password"
 type = "password"
 label = "New password"
@@ -188,6 +193,7 @@ async fn a_prompt_shows_each_error_where_it_belongs_then_moves_on() {
 
     // The browser itself refuses an empty required field; the server is
     // what counts, so this form skips the browser's check.
+    visit.page.fill("#p-email", "ally@example.test").await;
     visit.page.fill("#p-password", "one secret").await;
     visit
         .page
@@ -223,6 +229,12 @@ async fn a_prompt_shows_each_error_where_it_belongs_then_moves_on() {
         field_error(&mut visit.page, "#p-password").await,
         Value::Null
     );
+    // What was typed is still there, but for the passwords.
+    let values = visit
+        .page
+        .eval("['#p-email', '#p-password', '#p-password_repeat'].map(s => document.querySelector(s).value)")
+        .await;
+    assert_eq!(values, json!(["ally@example.test", "", ""]));
     // As in authentik, the two passwords are compared once every field
     // has passed its own check.
     assert!(
