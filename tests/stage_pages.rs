@@ -1,8 +1,9 @@
 //! The flow engine's stages as a person meets them: a real browser
 //! (headless Chromium over the DevTools protocol) goes through the HTML
 //! pages of the real binary, types into the forms, reads what the page
-//! says, and saves a screenshot of every page it sees (the folder is
-//! printed). The TOTP setup page's QR code is read back from its
+//! says, and saves a screenshot of every page it sees, in
+//! `<target>/tmp/stage_pages/<test>/` (printed; `-- --nocapture` shows it
+//! when the test passes). The TOTP setup page's QR code is read back from its
 //! screenshot with a QR decoder. Skipped loudly without `chromium`
 //! (required in CI).
 
@@ -177,12 +178,12 @@ async fn a_prompt_shows_each_error_where_it_belongs_then_moves_on() {
     let browser = Browser::start();
     let mut visit = Visit::start(&browser, "prompt").await;
     visit.sign_in(&gate, "/profile/me", &ALICE, "prompt").await;
-    assert!(
+    assert_eq!(
         visit
             .page
             .eval("!!document.querySelector('#p-nickname')")
-            .await
-            == json!(true),
+            .await,
+        json!(true),
         "the prompt page: {}",
         visit.body_text().await
     );
