@@ -174,7 +174,7 @@ async fn show(
         return lost(gateway, context, target);
     };
     let step = flow.ask(gateway, context, visitor, MAX_ROUNDS).await;
-    conclude(gateway, context, target, fid, visitor, flow, step, false).await
+    conclude(gateway, context, target, fid, visitor, flow, step, None).await
 }
 
 /// POST: check the CSRF token, hand the form to the executor as its JSON
@@ -210,6 +210,7 @@ async fn submit(
         .remove("remember_me")
         .is_some_and(|v| v.as_str().is_some_and(|s| s == "true" || s == "on"));
     response_body.insert("remember_me".into(), Value::Bool(remember));
+    let sent = response_body.clone();
     let mut step = flow
         .answer(
             gateway,
@@ -242,13 +243,24 @@ async fn submit(
         }
         return see_other(&target.url(gateway, Some(&fid)));
     }
-    conclude(gateway, context, target, &fid, visitor, flow, step, true).await
+    conclude(
+        gateway,
+        context,
+        target,
+        &fid,
+        visitor,
+        flow,
+        step,
+        Some(&sent),
+    )
+    .await
 }
 
 /// Turn an executor step into the page: show a challenge, follow a redirect,
-/// or finish the login. An answered flow is stored as it is now; showing a
-/// challenge stores nothing new (a fresh flow is made again, the same, when
-/// it is answered), and a flow stored already is stored as it is now.
+/// or finish the login. An answered flow (`sent`: the form it was answered
+/// with) is stored as it is now; showing a challenge stores nothing new (a
+/// fresh flow is made again, the same, when it is answered), and a flow
+/// stored already is stored as it is now.
 #[allow(clippy::too_many_arguments)]
 async fn conclude(
     gateway: &Gateway,
@@ -258,7 +270,7 @@ async fn conclude(
     visitor: &mut Visitor,
     mut flow: Flow,
     step: Result<Step, FlowError>,
-    answered: bool,
+    sent: Option<&Map<String, Value>>,
 ) -> Response<Body> {
     let step = match step {
         Ok(step) => step,
@@ -292,7 +304,10 @@ async fn conclude(
             }
             see_other(&target.url(gateway, Some(fid)))
         }
-        Step::Challenge(challenge) => {
+        Step::Challenge(mut challenge) => {
+            if let Some(sent) = sent {
+                keep_prompt_answers(&mut challenge, sent);
+            }
             if let Component::Redirect(redirect) = &challenge.component {
                 // Only a remote executor sends these; treat `to` like `next`.
                 let to = gateway
@@ -309,7 +324,7 @@ async fn conclude(
             );
             // A signed-in visitor's flow is kept from its first page: what
             // the page shows may be made for it (recovery codes, a secret).
-            let keep = answered || flow.is_stored() || visitor.session.identity.is_some();
+            let keep = sent.is_some() || flow.is_stored() || visitor.session.identity.is_some();
             let saved = match (finished, keep) {
                 (true, _) => flow.end(gateway, context, visitor).await,
                 (false, true) => flow.save(gateway, context, visitor).await,
@@ -333,6 +348,38 @@ async fn conclude(
                 StatusCode::OK
             };
             html_response(status, html)
+        }
+    }
+}
+
+/// A prompt shown again with errors keeps what the visitor typed (not the
+/// passwords, nor the operator's fixed fields): a page re-rendered on the
+/// server would otherwise come back empty, where authentik's own page keeps
+/// its inputs.
+fn keep_prompt_answers(challenge: &mut Challenge, sent: &Map<String, Value>) {
+    if challenge.response_errors.is_none() {
+        return;
+    }
+    let Component::Prompt(prompt) = &mut challenge.component else {
+        return;
+    };
+    for field in &mut prompt.fields {
+        let typed = matches!(
+            field.kind.as_str(),
+            "text"
+                | "text_area"
+                | "username"
+                | "email"
+                | "number"
+                | "date"
+                | "date-time"
+                | "ak-locale"
+                | "checkbox"
+                | "dropdown"
+                | "radio-button-group"
+        );
+        if let (true, Some(Value::String(value))) = (typed, sent.get(&field.field_key)) {
+            field.initial_value = value.clone();
         }
     }
 }

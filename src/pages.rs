@@ -233,8 +233,8 @@ struct ChallengeView<'a> {
     denied_message: &'a str,
     flow_error: Option<FlowErrorView<'a>>,
     consent: Option<ConsentView<'a>>,
-    /// TOTP setup: the QR code (an SVG `data:` URI) and the secret to
-    /// type in instead.
+    /// TOTP setup: the QR code (an SVG `data:` URI), the secret to type in
+    /// instead, and the setup link itself.
     totp_setup: Option<TotpSetupView>,
     /// Recovery codes to write down.
     recovery_codes: Vec<&'a str>,
@@ -283,6 +283,10 @@ struct ConsentView<'a> {
 struct TotpSetupView {
     qr: String,
     secret: String,
+    /// The `otpauth://` URI the QR code holds, as a link for an
+    /// authenticator app on the same device (a phone cannot scan its own
+    /// screen); empty when the executor sent something else.
+    uri: String,
 }
 
 #[derive(Serialize)]
@@ -422,6 +426,9 @@ impl<'a> ChallengeView<'a> {
                                 .find(|(k, _)| k == "secret")
                                 .map(|(_, v)| v.into_owned())
                         })
+                        .unwrap_or_default(),
+                    uri: Some(c.config_url.clone())
+                        .filter(|u| u.starts_with("otpauth://"))
                         .unwrap_or_default(),
                 });
             }
@@ -870,6 +877,34 @@ mod tests {
             html.contains("<img class=\"avatar\" src=\"data:image"),
             "{html}"
         );
+    }
+
+    #[test]
+    fn totp_setup_shows_the_qr_code_the_key_and_the_link() {
+        let setup = |config_url: &str| {
+            render(&from_json(json!({
+                "component": "ak-stage-authenticator-totp",
+                "pending_user": "alice",
+                "pending_user_avatar": "",
+                "config_url": config_url,
+            })))
+        };
+        let html = setup("otpauth://totp/flowgate%3Aalice?secret=JBSWY3DPEHPK3PXP&issuer=flowgate");
+        assert!(
+            html.contains("<img class=\"qr\" src=\"data:image&#x2f;svg+xml;base64,"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<code class=\"secret\">JBSWY3DPEHPK3PXP</code>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("class=\"setup-link\" href=\"otpauth:&#x2f;&#x2f;totp&#x2f;flowgate%3Aalice?secret=JBSWY3DPEHPK3PXP&amp;issuer=flowgate\""),
+            "{html}"
+        );
+        let other = setup("javascript:alert(1)//?secret=X");
+        assert!(!other.contains("setup-link"), "{other}");
+        assert!(!other.contains("javascript:"), "{other}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod apps;
+pub mod browser;
 pub mod ca;
 pub mod h2;
 pub mod raw;
