@@ -98,6 +98,15 @@ pub async fn executor(
     if !accepts_json(&request) {
         return flow_error("Accept does not allow application/json");
     }
+    // The executor is for this site's pages and for clients that are no
+    // browser. Another site's page must not move a visitor's flow (a GET
+    // can end a session through an invalidation flow).
+    if crate::gate::from_another_site(request.headers()) {
+        return json_response(
+            StatusCode::FORBIDDEN,
+            &json!({"detail": "The flow executor does not take requests from other sites."}),
+        );
+    }
     let full_path = request.uri().path_and_query().map_or_else(
         || request.uri().path().to_owned(),
         |pq| pq.as_str().to_owned(),

@@ -451,6 +451,8 @@ pub struct FlowRequest<'a> {
     pub query: &'a str,
     /// The visitor's current authenticated identity, if any.
     pub user: Option<&'a Identity>,
+    /// That identity's session was made with a second factor.
+    pub second_factor: bool,
     pub client_ip: Option<IpAddr>,
     /// What this executor asked the browser to keep at an earlier login
     /// (`Login::memo`), as the gateway sealed it: only the gateway's own

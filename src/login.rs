@@ -119,6 +119,22 @@ pub async fn page(
     if visitor.session.identity.is_some() && visitor.session.completed.contains(&target.slug) {
         return see_other(&safe_next(gateway, &target));
     }
+    // A flow that signs the visitor out runs on a GET: from a link on
+    // another site, that would be a sign-out nobody asked for. Such a
+    // visitor is asked first, on the sign-out page (a POST with its token).
+    let get = matches!(*request.method(), Method::GET | Method::HEAD);
+    if get
+        && summary.invalidates
+        && visitor.session.identity.is_some()
+        && !crate::gate::user_initiated(request.headers())
+    {
+        let mut to = format!("{}/sign_out", gateway.config.server.prefix);
+        if let Some(next) = &target.next {
+            to.push_str("?next=");
+            to.push_str(&crate::gate::encode(next));
+        }
+        return see_other(&to);
+    }
     let response = match *request.method() {
         Method::GET | Method::HEAD => show(gateway, context, &target, &mut visitor).await,
         Method::POST => match read_form(request).await {

@@ -762,6 +762,7 @@ impl FlowExecutor for RemoteExecutor {
             slug: &self.invalidation_flow,
             query: "",
             user: None,
+            second_factor: false,
             client_ip: Some(remote.client.unwrap_or(client_ip)),
             memo: None,
         };

@@ -168,6 +168,9 @@ impl Gateway {
                 let response = self.forbidden(audience, &identity, &path.target());
                 return (response, Some(identity), route);
             }
+            Verdict::NeedsHeaders { .. } => {
+                unreachable!("the general path decides with the request's headers")
+            }
         };
         (response, None, route)
     }

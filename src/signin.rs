@@ -74,6 +74,7 @@ impl Flow {
             slug: &self.slug,
             query: &self.query,
             user: visitor.session.identity.as_deref(),
+            second_factor: visitor.session.identity.is_some() && visitor.session.second_factor,
             client_ip: Some(context.client_ip),
             memo: visitor.memo.as_ref(),
         };

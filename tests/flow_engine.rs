@@ -725,3 +725,131 @@ stages = ["identification", "password", "new-password", "login"]
         .await;
     assert_eq!(done["component"], "xak-flow-redirect", "{done}");
 }
+
+/// A flow that signs out runs on a GET, so a link on another site must not
+/// run it: the login page asks first (the sign-out page, a POST with its
+/// token), and the JSON executor takes no requests from other sites. A
+/// link on the site itself, or an address typed in, signs out at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_site_cannot_sign_a_visitor_out_through_an_invalidation_flow() {
+    let upstream = Upstream::start().await;
+    let gate = Flowgate::start(
+        &basic_config(
+            &upstream.url(),
+            r#"
+[stage.bye]
+kind = "user_logout"
+
+[[flow]]
+slug = "leave"
+stages = ["bye"]
+
+[[flow]]
+slug = "default-invalidation-flow"
+designation = "invalidation"
+stages = ["logout"]
+"#,
+        ),
+        &users_file(&[&ALICE]),
+    );
+    let me = |client: &reqwest::Client| {
+        let url = gate.url("/_flowgate/api/v3/core/users/me/");
+        let client = client.clone();
+        async move { api_status(&client, url).await }
+    };
+    let alice = client();
+    json_login(&alice, &gate.url(""), "alice", ALICE.password, "/").await;
+    for slug in ["default-invalidation-flow", "leave"] {
+        for site in ["cross-site", "same-site"] {
+            let page = alice
+                .get(gate.url(&format!("/_flowgate/flow/{slug}/?next=%2Fbye")))
+                .header("sec-fetch-site", site)
+                .header("sec-fetch-mode", "navigate")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(page.status(), 303, "{slug} {site}");
+            assert_eq!(
+                page.headers()["location"],
+                "/_flowgate/sign_out?next=%2Fbye",
+                "{slug} {site}"
+            );
+            let api = alice
+                .get(gate.url(&format!("/_flowgate/api/v3/flows/executor/{slug}/?query=")))
+                .header("accept", "application/json")
+                .header("sec-fetch-site", site)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(api.status(), 403, "{slug} {site}");
+            assert_eq!(me(&alice).await, 200, "{slug} {site}: still signed in");
+        }
+    }
+    // From a page of the site itself: signed out.
+    let page = alice
+        .get(gate.url("/_flowgate/flow/default-invalidation-flow/?next=%2F"))
+        .header("sec-fetch-site", "same-origin")
+        .header("sec-fetch-mode", "navigate")
+        .send()
+        .await
+        .unwrap();
+    let mut status = page.status().as_u16();
+    let mut location = page.headers().get("location").cloned();
+    // The page's own flow id first, then the flow runs.
+    while status == 303 {
+        let to = location.unwrap().to_str().unwrap().to_owned();
+        if !to.starts_with("/_flowgate/flow/") {
+            break;
+        }
+        let next = alice
+            .get(gate.url(&to))
+            .header("sec-fetch-site", "same-origin")
+            .send()
+            .await
+            .unwrap();
+        status = next.status().as_u16();
+        location = next.headers().get("location").cloned();
+    }
+    assert_eq!(me(&alice).await, 403, "signed out from the site's own link");
+}
+
+/// A route's policies are evaluated once per request, whichever lane it
+/// arrives on: an expression that cannot be evaluated says so once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_s_policies_are_decided_once_per_request() {
+    let upstream = Upstream::start().await;
+    let extra = format!(
+        r#"
+[policy.env]
+kind = "expression"
+expression = "request.headers['x-env'] == 'test'"
+
+[[route]]
+host = "*"
+path_prefix = "/guarded"
+upstream = "{}"
+flow = "{FLOW}"
+policies = ["env"]
+"#,
+        upstream.url()
+    );
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), &extra),
+        &users_file(&[&ALICE]),
+    );
+    let alice = client();
+    json_login(&alice, &gate.url(""), "alice", ALICE.password, "/").await;
+    let with = alice
+        .get(gate.url("/guarded/x"))
+        .header("accept", "application/json")
+        .header("x-env", "test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with.status(), 200, "the policy reads the header");
+    assert_eq!(api_status(&alice, gate.url("/guarded/y")).await, 403);
+    gate.wait_for_log("could not be evaluated", std::time::Duration::from_secs(5));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let warnings = gate.log().matches("could not be evaluated").count();
+    assert_eq!(warnings, 1, "one request, one decision:\n{}", gate.log());
+}

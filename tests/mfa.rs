@@ -297,6 +297,8 @@ async fn a_second_factor_is_not_asked_again_on_the_same_browser_within_last_auth
         .await
         .unwrap();
     assert_eq!(seen["headers"]["x-forwarded-user"], "tina", "{seen}");
+    // The memo is flowgate's, like the session cookie: the app never sees it.
+    assert!(seen["headers"].get("cookie").is_none(), "{seen}");
     use reqwest::cookie::CookieStore;
     let cookies = jar.cookies(&gate.url("/").parse().unwrap()).unwrap();
     assert!(cookies.to_str().unwrap().contains("flowgate_session="));
@@ -373,4 +375,129 @@ async fn a_remembered_second_factor_is_asked_again_once_the_devices_change() {
         asked["component"], "ak-stage-authenticator-validate",
         "{asked}"
     );
+}
+
+/// A password alone never changes second factors: a session made without
+/// one cannot set up a device or new recovery codes for a user who has a
+/// second factor (and then step up with it), while a user with none sets
+/// up their first, and a session made with one changes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_without_a_second_factor_cannot_change_an_account_s_second_factors() {
+    let upstream = Upstream::start().await;
+    let tina = with_totp("tina");
+    let extra = format!(
+        r#"
+[[flow]]
+slug = "password-only"
+stages = ["identification", "password", "login"]
+
+[[flow]]
+slug = "default-authenticator-static-setup"
+designation = "stage_configuration"
+authentication = "require_authenticated"
+stages = ["recovery-codes"]
+
+[[flow]]
+slug = "default-authenticator-totp-setup"
+designation = "stage_configuration"
+authentication = "require_authenticated"
+stages = ["totp-setup"]
+
+[[route]]
+host = "*"
+path_prefix = "/staff"
+upstream = "{}"
+flow = "password-only"
+"#,
+        upstream.url()
+    );
+    let gate = Flowgate::start(
+        &basic_config(&upstream.url(), &extra),
+        &users_file(&[&tina, &ALICE]),
+    );
+    let password_only = |user: &TestUser| {
+        let gate = &gate;
+        let (username, password) = (user.username, user.password);
+        async move {
+            let (client, jar) = jar_client(gate, &[]);
+            let flow = JsonFlow::with_client(client.clone(), &gate.url(""), "password-only", "/");
+            flow.get().await;
+            flow.post(json!({"uid_field": username})).await;
+            let done = flow.post(json!({"password": password})).await;
+            assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+            use reqwest::cookie::CookieStore;
+            let cookie = jar.cookies(&gate.url("/").parse().unwrap()).unwrap();
+            (client, cookie.to_str().unwrap().to_owned())
+        }
+    };
+
+    let (client, cookie) = password_only(&tina).await;
+    for slug in [
+        "default-authenticator-static-setup",
+        "default-authenticator-totp-setup",
+    ] {
+        let setup = JsonFlow::signed_in(client.clone(), &cookie, &gate.url(""), slug, "/");
+        let refused = setup.get().await;
+        assert_eq!(
+            refused["component"], "ak-stage-access-denied",
+            "{slug}: {refused}"
+        );
+        assert_eq!(
+            refused["error_message"],
+            "To change your second factors, sign in with one of them first.",
+            "{slug}"
+        );
+    }
+    // Nor can the MFA flow be passed with codes made that way: there are none.
+    let (_, validate) = password_of(&gate, jar_client(&gate, &[]).0, &tina).await;
+    assert_eq!(
+        validate["device_challenges"],
+        json!([{"device_class": "totp", "device_uid": validate["device_challenges"][0]["device_uid"], "challenge": {}, "last_used": null}]),
+        "no recovery codes were made: {validate}"
+    );
+
+    // Signed in with the code, tina makes recovery codes.
+    let (client, cookie) = signed_in_with_code_as(&gate, &tina).await;
+    let setup = JsonFlow::signed_in(
+        client,
+        &cookie,
+        &gate.url(""),
+        "default-authenticator-static-setup",
+        "/",
+    );
+    let codes = setup.get().await;
+    assert_eq!(
+        codes["component"], "ak-stage-authenticator-static",
+        "{codes}"
+    );
+    assert_eq!(codes["pending_user"], "tina", "the signed-in user is named");
+
+    // alice has no second factor: her first is hers to set up.
+    let (client, cookie) = password_only(&ALICE).await;
+    let setup = JsonFlow::signed_in(
+        client,
+        &cookie,
+        &gate.url(""),
+        "default-authenticator-static-setup",
+        "/",
+    );
+    assert_eq!(
+        setup.get().await["component"],
+        "ak-stage-authenticator-static"
+    );
+}
+
+/// `user` signed in through the MFA flow with a code of the users file's
+/// device; the client and its cookie header.
+async fn signed_in_with_code_as(gate: &Flowgate, user: &TestUser) -> (reqwest::Client, String) {
+    use reqwest::cookie::CookieStore;
+    let (client, jar) = jar_client(gate, &[]);
+    let (flow, validate) = password_of(gate, client.clone(), user).await;
+    assert_eq!(validate["component"], "ak-stage-authenticator-validate");
+    let done = flow
+        .post(json!({"code": totp_at(FILE_KEY, step_now())}))
+        .await;
+    assert_eq!(done["component"], "xak-flow-redirect", "{done}");
+    let cookie = jar.cookies(&gate.url("/").parse().unwrap()).unwrap();
+    (client, cookie.to_str().unwrap().to_owned())
 }

@@ -658,7 +658,13 @@ impl FlowExecutor for Engine {
         Ok(self.flows.get(slug).map(|f| FlowSummary {
             slug: f.slug.clone(),
             title: f.title.clone(),
-            invalidates: f.designation == crate::config::Designation::Invalidation,
+            // By its designation, or by a user-logout stage in it.
+            invalidates: f.designation == crate::config::Designation::Invalidation
+                || f.stages.iter().any(|binding| {
+                    self.stages
+                        .get(&binding.stage)
+                        .is_some_and(|s| s.kind == stages::user_logout::KIND.name)
+                }),
         }))
     }
 
@@ -751,6 +757,7 @@ mod tests {
             slug,
             query,
             user: None,
+            second_factor: false,
             client_ip: None,
             memo: None,
         }
@@ -905,6 +912,7 @@ mod tests {
             slug: "login",
             query: "",
             user: None,
+            second_factor: false,
             client_ip: ip,
             memo: None,
         };
@@ -968,6 +976,7 @@ mod tests {
             slug: "anon",
             query: "",
             user: Some(&identity),
+            second_factor: false,
             client_ip: None,
             memo: None,
         };

@@ -89,6 +89,9 @@ pub const PENDING_USER: Key<String> = Key::new("pending_user");
 pub const PASSWORD_OK: Key<bool> = Key::new("password_ok");
 /// A second factor of the pending user's was checked.
 pub const SECOND_FACTOR: Key<bool> = Key::new("second_factor");
+/// A stage of this plan set up a second factor (the user proved the new
+/// device, or saw the new codes): later setup stages may add more.
+pub const SET_UP_SECOND_FACTOR: Key<bool> = Key::new("second_factor_set_up");
 /// A second factor to remember on the browser when the login finishes
 /// (an authenticator-validate stage with `last_auth_threshold`).
 pub const REMEMBER_SECOND_FACTOR: Key<crate::engine::memo::SecondFactor> =

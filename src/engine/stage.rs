@@ -12,12 +12,19 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::plan::{Plan, PASSWORD_OK, PENDING_USER, PENDING_USER_IDENTIFIER};
+use super::plan::{
+    Plan, PASSWORD_OK, PENDING_USER, PENDING_USER_IDENTIFIER, SECOND_FACTOR, SET_UP_SECOND_FACTOR,
+};
 use super::stages;
 use super::Services;
 use crate::config::{FlowConfig, Options, UserField};
 use crate::directory::{avatar_for, User, DEFAULT_AVATAR};
 use crate::flow::{Component, ErrorMap, FlowRequest, PendingUser};
+
+/// A user with second factors changes them only after giving one.
+const GIVE_ONE_FIRST: &str = "To change your second factors, sign in with one of them first.";
+const FACTORS_UNREADABLE: &str =
+    "Your second factors cannot be changed right now. Try again in a moment.";
 
 /// What a stage made of a GET or a POST.
 pub enum Outcome {
@@ -65,15 +72,43 @@ impl Cx<'_> {
             .filter(|u| !u.disabled)
     }
 
-    /// The pending user as challenges show them: the name as typed.
+    /// The pending user as challenges show them: the name as typed, else
+    /// the signed-in visitor's (a flow run after login).
     pub fn pending_user(&self) -> PendingUser {
-        pending_user(
-            &self
-                .plan
-                .context
-                .get(&PENDING_USER_IDENTIFIER)
-                .unwrap_or_default(),
-        )
+        let typed = self.plan.context.get(&PENDING_USER_IDENTIFIER);
+        let signed_in = || self.request.user.map(|u| u.username.clone());
+        pending_user(&typed.or_else(signed_in).unwrap_or_default())
+    }
+
+    /// Whom a stage that changes second factors acts for (`subject`), if
+    /// it may: a user with none yet sets up their first; a user with some
+    /// gives one first, in this flow or at the session's own login. So a
+    /// password alone never adds a second factor, nor voids one.
+    pub async fn second_factor_owner(&self) -> Result<Arc<User>, String> {
+        let Some(user) = self.subject() else {
+            return Err("No pending user.".to_owned());
+        };
+        let state = &self.services.state;
+        let has_some = match (
+            super::mfa::totp_devices(state, &user).await,
+            super::mfa::devices(state, &user.username).await,
+        ) {
+            (Ok(totp), Ok(stored)) => !totp.is_empty() || !stored.recovery.is_empty(),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "second factors cannot be read: no change to them");
+                return Err(FACTORS_UNREADABLE.to_owned());
+            }
+        };
+        let pending = self.user().is_some_and(|p| p.username == user.username)
+            && self.plan.context.get(&PASSWORD_OK) == Some(true);
+        let proven = self.plan.context.get(&SECOND_FACTOR) == Some(true)
+            || self.plan.context.get(&SET_UP_SECOND_FACTOR) == Some(true)
+            || (!pending && self.request.second_factor);
+        if has_some && !proven {
+            tracing::warn!(user = %user.username, "a change of second factors refused: none given in this session");
+            return Err(GIVE_ONE_FIRST.to_owned());
+        }
+        Ok(user)
     }
 }
 

@@ -85,6 +85,10 @@ pub enum Verdict<'r> {
         route: usize,
         identity: Arc<Identity>,
     },
+    /// The route has policies, which may read any header, and the caller
+    /// gave none (the fast lane): nothing is decided yet; the general path
+    /// decides, once, with the request's headers.
+    NeedsHeaders { route: usize },
 }
 
 impl Verdict<'_> {
@@ -94,7 +98,8 @@ impl Verdict<'_> {
             | Verdict::SignIn { route, .. }
             | Verdict::StepUp { route, .. }
             | Verdict::Unauthorized { route, .. }
-            | Verdict::Forbidden { route, .. } => Some(*route),
+            | Verdict::Forbidden { route, .. }
+            | Verdict::NeedsHeaders { route } => Some(*route),
             Verdict::Reserved | Verdict::Refused(_) | Verdict::NoRoute => None,
         }
     }
@@ -147,6 +152,9 @@ pub fn decide<'r>(
         }
         _ => route.flow.as_str(),
     };
+    if request.headers.is_none() && !route.policies.is_empty() {
+        return Verdict::NeedsHeaders { route: index };
+    }
     // Decided once per request: a route's policies are not free.
     let permitted = session.map(|signed| permitted(route, signed, request, &path));
     match session {

@@ -236,6 +236,23 @@ pub(crate) fn store_failed(error: &StoreError) {
 }
 
 /// A query value, `application/x-www-form-urlencoded`.
+/// Where a browser says a request comes from (`Sec-Fetch-Site`), when
+/// that is another site or a sibling subdomain. Clients that are no
+/// browser send nothing, and nothing is not another site.
+pub fn from_another_site(headers: &HeaderMap) -> bool {
+    headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site" || v.as_bytes() == b"same-site")
+}
+
+/// A browser says the user asked for this page themselves: typed it,
+/// followed a bookmark (`none`), or came from a page of this origin.
+pub fn user_initiated(headers: &HeaderMap) -> bool {
+    headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"same-origin" || v.as_bytes() == b"none")
+}
+
 pub fn encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

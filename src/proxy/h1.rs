@@ -915,20 +915,15 @@ fn prepare(
         &facts,
         signed_in.as_ref(),
     );
-    // A route's policies may read any header: the general path has them
-    // all, parsed.
-    if verdict
-        .route()
-        .is_some_and(|i| !gateway.config.routes[i].policies.is_empty())
-    {
-        return Prepared::General("route policies");
-    }
     let (index, identity) = match verdict {
         Verdict::Forward { route, identity } => (route, identity),
         Verdict::Reserved => return Prepared::Once("flowgate's own path"),
         Verdict::NoRoute => return Prepared::Once("no route"),
         Verdict::Refused(_) => return Prepared::Once("path refused"),
         Verdict::Forbidden { .. } => return Prepared::Once("user not allowed"),
+        // A route's policies may read any header: the general path has
+        // them all, parsed.
+        Verdict::NeedsHeaders { .. } => return Prepared::General("route policies"),
         Verdict::SignIn { .. } | Verdict::Unauthorized { .. } | Verdict::StepUp { .. } => {
             return Prepared::Once("no session")
         }

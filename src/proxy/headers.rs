@@ -205,7 +205,7 @@ pub(crate) struct Outgoing<'a> {
     pub authority: &'a str,
     /// The `Host` the upstream gets.
     pub host: &'a str,
-    /// flowgate's session cookie (its `_csrf` companion goes too).
+    /// flowgate's session cookie (its `_csrf` and `_memo` companions go too).
     pub cookie_name: &'a str,
     /// The signed-in user, if the request goes with one.
     pub identity: Option<&'a Identity>,
@@ -361,8 +361,8 @@ fn forwarded_element(out: &mut Vec<u8>, peer: &str, ipv6: bool, https: bool, aut
     out.push(b'"');
 }
 
-/// Every cookie but flowgate's own (the session's and its `_csrf`
-/// companion), joined with `; `.
+/// Every cookie but flowgate's own (the session's, and its `_csrf` and
+/// `_memo` companions), joined with `; `.
 fn other_cookies<'h, F: Field<'h>>(out: &mut Vec<u8>, fields: impl Iterator<Item = F>, name: &str) {
     let name = name.as_bytes();
     let start = out.len();
@@ -379,7 +379,7 @@ fn other_cookies<'h, F: Field<'h>>(out: &mut Vec<u8>, fields: impl Iterator<Item
                 .iter()
                 .position(|&b| b == b'=')
                 .map_or(pair, |at| pair[..at].trim_ascii());
-            if key == name || key.strip_prefix(name) == Some(b"_csrf") {
+            if matches!(key.strip_prefix(name), Some(b"" | b"_csrf" | b"_memo")) {
                 continue;
             }
             if out.len() > start {
@@ -685,7 +685,7 @@ mod tests {
         let mut storage = [httparse::EMPTY_HEADER; 4];
         let mut request = httparse::Request::new(&mut storage);
         let head =
-            b"GET / HTTP/1.1\r\nCookie: a=1; fg=xyz\r\nCookie: fg_csrf=t; b=2; fgx=3\r\n\r\n";
+            b"GET / HTTP/1.1\r\nCookie: a=1; fg=xyz\r\nCookie: fg_csrf=t; b=2; fg_memo=m; fgx=3\r\n\r\n";
         request.parse(head).unwrap();
         let mut out = Vec::new();
         other_cookies(&mut out, request.headers.iter(), "fg");

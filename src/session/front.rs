@@ -831,7 +831,9 @@ pub(super) mod tests {
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(other.count("t:alice", 0, window).await.unwrap(), 0);
 
-        let ttl = Duration::from_millis(600);
+        // Long enough that a slow commit on a loaded machine (redb's have
+        // taken 800 ms) does not expire a mark before it is raised again.
+        let ttl = Duration::from_millis(2000);
         assert!(one.raise("m:alice", 10, ttl).await.unwrap());
         assert!(
             !other.raise("m:alice", 10, ttl).await.unwrap(),
@@ -840,7 +842,7 @@ pub(super) mod tests {
         assert!(!other.raise("m:alice", 9, ttl).await.unwrap(), "never back");
         assert!(other.raise("m:alice", 11, ttl).await.unwrap());
         assert!(one.raise("m:bob", 1, ttl).await.unwrap());
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::time::sleep(ttl + Duration::from_millis(100)).await;
         assert!(
             one.raise("m:alice", 5, ttl).await.unwrap(),
             "gone after its ttl"

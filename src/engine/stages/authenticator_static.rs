@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::engine::mfa;
-use crate::engine::plan::Key;
+use crate::engine::plan::{Key, SET_UP_SECOND_FACTOR};
 use crate::engine::stage::{Cx, Kind, Outcome, Stage};
 use crate::flow::{field_error, AuthenticatorStatic as Challenge, Component};
 
@@ -33,8 +33,8 @@ impl Stage for AuthenticatorStatic {
     }
 
     async fn get(&self, cx: &mut Cx<'_>) -> Outcome {
-        if cx.subject().is_none() {
-            return Outcome::Deny("No pending user.".into());
+        if let Err(refused) = cx.second_factor_owner().await {
+            return Outcome::Deny(refused);
         }
         if !cx.plan.context.has(&CODES) {
             cx.plan.context.set(&CODES, mfa::new_recovery_codes());
@@ -44,12 +44,17 @@ impl Stage for AuthenticatorStatic {
 
     /// Kept when the user goes on, so that codes never shown are never good.
     async fn post(&self, cx: &mut Cx<'_>, _body: &Value) -> Outcome {
-        let (Some(user), Some(codes)) = (cx.subject(), cx.plan.context.get(&CODES)) else {
+        let user = match cx.second_factor_owner().await {
+            Ok(user) => user,
+            Err(refused) => return Outcome::Deny(refused),
+        };
+        let Some(codes) = cx.plan.context.get(&CODES) else {
             return Outcome::Deny("No pending user.".into());
         };
         match mfa::set_recovery_codes(&cx.services.state, &user.username, &codes).await {
             Ok(()) => {
                 cx.plan.context.remove(&CODES);
+                cx.plan.context.set(&SET_UP_SECOND_FACTOR, true);
                 tracing::info!(user = %user.username, "recovery codes made");
                 Outcome::Pass
             }

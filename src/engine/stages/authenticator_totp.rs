@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::directory::{base32_decode, TotpDevice};
 use crate::engine::mfa;
-use crate::engine::plan::Key;
+use crate::engine::plan::{Key, SET_UP_SECOND_FACTOR};
 use crate::engine::stage::{Cx, Kind, Outcome, Stage};
 use crate::flow::{field_error, AuthenticatorTotp as Challenge, Component};
 use crate::session::now_secs;
@@ -60,8 +60,8 @@ impl Stage for AuthenticatorTotp {
     }
 
     async fn get(&self, cx: &mut Cx<'_>) -> Outcome {
-        if cx.subject().is_none() {
-            return Outcome::Deny("No pending user.".into());
+        if let Err(refused) = cx.second_factor_owner().await {
+            return Outcome::Deny(refused);
         }
         if !cx.plan.context.has(&SECRET) {
             cx.plan.context.set(&SECRET, mfa::new_secret());
@@ -70,8 +70,9 @@ impl Stage for AuthenticatorTotp {
     }
 
     async fn post(&self, cx: &mut Cx<'_>, body: &Value) -> Outcome {
-        let Some(user) = cx.subject() else {
-            return Outcome::Deny("No pending user.".into());
+        let user = match cx.second_factor_owner().await {
+            Ok(user) => user,
+            Err(refused) => return Outcome::Deny(refused),
         };
         let Some(secret) = cx.plan.context.get(&SECRET) else {
             return Outcome::Deny("No pending user.".into());
@@ -100,6 +101,7 @@ impl Stage for AuthenticatorTotp {
                     .spend_totp(&user.username, &format!("s{}", record.id), &step)
                     .await;
                 cx.plan.context.remove(&SECRET);
+                cx.plan.context.set(&SET_UP_SECOND_FACTOR, true);
                 tracing::info!(user = %user.username, device = record.id, "TOTP device enrolled");
                 Outcome::Pass
             }
