@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
@@ -344,20 +345,24 @@ fn totp(path: &Path, action: TotpAction) -> anyhow::Result<()> {
             TotpAction::Enroll { user, name, issuer } => {
                 let user = known_user(&config, &user)?;
                 let secret = mfa::new_secret();
-                let record = mfa::add_totp(&store, &user.username, &name, &secret).await?;
                 let uri = mfa::otpauth_uri(&issuer, &user.username, &secret);
-                println!("device s{} of {} ({name}) enrolled", record.id, user.username);
-                println!();
-                println!("{uri}");
-                println!();
+                let mut shown = format!("{uri}\n\n");
                 if let Ok(code) = qrcode::QrCode::new(uri.as_bytes()) {
                     let art = code
                         .render::<qrcode::render::unicode::Dense1x2>()
                         .dark_color(qrcode::render::unicode::Dense1x2::Light)
                         .light_color(qrcode::render::unicode::Dense1x2::Dark)
                         .build();
-                    println!("{art}");
+                    shown.push_str(&art);
+                    shown.push('\n');
                 }
+                // Shown before it is kept: a device nobody saw the secret
+                // of (output to a closed pipe) is never enrolled.
+                show(&shown).context("the secret could not be shown: nothing was enrolled")?;
+                let record = mfa::add_totp(&store, &user.username, &name, &secret)
+                    .await
+                    .context("the device above could not be kept: it is NOT enrolled")?;
+                eprintln!("device s{} of {} ({name}) enrolled", record.id, user.username);
                 Ok(())
             }
             TotpAction::List { user } => {
@@ -415,15 +420,27 @@ fn recovery_codes(path: &Path, user: &str) -> anyhow::Result<()> {
     let store = open_store(&config, "the codes")?;
     let user = known_user(&config, user)?;
     let codes = mfa::new_recovery_codes();
-    runtime.block_on(mfa::set_recovery_codes(&store, &user.username, &codes))?;
-    println!(
-        "recovery codes of {} (each works once; any set before no longer does):",
+    let mut shown = format!(
+        "recovery codes of {} (each works once; any set before no longer does):\n",
         user.username
     );
     for code in &codes {
-        println!("  {code}");
+        shown.push_str(&format!("  {code}\n"));
     }
+    // Shown before they are kept: codes nobody saw never replace a set.
+    show(&shown).context("the codes could not be shown: the old set still works")?;
+    runtime
+        .block_on(mfa::set_recovery_codes(&store, &user.username, &codes))
+        .context("the codes above could not be kept: they do NOT work; the old set still does")?;
     Ok(())
+}
+
+/// Write `text` to standard output, all of it, or say why not.
+fn show(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
 }
 
 /// Unix seconds as UTC, to the second.

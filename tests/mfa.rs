@@ -232,6 +232,26 @@ async fn the_operator_enrols_lists_and_removes_devices_beside_a_running_server()
         "xak-flow-redirect",
         "no device left: the default MFA stage lets her through"
     );
+
+    // Output nobody reads (a closed pipe): nothing is enrolled, and the
+    // command says so instead of panicking.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["totp", "enroll", "alice", "--config"])
+        .arg(gate.path().join("flowgate.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("nothing was enrolled"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        cli(&gate, &["totp", "list", "alice"]).contains("no TOTP device"),
+        "not kept"
+    );
 }
 
 /// The secret of `GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ`, RFC 6238's test key.

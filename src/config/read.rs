@@ -905,6 +905,16 @@ impl<'a> Reader<'a> {
                                 format!("no flow has the slug \"{slug}\""),
                             );
                         }
+                        let own = flows
+                            .iter()
+                            .any(|f| f.slug == slug && f.stages.iter().any(|b| b.stage == *name));
+                        if own {
+                            self.error(
+                                stage.line,
+                                &format!("stage.{name}.flow"),
+                                format!("\"{slug}\" is a flow this stage is in: it would send visitors round in a loop"),
+                            );
+                        }
                     }
                 }
                 (stages, flows)
@@ -2327,10 +2337,24 @@ impl<'a> Reader<'a> {
             };
             let known_flow = |reader: &mut Self, slug: &str, place: &Place| match flows {
                 Flows::Embedded(flows) if !flows.iter().any(|f| f.slug == slug) => {
-                    let known: Vec<&str> = flows.iter().map(|f| f.slug.as_str()).collect();
+                    let mut known: Vec<&str> = flows.iter().map(|f| f.slug.as_str()).collect();
+                    known.dedup();
                     reader.error_at(
                         place,
                         format!("no flow \"{slug}\"; declared: {}", known.join(", ")),
+                    );
+                }
+                // A route's flows let visitors in; this one sends them out.
+                Flows::Embedded(flows)
+                    if flows
+                        .iter()
+                        .any(|f| f.slug == slug && f.designation == Designation::Invalidation) =>
+                {
+                    reader.error_at(
+                        place,
+                        format!(
+                            "\"{slug}\" is an invalidation flow: it signs visitors out, never in"
+                        ),
                     );
                 }
                 Flows::Remote if !is_slug(slug) => {

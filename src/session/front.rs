@@ -903,7 +903,8 @@ pub(super) mod tests {
 
         // A ttl: gone when it passes, and absent then to a swap too. Every
         // write sets it afresh: again, or none (kept for good).
-        let ttl = Some(Duration::from_secs(1));
+        // Margins of 0.8 s: a redb commit on a loaded machine has taken 0.8 s.
+        let ttl = Some(Duration::from_secs(2));
         assert!(swap(&one, "carol", None, Some(b"1"), ttl).await);
         assert!(swap(&one, "dave", None, Some(b"1"), ttl).await);
         assert!(swap(&one, "dave", Some(b"1"), Some(b"2"), None).await);
@@ -913,14 +914,14 @@ pub(super) mod tests {
             "written, dead"
         );
         assert_eq!(get(&other, "zero").await, None);
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(swap(&other, "erin", Some(b"1"), Some(b"2"), ttl).await);
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(get(&other, "carol").await, None);
         assert!(!swap(&other, "carol", Some(b"1"), Some(b"2"), None).await);
         assert_eq!(get(&other, "dave").await.as_deref(), Some(&b"2"[..]));
         assert_eq!(get(&one, "erin").await.as_deref(), Some(&b"2"[..]));
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(get(&one, "erin").await, None);
         // The sweep keeps what lives.
         one.purge_expired().await.unwrap();
