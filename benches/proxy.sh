@@ -10,6 +10,7 @@
 #   benches/proxy.sh --policies           the route has policies (a group and a
 #                                         CEL expression on a header): the
 #                                         general path; also POLICIES=1
+#   FAST_LANE=false benches/proxy.sh      everything on the general path (hyper)
 #   FLOWGATE_BIN=path benches/proxy.sh    measure that binary instead of building
 #
 # Builds flowgate (release), starts the harness upstream, runs flowgate with
@@ -26,12 +27,13 @@ trap 'echo "proxy.sh: failed at line $LINENO" >&2' ERR
 SHORT=${SHORT:-0}
 STORE=${STORE:-embedded}
 POLICIES=${POLICIES:-0}
+FAST_LANE=${FAST_LANE:-true}
 while [ $# -gt 0 ]; do
   case "$1" in
     --short) SHORT=1 ;;
     --store) STORE=${2:-}; shift ;;
     --policies) POLICIES=1 ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    *) sed -n '2,21p' "$0"; exit 2 ;;
   esac
   shift
 done
@@ -119,6 +121,7 @@ cat >"$WORK/flowgate.toml" <<EOF
 [server]
 listen = "127.0.0.1:$PORT"
 workers = 1
+fast_lane = $FAST_LANE
 
 [session]
 secret = "$SECRET"
@@ -156,7 +159,7 @@ EOF
 fi
 "$BIN" check --config "$WORK/flowgate.toml" >/dev/null || die "flowgate check rejected the bench config"
 
-echo "== flowgate on $BASE (1 worker, access log off, $STORE store, route policies: $POLICIES)"
+echo "== flowgate on $BASE (1 worker, access log off, $STORE store, route policies: $POLICIES, fast lane: $FAST_LANE)"
 # On its own core, as the anchors are (bench.sh: BENCH_PIN).
 if [ "${BENCH_PIN:-1}" = 1 ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
   taskset -c 1 "$BIN" serve --config "$WORK/flowgate.toml" 2>"$WORK/flowgate.log" &
