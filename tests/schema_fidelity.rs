@@ -780,9 +780,9 @@ async fn every_component_the_engine_shows_validates_against_both_schemas() {
         denied["error_message"], "Flow does not apply to current user.",
         "{denied}"
     );
-    // Refused before anything is asked.
     let evil = JsonFlow::new(&base, FLOW, "https://evil.example/");
-    let denied = served.keep("next not allowed", evil.get().await);
+    let denied = past_password(&mut served, &evil, &ALICE).await;
+    let denied = served.keep("next not allowed", denied);
     assert_eq!(denied["error_message"], "Invalid next URL", "{denied}");
     let (akadmin, _) = signed_in(&gate, &AKADMIN).await;
     let forbidden = akadmin
@@ -989,9 +989,8 @@ async fn authentiks_example_responses_are_accepted_by_the_stages_flowgate_has() 
     );
 
     // authentik's refusal of a `next` it may not follow.
-    // (authentik says so when the flow ends; flowgate, before it begins.)
     let evil = JsonFlow::new(&base, FLOW, "https://evil.example/");
-    let denied = evil.get().await;
+    let denied = past_password(&mut served, &evil, &AKADMIN).await;
     let expected = variant("ak-stage-access-denied.invalid-next.json");
     assert_eq!(denied["component"], expected["component"]);
     assert_eq!(denied["error_message"], expected["error_message"]);
