@@ -676,3 +676,309 @@ fn systemd_analyze_verify_accepts_the_unit() {
         "systemd-analyze verify:\n{stderr}"
     );
 }
+
+// ---- deploy/compose: the homelab example ----
+
+/// `"host:container"` (and `:ro`) of a Compose short-syntax entry.
+fn compose_pair(entry: &serde_json::Value) -> (String, String) {
+    let text = entry.as_str().unwrap_or_else(|| panic!("{entry}"));
+    let mut parts = text.split(':');
+    let host = parts.next().unwrap().to_owned();
+    let container = parts.next().unwrap_or_else(|| panic!("{text}")).to_owned();
+    (host, container)
+}
+
+/// The port of a `"host:port"` listen address in the config.
+fn port_of(config: &toml::Value, section: &str, key: &str) -> u16 {
+    let text = config[section][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{section}.{key}"));
+    text.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+#[test]
+fn the_compose_homelab_passes_check_as_mounted_and_names_the_ports_flowgate_uses() {
+    let compose: serde_json::Value =
+        yaml_serde::from_str(&read("deploy/compose/docker-compose.yml")).expect("the YAML parses");
+    let services = compose["services"].as_object().expect("services");
+    let gate = &services["flowgate"];
+    let folder = repo().join("deploy/compose");
+
+    // Lay the service's mounts out under a root, as the container sees
+    // them: the repository's folders copied, a certificate made for the
+    // certificate folder (which the user brings).
+    let root = tempfile::tempdir().unwrap();
+    let inside = |path: &str| root.path().join(path.trim_start_matches('/'));
+    let mut state_volume = false;
+    for entry in gate["volumes"].as_array().expect("volumes") {
+        let (host, container) = compose_pair(entry);
+        if container == "/var/lib/flowgate" {
+            state_volume = true;
+            assert!(
+                compose["volumes"].get(&host).is_some(),
+                "{host} is a named volume"
+            );
+            continue;
+        }
+        let target = inside(&container);
+        std::fs::create_dir_all(&target).unwrap();
+        let source = folder.join(&host);
+        if source.is_dir() {
+            for file in std::fs::read_dir(&source).unwrap() {
+                let file = file.unwrap().path();
+                std::fs::copy(&file, target.join(file.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    assert!(state_volume, "the image's state volume is kept");
+    let config_text = std::fs::read_to_string(inside("/etc/flowgate/flowgate.toml"))
+        .expect("./flowgate is mounted at /etc/flowgate, with the config");
+    let config: toml::Value = toml::from_str(&config_text).unwrap();
+    let ca = common::ca::Ca::new("homelab test CA");
+    let leaf = ca.issue(&["photos.home.example", "notes.home.example"], 1);
+    let tls = &config["server"]["tls"];
+    for (key, pem) in [("cert", &leaf.cert_pem), ("key", &leaf.key_pem)] {
+        let path = tls[key].as_str().unwrap();
+        assert!(path.starts_with("/etc/flowgate-certs/"), "{path}");
+        std::fs::write(inside(path), pem).unwrap();
+    }
+    // The config names paths inside the container; here they are under the
+    // root (the only change made to the file).
+    let root_text = root.path().to_str().unwrap();
+    let laid_out = inside("/etc/flowgate/flowgate.toml");
+    std::fs::write(
+        &laid_out,
+        config_text.replace("\"/etc/", &format!("\"{root_text}/etc/")),
+    )
+    .unwrap();
+    let environment = gate["environment"].as_object().expect("environment");
+    let secret_path = environment["FLOWGATE_SESSION_SECRET_FILE"]
+        .as_str()
+        .unwrap();
+    std::fs::write(inside(secret_path), format!("{SECRET}\n")).unwrap();
+    let secret = inside(secret_path);
+    let output = check(
+        &laid_out,
+        &[("FLOWGATE_SESSION_SECRET_FILE", secret.to_str().unwrap())],
+    );
+    assert_ok(&output, "OK (2 routes");
+
+    // What it publishes is what the config listens on; the admin port
+    // (the HEALTHCHECK's) is not published.
+    let published: Vec<u16> = gate["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| compose_pair(p).1.parse().unwrap())
+        .collect();
+    assert_eq!(
+        published,
+        [
+            port_of(&config, "server", "listen"),
+            port_of(&config, "server", "redirect_http")
+        ]
+    );
+    assert!(!published.contains(&port_of(&config, "admin", "listen")));
+    assert!(
+        healthcheck_command(&final_stage(&read("deploy/Dockerfile")))
+            .contains(&format!("/{}", port_of(&config, "admin", "listen")))
+    );
+
+    // Each route's upstream is a service of the file, on the port it
+    // listens on, and publishes nothing of its own.
+    for route in config["route"].as_array().unwrap() {
+        let upstream = url::Url::parse(route["upstream"].as_str().unwrap()).unwrap();
+        let name = upstream.host_str().unwrap();
+        let service = services
+            .get(name)
+            .unwrap_or_else(|| panic!("no service {name}"));
+        let command: Vec<&str> = service["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c.as_str())
+            .collect();
+        let port = upstream.port().unwrap().to_string();
+        assert!(
+            command.windows(2).any(|w| w == ["--port", port.as_str()]),
+            "{name}: {command:?}"
+        );
+        assert!(
+            service.get("ports").is_none(),
+            "{name} is reached through flowgate only"
+        );
+    }
+}
+
+// ---- deploy/kubernetes: the sidecar ----
+
+/// Every document of a multi-document YAML file.
+fn yaml_documents(text: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    yaml_serde::Deserializer::from_str(text)
+        .map(|document| serde_json::Value::deserialize(document).expect("the YAML parses"))
+        .collect()
+}
+
+fn of_kind<'d>(documents: &'d [serde_json::Value], kind: &str) -> &'d serde_json::Value {
+    documents
+        .iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+#[test]
+fn the_kubernetes_sidecar_passes_check_as_mounted_and_probes_what_flowgate_serves() {
+    let documents = yaml_documents(&read("deploy/kubernetes/sidecar.yaml"));
+    let deployment = of_kind(&documents, "Deployment");
+    let pod = &deployment["spec"]["template"];
+    let containers = pod["spec"]["containers"].as_array().unwrap();
+    let named = |name: &str| {
+        containers
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name}"))
+    };
+    let gate = named("flowgate");
+    let volumes = pod["spec"]["volumes"].as_array().unwrap();
+
+    // The mounts laid out under a root: the ConfigMap's and the Secret's
+    // files, the session secret kubectl makes.
+    let root = tempfile::tempdir().unwrap();
+    let inside = |path: &str| root.path().join(path.trim_start_matches('/'));
+    let mut secret_mount = None;
+    for mount in gate["volumeMounts"].as_array().unwrap() {
+        let at = mount["mountPath"].as_str().unwrap();
+        std::fs::create_dir_all(inside(at)).unwrap();
+        let volume = volumes
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("no volume {}", mount["name"]));
+        let files = if let Some(name) = volume["configMap"]["name"].as_str() {
+            let map = documents
+                .iter()
+                .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name);
+            map.map(|m| m["data"].clone())
+        } else if let Some(name) = volume["secret"]["secretName"].as_str() {
+            let secret = documents
+                .iter()
+                .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == name);
+            if secret.is_none() {
+                // Made by `kubectl create secret` (the file's header).
+                secret_mount = Some(at.to_owned());
+            }
+            secret.map(|s| s["stringData"].clone())
+        } else {
+            None
+        };
+        for (file, text) in files.iter().flat_map(|f| f.as_object().unwrap()) {
+            std::fs::write(inside(at).join(file), text.as_str().unwrap()).unwrap();
+        }
+    }
+    let env: Vec<(String, String)> = gate["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let value = e["value"].as_str().unwrap();
+            (e["name"].as_str().unwrap().to_owned(), value.to_owned())
+        })
+        .collect();
+    let secret_file = &env
+        .iter()
+        .find(|(k, _)| k == "FLOWGATE_SESSION_SECRET_FILE")
+        .unwrap()
+        .1;
+    assert!(
+        secret_mount.is_some_and(|at| secret_file.starts_with(&at)),
+        "the session secret is read from the mounted Secret"
+    );
+    std::fs::write(inside(secret_file), format!("{SECRET}\n")).unwrap();
+
+    let args: Vec<&str> = gate["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert_eq!(args[..2], ["serve", "--config"]);
+    let config_text = std::fs::read_to_string(inside(args[2])).expect("the config is mounted");
+    let laid_out = inside(args[2]);
+    let root_text = root.path().to_str().unwrap();
+    std::fs::write(
+        &laid_out,
+        config_text.replace("\"/etc/", &format!("\"{root_text}/etc/")),
+    )
+    .unwrap();
+    let secret = inside(secret_file);
+    let state = inside("/var/lib/flowgate/flowgate.state");
+    assert_ok(
+        &check(
+            &laid_out,
+            &[
+                ("FLOWGATE_SESSION_SECRET_FILE", secret.to_str().unwrap()),
+                ("FLOWGATE_STATE_PATH", state.to_str().unwrap()),
+            ],
+        ),
+        "OK (1 route",
+    );
+
+    // Ports, probes and scraping name what the config listens on and
+    // what the admin listener serves.
+    let config: toml::Value = toml::from_str(&config_text).unwrap();
+    let port = |name: &str| -> u16 {
+        let ports = gate["ports"].as_array().unwrap();
+        let found = ports.iter().find(|p| p["name"] == name).unwrap();
+        found["containerPort"].as_u64().unwrap() as u16
+    };
+    assert_eq!(port("http"), port_of(&config, "server", "listen"));
+    assert_eq!(port("admin"), port_of(&config, "admin", "listen"));
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(gate[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(gate[probe]["httpGet"]["port"], "admin", "{probe}");
+    }
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], port("admin").to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    let service = of_kind(&documents, "Service");
+    let targets: Vec<&serde_json::Value> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["targetPort"])
+        .collect();
+    assert_eq!(
+        targets,
+        ["http"],
+        "the Service reaches flowgate, never the app"
+    );
+    let allowed: Vec<u64> = of_kind(&documents, "NetworkPolicy")["spec"]["ingress"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(allowed, [port("http") as u64, port("admin") as u64]);
+
+    // The app is reached on the pod's loopback, on the port it is given.
+    let upstream = url::Url::parse(config["route"][0]["upstream"].as_str().unwrap()).unwrap();
+    assert_eq!(upstream.host_str(), Some("127.0.0.1"));
+    let app_args: Vec<&str> = named("app")["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let app_port = upstream.port().unwrap().to_string();
+    assert!(app_args
+        .windows(2)
+        .any(|w| w == ["--port", app_port.as_str()]));
+
+    // A graceful end: the grace period outlasts the readiness delay.
+    let delay = config["server"]["shutdown_delay"].as_str().unwrap();
+    let delay: u64 = delay.trim_end_matches('s').parse().unwrap();
+    let grace = pod["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(grace > delay + 10, "{grace} s for a {delay} s delay");
+}
