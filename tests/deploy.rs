@@ -549,6 +549,20 @@ fn run_exec_line(line: &str, config: &Path, pid: u32, env: &[(String, String)]) 
 fn the_systemd_unit_checks_then_reloads_with_sighup_and_reads_its_secret_credential() {
     let unit = read("deploy/flowgate.service");
     let entries = unit_entries(&unit);
+    // Hardened: its own user, a read-only system, no privilege but the one
+    // that binds :443, a state directory of its own.
+    for (key, value) in [
+        ("DynamicUser", "yes"),
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE"),
+        ("AmbientCapabilities", "CAP_NET_BIND_SERVICE"),
+        ("StateDirectory", "flowgate"),
+        ("PrivateTmp", "yes"),
+        ("ProtectHome", "yes"),
+    ] {
+        assert_eq!(values(&entries, key), [value], "{key}");
+    }
     let reload = values(&entries, "ExecReload");
     assert_eq!(
         reload.last(),
