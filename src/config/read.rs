@@ -888,13 +888,26 @@ impl<'a> Reader<'a> {
                 // A stage that leads to another flow names one there is;
                 // one that puts stages in the plan names stages there are.
                 for (name, stage) in &stages {
+                    let kinds = stage.stage.kinds_named();
                     for other in stage.stage.stages_named() {
-                        if !stages.contains_key(other) {
-                            self.error(
+                        match stages.get(other) {
+                            None => self.error(
                                 stage.line,
                                 &format!("stage.{name}"),
                                 format!("no stage \"{other}\": define `[stage.{other}]`"),
-                            );
+                            ),
+                            Some(named) if !kinds.is_empty() && !kinds.contains(&named.kind) => {
+                                self.error(
+                                    stage.line,
+                                    &format!("stage.{name}"),
+                                    format!(
+                                        "\"{other}\" is a {} stage; this one runs only {}",
+                                        named.kind,
+                                        crate::config::alternatives(kinds)
+                                    ),
+                                )
+                            }
+                            Some(_) => {}
                         }
                     }
                     if let Some(slug) = stage.stage.flow_named() {

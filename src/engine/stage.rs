@@ -148,6 +148,11 @@ pub trait Stage: fmt::Debug + Send + Sync {
     fn stages_named(&self) -> Vec<&str> {
         Vec::new()
     }
+
+    /// The kinds the stages of `stages_named` must be of (any, if empty).
+    fn kinds_named(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// One stage kind: its name in `kind = "…"` and the reader of its options.

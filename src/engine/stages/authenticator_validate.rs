@@ -294,6 +294,15 @@ impl Stage for AuthenticatorValidate {
         }
     }
 
+    /// Setup stages only: `configure` runs them for a user with nothing
+    /// to give.
+    fn kinds_named(&self) -> &'static [&'static str] {
+        &[
+            super::authenticator_totp::KIND.name,
+            super::authenticator_static::KIND.name,
+        ]
+    }
+
     fn stages_named(&self) -> Vec<&str> {
         self.configuration_stages
             .iter()
