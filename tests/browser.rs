@@ -108,16 +108,5 @@ async fn a_real_browser_signs_in_through_the_pages_and_reaches_the_app() {
     );
 
     // Nothing the pages did broke their Content-Security-Policy.
-    let violations: Vec<&Value> = page
-        .events
-        .iter()
-        .filter(|e| e["method"] == "Log.entryAdded")
-        .filter(|e| {
-            e["params"]["entry"]["text"]
-                .as_str()
-                .unwrap_or("")
-                .contains("Content Security Policy")
-        })
-        .collect();
-    assert!(violations.is_empty(), "CSP violations: {violations:?}");
+    page.assert_no_csp_violation();
 }

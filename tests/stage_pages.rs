@@ -104,19 +104,7 @@ impl Visit {
 
     /// Nothing the pages did broke their Content-Security-Policy.
     fn assert_no_csp_violation(&self) {
-        let violations: Vec<&Value> = self
-            .page
-            .events
-            .iter()
-            .filter(|e| e["method"] == "Log.entryAdded")
-            .filter(|e| {
-                e["params"]["entry"]["text"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("Content Security Policy")
-            })
-            .collect();
-        assert!(violations.is_empty(), "CSP violations: {violations:?}");
+        self.page.assert_no_csp_violation();
     }
 }
 

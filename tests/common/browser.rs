@@ -168,6 +168,22 @@ impl Page {
         }
     }
 
+    /// Nothing the pages did broke their Content-Security-Policy.
+    pub fn assert_no_csp_violation(&self) {
+        let violations: Vec<&Value> = self
+            .events
+            .iter()
+            .filter(|e| e["method"] == "Log.entryAdded")
+            .filter(|e| {
+                e["params"]["entry"]["text"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Content Security Policy")
+            })
+            .collect();
+        assert!(violations.is_empty(), "CSP violations: {violations:?}");
+    }
+
     pub async fn call(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
